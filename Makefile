@@ -1,0 +1,41 @@
+# The two commands: `make demo` and `make test`. Both create .venv from nothing when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := token
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.clsvc/torch_extensions
+export DS_BUILD_OPS := 0
+export TOKENIZERS_PARALLELISM := false
+
+DEMO_DATA ?= .clsvc/data/dcl-mini
+
+.PHONY: demo test test-unit test-ray venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# CPU torch first and pinned: an unpinned torch pulls GBs of CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[ray,dev]"
+	@touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/clsvc data synth --benchmark dcl-mini --out $(DEMO_DATA) --overwrite
+	$(VENV)/bin/clsvc data inspect $(DEMO_DATA)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests/unit tests/ray
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-ray: $(STAMP)
+	$(PY) -m pytest -q tests/ray
+
+clean:
+	rm -rf .clsvc build *.egg-info

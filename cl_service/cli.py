@@ -1,0 +1,223 @@
+"""``clsvc``: the command line. Heavy imports (torch, ray) happen inside the subcommands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cl_service._table import format_table
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed without a trace."""
+
+
+def _progress(total: int | None, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=None)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from cl_service.data.shards import ShardWriter
+    from cl_service.data.synth import BENCHMARKS
+
+    spec = BENCHMARKS.get(a.benchmark)
+    tasks = [{"name": t.name, "scorer": t.scorer, "description": t.description} for t in spec.tasks]
+    info = {"benchmark": spec.name, "iid": spec.iid, "stream": spec.task_names, "seed": a.seed,
+            "source": {"layout": "synth", "benchmark": spec.name, "train_per_task": a.train_per_task,
+                       "test_per_task": a.test_per_task, "seed": a.seed}}
+    total = len(spec.tasks) * (a.train_per_task + a.test_per_task)
+    t0 = time.perf_counter()
+    with ShardWriter(a.out, tasks, shard_size=a.shard_size, info=info, overwrite=a.overwrite) as w, \
+            _progress(total, f"synth {spec.name}") as bar:
+        for split, n in (("train", a.train_per_task), ("test", a.test_per_task)):
+            for s in spec.generate(split, n, a.seed):
+                w.add(s)
+                bar.update(1)
+        w.close()
+    dt = time.perf_counter() - t0
+    print(f"wrote {total} samples of {spec.name} to {a.out} in {dt:.1f} s ({total / max(dt, 1e-9):.0f} samples/s)")
+    return _inspect(Path(a.out), verify=False)
+
+
+def _parse_scorers(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        task, sep, name = item.partition("=")
+        if not sep or not task or not name:
+            raise CLIError(f"--scorer expects TASK=NAME, got {item!r}")
+        out[task] = name
+    if out:
+        from cl_service.eval.scorers import SCORERS
+
+        for name in out.values():
+            SCORERS.get(name)  # unknown scorer: error listing the known ones
+    return out
+
+
+def _cmd_ingest(a: argparse.Namespace) -> int:
+    from cl_service.data.ingest import ingest
+
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    scorers = _parse_scorers(a.scorer or [])
+    t0 = time.perf_counter()
+    with _progress(None, "ingest") as bar:
+        last = [0]
+
+        def tick(n: int) -> None:
+            bar.update(n - last[0])
+            last[0] = n
+
+        manifest = ingest(a.root, tasks, a.out, scorers=scorers, skip_bad=a.skip_bad, shard_size=a.shard_size,
+                          overwrite=a.overwrite, progress=tick)
+    dt = time.perf_counter() - t0
+    n = sum(sum(v.values()) for v in manifest["counts"].values())
+    skipped = sum(sum(v.values()) for v in manifest["skipped"].values())
+    print(f"ingested {n} samples ({skipped} bad records skipped) into {a.out} in {dt:.1f} s "
+          f"({n / max(dt, 1e-9):.0f} samples/s)")
+    return _inspect(Path(a.out), verify=False)
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from cl_service.data.export import export_mllm_cl
+
+    if a.layout != "mllm-cl":
+        raise CLIError(f"unknown layout {a.layout!r}; known: mllm-cl")
+    counts = export_mllm_cl(a.dataset, a.out, overwrite=a.overwrite)
+    print(format_table(["task", "samples"], list(counts.items())))
+    print(f"exported to {a.out} (official MLLM-CL layout)")
+    return 0
+
+
+def _inspect(root: Path, verify: bool) -> int:
+    from cl_service.data.shards import ShardDataset
+
+    ds = ShardDataset(root)
+    m = ds.manifest
+    splits = sorted({sp for c in m["counts"].values() for sp in c})
+    rows = []
+    for t in m["tasks"]:
+        c = m["counts"].get(t["name"], {})
+        sk = m["skipped"].get(t["name"], {})
+        rows.append([t["name"], t["scorer"], *[c.get(sp, 0) for sp in splits], sum(sk.values()),
+                     len(ds.shard_paths(t["name"])),
+                     sum(s["bytes"] for s in m["shards"] if s["task"] == t["name"]) // 1024])
+    print(f"dataset {root}  schema v{m['schema_version']}  "
+          f"{m.get('benchmark') or m.get('source', {}).get('layout', '')}  stream: {' -> '.join(ds.tasks)}")
+    print(format_table(["task", "scorer", *splits, "skipped", "shards", "KiB"], rows))
+    if verify:
+        problems = ds.verify()
+        if problems:
+            for p in problems:
+                print(f"CORRUPT {p}", file=sys.stderr)
+            return 1
+        print(f"checksums ok ({len(m['shards'])} shards)")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    return _inspect(Path(a.dataset), verify=not a.no_verify)
+
+
+# ---------------------------------------------------------------------------------------------- score
+def _cmd_score(a: argparse.Namespace) -> int:
+    from cl_service.eval.predictions import read_annotations, read_predictions
+    from cl_service.eval.scorers import score_predictions
+
+    result = score_predictions(a.scorer, read_annotations(a.annotations), read_predictions(a.predictions))
+    print(json.dumps(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- base
+def _cmd_base_build(a: argparse.Namespace) -> int:
+    from cl_service.models.store import build_base
+
+    path = build_base(a.profile, out=a.out, steps=a.steps, seed=a.seed, progress=True, force=a.force)
+    print(f"base model ready: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clsvc", description="cl-service: continual learning of multimodal LLMs")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    data = sub.add_parser("data", help="task streams as Arrow shards").add_subparsers(dest="data_cmd", required=True)
+    s = data.add_parser("synth", help="generate a built-in benchmark into shards")
+    s.add_argument("--benchmark", default="dcl-mini")
+    s.add_argument("--out", required=True)
+    s.add_argument("--train-per-task", type=int, default=400)
+    s.add_argument("--test-per-task", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=512)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_synth)
+
+    s = data.add_parser("ingest", help="ingest the official MLLM-CL release layout")
+    s.add_argument("--root", required=True, help="folder holding <Task>/images, <Task>/train.json, <Task>/test.json")
+    s.add_argument("--tasks", required=True, help="comma-separated task folders in stream order")
+    s.add_argument("--out", required=True)
+    s.add_argument("--scorer", action="append", metavar="TASK=NAME", help="override a task's scorer (repeatable)")
+    s.add_argument("--skip-bad", action="store_true", help="skip (and count) bad records instead of failing")
+    s.add_argument("--shard-size", type=int, default=512)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_ingest)
+
+    s = data.add_parser("export", help="write a dataset in the official MLLM-CL layout")
+    s.add_argument("dataset")
+    s.add_argument("--layout", default="mllm-cl")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_export)
+
+    s = data.add_parser("inspect", help="print the manifest as a table and verify checksums")
+    s.add_argument("dataset")
+    s.add_argument("--no-verify", action="store_true")
+    s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("score", help="score reference-format predictions against a test.json")
+    s.add_argument("--scorer", required=True)
+    s.add_argument("--annotations", required=True)
+    s.add_argument("--predictions", required=True)
+    s.set_defaults(func=_cmd_score)
+
+    base = sub.add_parser("base", help="the frozen base model").add_subparsers(dest="base_cmd", required=True)
+    s = base.add_parser("build", help="pre-train the tiny base on generic data and save it in the model store")
+    s.add_argument("--profile", default="tiny")
+    s.add_argument("--out", default=None, help="folder (default: the model store's <profile>-base)")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="rebuild even if a valid base exists")
+    s.set_defaults(func=_cmd_base_build)
+
+    _extend: list[Callable[[argparse._SubParsersAction], None]] = []
+    for hook in _extend:
+        hook(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cl_service.data.ingest import IngestError
+    from cl_service.data.shards import DatasetError
+    from cl_service.registry import UnknownName
+
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, IngestError, DatasetError, UnknownName, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"clsvc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clsvc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
