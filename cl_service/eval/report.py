@@ -1,0 +1,137 @@
+"""Run reports: ``metrics.json``, ``report.md``, accuracy-matrix heatmaps and a forgetting plot (PNG)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from cl_service._table import format_table
+from cl_service.data.shards import atomic_write_text
+
+
+def _nan_to_none(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, list):
+        return [_nan_to_none(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    return v
+
+
+def write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``metrics.json`` atomically (NaN, i.e. "not evaluated", becomes null)."""
+    path = Path(out) / "metrics.json"
+    atomic_write_text(path, json.dumps(_nan_to_none(metrics), indent=2))
+    return path
+
+
+def _savefig(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_heatmaps(out: Path, metrics: dict[str, Any]) -> list[Path]:
+    """One accuracy-matrix heatmap per method (rows: after training task i; columns: task j)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = metrics["tasks"]
+    paths = []
+    for name, m in metrics["methods"].items():
+        a = np.array([[np.nan if v is None else v for v in row] for row in m["matrix"]], dtype=float)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(tasks), 0.8 + 0.75 * len(tasks)))
+        im = ax.imshow(a, vmin=0, vmax=100, cmap="viridis")
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks])
+        ax.set_xlabel("evaluated on")
+        for i in range(a.shape[0]):
+            for j in range(a.shape[1]):
+                if not np.isnan(a[i, j]):
+                    ax.text(j, i, f"{a[i, j]:.0f}", ha="center", va="center",
+                            color="white" if a[i, j] < 60 else "black", fontsize=8)
+        ax.set_title(f"{name}: accuracy (%)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        path = Path(out) / f"heatmap_{name}.png"
+        _savefig(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_forgetting(out: Path, metrics: dict[str, Any]) -> Path:
+    """Accuracy on each task right after learning it vs. at the end, per method (grouped bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = metrics["tasks"]
+    methods = [n for n, m in metrics["methods"].items() if m.get("forgetting")]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(tasks), 3.2))
+    width = 0.8 / max(1, len(methods))
+    for k, name in enumerate(methods):
+        f = metrics["methods"][name]["forgetting"]
+        vals = [f.get(t, np.nan) for t in tasks[:-1]]
+        ax.bar(np.arange(len(tasks) - 1) + k * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(tasks) - 1) + width * (len(methods) - 1) / 2, tasks[:-1])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("forgetting (points)")
+    ax.set_title("forgetting per task: max earlier accuracy - final accuracy")
+    if methods:
+        ax.legend(fontsize=8)
+    path = Path(out) / "forgetting.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: Any) -> Any:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def write_report(out: Path, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """``report.md``: comparison table, router table, per-stage times, and the plots."""
+    out = Path(out)
+    extra = extra or {}
+    tasks = metrics["tasks"]
+    heatmaps = plot_heatmaps(out, metrics)
+    forgetting = plot_forgetting(out, metrics)
+    rows = []
+    for name, m in metrics["methods"].items():
+        final = m["matrix"][-1] if m["matrix"] else []
+        rows.append([name, *[_fmt(v) for v in final], _fmt(m.get("MFT")), _fmt(m.get("MFN")), _fmt(m.get("MAA")),
+                     _fmt(m.get("BWT"))])
+    lines = [f"# {metrics['benchmark']}: continual-learning report", ""]
+    if extra.get("summary"):
+        lines += [extra["summary"], ""]
+    lines += ["## Final accuracy per task (%) and CL metrics", "",
+              format_table(["method", *tasks, "MFT", "MFN", "MAA", "BWT"], rows, markdown=True), "",
+              "MFT = mean final accuracy; MFN = mean accuracy right after learning each task; MAA = mean average "
+              "accuracy over stages; BWT = mean (final - just-learned) over all but the last task.", ""]
+    routed = {n: m for n, m in metrics["methods"].items() if m.get("router_accuracy")}
+    if routed:
+        rrows = []
+        for name, m in routed.items():
+            rrows.append([name, m.get("router", ""), *[_fmt(m["router_accuracy"].get(t)) for t in tasks],
+                          _fmt(m.get("router_ms_per_request")), m.get("router_fallbacks", 0)])
+        lines += ["## Routing accuracy (%) at the end of the stream", "",
+                  format_table(["method", "router", *tasks, "ms/request", "fallbacks"], rrows, markdown=True), ""]
+    if extra.get("stage_times"):
+        lines += ["## Wall time per stage (s)", "", format_table(
+            ["method", "stage", "task", "train s", "eval s"], extra["stage_times"], markdown=True), ""]
+    lines += ["## Plots", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in heatmaps] + [f"![forgetting]({forgetting.name})", ""]
+    if extra.get("config_note"):
+        lines += ["## Configuration", "", extra["config_note"], ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
