@@ -24,3 +24,30 @@ def dcl_shards(tmp_path_factory):
         w.add_all(spec.generate("train", 12, 0))
         w.add_all(spec.generate("test", 6, 0))
     return out
+
+
+TINY_TEST_MODEL = dict(name="test-tiny", image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=2,
+                       vision_intermediate=64, text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=2,
+                       text_intermediate=128, vocab_size=600, max_length=320)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, dcl_shards):
+    """A randomly initialised ~0.2M-parameter LLaVA saved in the HF layout, tokenizer trained on dcl-mini text."""
+    from cl_service.data.shards import ShardDataset
+    from cl_service.models.config import ModelCfg
+    from cl_service.models.mllm import build_mllm
+    from cl_service.models.tokenizer import train_tokenizer
+    from cl_service.routers.prompt import Pool, router_prompt
+
+    ds = ShardDataset(dcl_shards)
+    texts = []
+    for s in ds.iter_samples():
+        texts += [s.question, *s.answers, " " + s.answers[0]]
+    pool = Pool(tuple(ds.tasks), tuple(ds.task_meta(t)["description"] for t in ds.tasks))
+    texts += [router_prompt(pool, "q")] * 3 + [" A", " B", " C", " D", " E"] * 3
+    tok = train_tokenizer(texts, vocab_size=600, min_frequency=1)
+    cfg = ModelCfg(**TINY_TEST_MODEL)
+    path = tmp_path_factory.mktemp("models") / "tiny-base"
+    build_mllm(cfg, tok, seed=0).save(path)
+    return path

@@ -1,0 +1,120 @@
+"""The adapter registry: adapter folders addressed by id, each with ``adapter.json`` and checksums.
+
+An adapter folder (peft layout: ``adapter_config.json``, ``adapter_model.safetensors``) gets an
+``adapter.json``: ``{id, kind, task, description, version, base, job_key, files: {name: sha256}}``.
+A folder is *complete* only when that file exists and every listed file matches its checksum: this is
+how a resumed run knows which training stages are done. Clients address adapters by id, never by path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cl_service.data.shards import atomic_write_text, sha256_file
+
+ADAPTER_META = "adapter.json"
+
+
+class AdapterError(LookupError):
+    """A missing, incomplete or corrupt adapter, or an unknown adapter id."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    id: str
+    kind: str
+    task: str
+    description: str
+    version: int
+    path: Path
+    meta: dict[str, Any]
+
+
+def finalize_adapter(folder: str | Path, *, id: str, kind: str, task: str, description: str, base: str,
+                     job_key: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``adapter.json`` (checksums of every file in ``folder``) — the last step of saving an adapter."""
+    folder = Path(folder)
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != ADAPTER_META
+             and not p.name.startswith(".")}
+    version = 1
+    meta = {"id": id, "kind": kind, "task": task, "description": description, "version": version, "base": base,
+            "job_key": job_key, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {})}
+    atomic_write_text(folder / ADAPTER_META, json.dumps(meta, indent=2))
+    return meta
+
+
+def read_adapter(folder: str | Path, job_key: str | None = None, verify: bool = True) -> dict[str, Any]:
+    """The adapter's metadata; raises :class:`AdapterError` if incomplete, corrupt or of another job."""
+    folder = Path(folder)
+    mpath = folder / ADAPTER_META
+    if not mpath.is_file():
+        raise AdapterError(f"adapter {folder} is missing or incomplete (no {ADAPTER_META})")
+    meta = json.loads(mpath.read_text())
+    if job_key is not None and meta.get("job_key") != job_key:
+        raise AdapterError(f"adapter {folder} was trained by another configuration")
+    if verify:
+        for name, digest in meta["files"].items():
+            p = folder / name
+            if not p.is_file() or sha256_file(p) != digest:
+                raise AdapterError(f"adapter {folder}: file {name} is missing or does not match its checksum")
+    return meta
+
+
+def is_complete(folder: str | Path, job_key: str | None = None) -> bool:
+    try:
+        read_adapter(folder, job_key)
+        return True
+    except AdapterError:
+        return False
+
+
+def publish_dir(final: str | Path) -> Path:
+    """A fresh staging folder next to ``final``; move it into place with :func:`commit_dir`."""
+    final = Path(final)
+    stage = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def commit_dir(stage: str | Path, final: str | Path) -> None:
+    final = Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(stage, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, final)
+
+
+class AdapterRegistry:
+    """All complete adapters under a run's ``adapters/`` folder, by id."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def scan(self) -> dict[str, AdapterInfo]:
+        out: dict[str, AdapterInfo] = {}
+        for mpath in sorted(self.root.rglob(ADAPTER_META)):
+            if any(part.startswith(".") for part in mpath.relative_to(self.root).parts):
+                continue  # staging folders of unfinished saves
+            meta = json.loads(mpath.read_text())
+            out[meta["id"]] = AdapterInfo(meta["id"], meta["kind"], meta["task"], meta["description"],
+                                          int(meta.get("version", 1)), mpath.parent, meta)
+        return out
+
+    def get(self, adapter_id: str) -> AdapterInfo:
+        items = self.scan()
+        if adapter_id not in items:
+            raise AdapterError(f"unknown adapter {adapter_id!r}; known: {', '.join(sorted(items)) or '(none)'}")
+        info = items[adapter_id]
+        read_adapter(info.path)  # verify checksums before anyone loads it
+        return info

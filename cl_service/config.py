@@ -1,0 +1,120 @@
+"""Typed configs of the workloads. One ``RunCfg`` is shared by ``clsvc run`` and ``workloads/run_stream.py``.
+
+YAML is loaded strictly (unknown keys are errors); ``key.sub=value`` overrides apply on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from cl_service import _cfgload
+from cl_service.adapters.lora import LoraCfg
+from cl_service.train.loop import TrainCfg
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    """Where the task stream comes from."""
+
+    benchmark: str = "dcl-mini"
+    """Built-in benchmark generated when ``path`` is not set (``dcl-mini`` | ``acl-mini``)."""
+    path: str | None = None
+    """A shard dataset from ``clsvc data ingest``/``synth``; its stream order is used."""
+    train_per_task: int = 300
+    """Generated training samples per task (built-in benchmarks only)."""
+    test_per_task: int = 100
+    """Generated test samples per task (built-in benchmarks only)."""
+    train_limit: int | None = None
+    """Cap on training samples per task (seeded choice); None = all."""
+    test_limit: int | None = None
+    """Cap on test samples per task evaluated at each stage; None = all."""
+    tasks: tuple[str, ...] = ()
+    """Restrict the stream to these tasks (in the dataset's order); empty = all."""
+
+
+@dataclass(frozen=True)
+class BaseCfg:
+    """The frozen base MLLM."""
+
+    profile: str = "tiny"
+    """Model profile; with ``path`` unset the profile's pre-trained base in the model store is used (built if missing)."""
+    path: str | None = None
+    """A local checkpoint in the Hugging Face LLaVA layout (real base models plug in here)."""
+
+
+@dataclass(frozen=True)
+class ExpertCfg:
+    """Per-task LoRA experts (and the single sequential LoRA of the lora_ft baselines)."""
+
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+
+@dataclass(frozen=True)
+class RouterCfg:
+    """The MLLM router (base + its own LoRA) and the prototype router."""
+
+    samples_per_task: int = 20
+    """Few-shot training samples per seen task (paper: 20)."""
+    mode: Literal["retrain", "continue"] = "retrain"
+    """Retrain the router from the base at each stage, or continue from the previous stage's router."""
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    max_new_tokens: int = 4
+    """Router generation length (the paper allows up to 16; one letter is expected)."""
+
+
+@dataclass(frozen=True)
+class ReplayCfg:
+    samples_per_task: int = 20
+    """Replay buffer size per earlier task for ``lora_ft_replay``."""
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    batch_size: int = 64
+    max_new_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class RayCfg:
+    """How training jobs run. ``num_workers=0`` runs them in the calling process (no Ray)."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """``deepspeed`` = DeepSpeed ZeRO-2."""
+    parallel_experts: bool = False
+    """Train the independent experts of different tasks at the same time (one Ray Train run each)."""
+    max_failures: int = 2
+    """Ray Train ``FailureConfig``: a killed worker restarts from the last checkpoint."""
+    checkpoint_every: int = 50
+    """Steps between in-training checkpoints."""
+    storage_path: str | None = None
+    """Ray Train storage (local folder, NFS mount, or s3://...); default: ``<out>/ray``."""
+    timeout_s: float = 3600.0
+    """Upper bound on one training run (a 2-core machine cannot always schedule what is asked)."""
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    """One continual-learning run over a task stream."""
+
+    name: str = "run"
+    seed: int = 0
+    methods: tuple[str, ...] = ("mrlora", "mrlora_proto", "lora_ft", "lora_ft_replay", "oracle", "zero_shot")
+    out: str = "runs/dcl-mini"
+    data: DataCfg = field(default_factory=DataCfg)
+    base: BaseCfg = field(default_factory=BaseCfg)
+    expert: ExpertCfg = field(default_factory=ExpertCfg)
+    router: RouterCfg = field(default_factory=RouterCfg)
+    replay: ReplayCfg = field(default_factory=ReplayCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    ray: RayCfg = field(default_factory=RayCfg)
+
+
+def load_run_cfg(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunCfg:
+    return _cfgload.load(RunCfg, path, overrides)

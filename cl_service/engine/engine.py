@@ -1,0 +1,139 @@
+"""One base MLLM with many LoRA adapters loaded side by side; answers batched per adapter.
+
+Adapters are loaded by folder (verified against their checksummed ``adapter.json``) under internal
+names, kept in an LRU cache, and reloaded when the folder's content changes (a retrained router).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers.utils import logging as _hf_logging
+
+from cl_service.adapters.lora import delete_adapter, load_adapter, set_active
+from cl_service.adapters.registry import ADAPTER_META, read_adapter
+from cl_service.data.schema import Sample
+from cl_service.models.mllm import MLLM, load_mllm
+from cl_service.routers.base import Route
+from cl_service.routers.prompt import Pool, parse_choice, router_sample
+
+_hf_logging.disable_progress_bar()  # one bar per adapter load floods job logs
+
+
+class Engine:
+    """Inference over a frozen base plus adapters.
+
+    Args:
+        base: a local checkpoint folder (or an already loaded :class:`MLLM`).
+        cfg: a ``RunCfg`` (``eval.batch_size``, ``eval.max_new_tokens``, ``router.max_new_tokens``) or None.
+        max_loaded: adapters kept in memory at once (least recently used ones are dropped).
+    """
+
+    def __init__(self, base: str | Path | MLLM, cfg: Any = None, max_loaded: int = 32) -> None:
+        self.mllm = base if isinstance(base, MLLM) else load_mllm(base)
+        self.mllm.model.eval()
+        self.batch_size = cfg.eval.batch_size if cfg is not None else 64
+        self.max_new_tokens = cfg.eval.max_new_tokens if cfg is not None else 8
+        self.router_max_new_tokens = cfg.router.max_new_tokens if cfg is not None else 4
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, tuple[str, str]] = OrderedDict()  # path -> (name, digest)
+        self._used: set[str] = set()
+        self._n = 0
+        tok = self.mllm.tokenizer
+        self._letter_ids = {L: tok(" " + L, add_special_tokens=False).input_ids[0] for L in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+
+    # ------------------------------------------------------------------ adapters
+    def _activate(self, path: str | None) -> None:
+        if path is None:
+            return
+        key = str(Path(path).resolve())
+        meta_file = Path(key) / ADAPTER_META
+        digest = hashlib.sha256(meta_file.read_bytes()).hexdigest() if meta_file.is_file() else None
+        hit = self._loaded.get(key)
+        if hit is not None and hit[1] != digest:
+            delete_adapter(self.mllm, hit[0])
+            del self._loaded[key]
+            hit = None
+        if hit is None:
+            read_adapter(key)  # complete and checksums match, or AdapterError
+            self._n += 1
+            name = f"a{self._n}"
+            load_adapter(self.mllm, key, name, trainable=False)
+            self._loaded[key] = (name, digest)
+            while len(self._loaded) > self.max_loaded:
+                old, (old_name, _) = self._loaded.popitem(last=False)
+                delete_adapter(self.mllm, old_name)
+        self._loaded.move_to_end(key)
+        set_active(self.mllm, self._loaded[key][0])
+        self._used.add(key)
+
+    def used_adapters(self) -> list[Path]:
+        return [Path(p) for p in sorted(self._used)]
+
+    def reset_used(self) -> None:
+        self._used.clear()
+
+    def forget_missing(self) -> None:
+        """Drop cached adapters whose folder vanished or changed."""
+        for key, (name, digest) in list(self._loaded.items()):
+            meta = Path(key) / ADAPTER_META
+            if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != digest:
+                delete_adapter(self.mllm, name)
+                del self._loaded[key]
+
+    def _run(self, path: str | None, fn):
+        if path is None:
+            with self.mllm.adapters_disabled():
+                return fn()
+        self._activate(path)
+        return fn()
+
+    # ------------------------------------------------------------------ inference
+    def answer(self, samples: Sequence[Sample], adapter: str | None, max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers with base + ``adapter`` (a folder; None = the plain base)."""
+        if not samples:
+            return []
+        n = max_new_tokens or self.max_new_tokens
+        return self._run(adapter, lambda: self.mllm.generate(list(samples), n, self.batch_size))
+
+    def route_mllm(self, samples: Sequence[Sample], router: str, pool: Pool) -> list[Route]:
+        """Two-stage inference, stage one: the MLLM router's letter for each sample.
+
+        Output that holds no valid letter falls back, deterministically, to the pool letter with the
+        highest first-token logit (reported as ``fallback=True``), never to a random expert.
+        """
+        if not samples:
+            return []
+        items = [router_sample(pool, s, None) for s in samples]
+        raws = self._run(router, lambda: self.mllm.generate(items, self.router_max_new_tokens, self.batch_size))
+        routes: list[Route | None] = []
+        bad = []
+        for i, raw in enumerate(raws):
+            e = parse_choice(raw, pool)
+            routes.append(Route(e, raw, False) if e is not None else None)
+            if e is None:
+                bad.append(i)
+        if bad:
+            ids = torch.tensor([self._letter_ids[L] for L in pool.letters])
+            logits = self._run(router, lambda: self._first_logits([items[i] for i in bad]))
+            for i, row in zip(bad, logits[:, ids]):
+                routes[i] = Route(pool.experts[int(row.argmax())], raws[i], True)
+        return routes  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _first_logits(self, items: list[Sample]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(items), self.batch_size):
+            batch = self.mllm.collate(items[i:i + self.batch_size], train=False)
+            out.append(self.mllm.forward(batch).logits[:, -1].float().cpu())
+        return torch.cat(out)
+
+    def features(self, samples: Sequence[Sample]) -> np.ndarray:
+        """Pooled base-model features ``[B, H]`` (the prototype router's input)."""
+        with self.mllm.adapters_disabled():
+            return self.mllm.pooled_features(list(samples), self.batch_size).numpy()

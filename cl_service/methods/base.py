@@ -1,0 +1,73 @@
+"""The flat protocol every CL method implements, and the registry.
+
+A run walks the stream stage by stage. At stage ``i`` (task ``tasks[i]`` just arrived) a method
+1. declares the adapters it needs trained (:meth:`Method.jobs`) — pure descriptions, executed by a
+   trainer backend (in process, or Ray Train workers) and de-duplicated across methods by output folder
+   (``mrlora`` and ``oracle`` share the same experts);
+2. answers test items of every task (:meth:`Method.predict`) through the shared inference engine.
+Methods compose helpers from :mod:`cl_service.methods.common`; they do not inherit behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cl_service.data.schema import Sample
+from cl_service.registry import Registry
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One prediction: the answer text and, for routed methods, the routing decision."""
+
+    text: str
+    expert: str | None = None
+    router_raw: str | None = None
+    fallback: bool = False
+
+
+@dataclass
+class StageContext:
+    """What a method sees at one stage."""
+
+    stage: int
+    tasks: list[str]            # the whole stream, in order
+    descriptions: dict[str, str]
+    run_dir: Path
+    cfg: Any                    # the RunCfg
+    engine: Any = None          # cl_service.engine.Engine, set for predict()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.tasks[self.stage]
+
+    @property
+    def seen(self) -> list[str]:
+        return self.tasks[: self.stage + 1]
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == len(self.tasks) - 1
+
+
+class Method(Protocol):
+    name: str
+    routed: bool
+
+    def jobs(self, ctx: StageContext) -> list[Any]:
+        """Training jobs (:class:`cl_service.train.job.TrainJob`) this stage needs; may be empty."""
+        ...
+
+    def predict(self, ctx: StageContext, samples: list[Sample]) -> list[Answer]:
+        """Answers for ``samples`` (all from one test task) with the adapters trained so far."""
+        ...
+
+    def evaluates(self, ctx: StageContext) -> bool:
+        """Whether this stage's row of the accuracy matrix is evaluated (``joint`` only at the end)."""
+        ...
+
+
+METHODS: Registry[type] = Registry("method")

@@ -1,0 +1,98 @@
+"""``mrlora`` (MLLM router) and ``mrlora_proto`` (training-free prototype router).
+
+Parameter isolation: one expert LoRA per task, each trained from the frozen base (shared with
+``oracle``). Inference is live two-stage: route every test item, then answer with base + the chosen
+expert, batched per expert. The MLLM router is the base plus its own LoRA trained on
+``router.samples_per_task`` samples of every task seen so far, with the lettered-pool prompt; it is
+retrained from the base at each stage (``router.mode=retrain``) or continued from the previous stage's
+router (``continue``). With a single expert in the pool there is nothing to choose and no router is
+trained.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cl_service.methods.base import METHODS, Answer, StageContext
+from cl_service.methods.common import answer_by_expert, expert_job, seen_pool
+from cl_service.routers.base import Route
+from cl_service.train.job import DataPart, TrainJob
+
+
+def router_dir(ctx: StageContext, stage: int):
+    return ctx.run_dir / "adapters" / "router" / f"stage-{stage}-{ctx.tasks[stage]}"
+
+
+def _timed_routes(ctx: StageContext, fn, samples) -> list[Route]:
+    t0 = time.perf_counter()
+    routes = fn(samples)
+    stats = ctx.extra.setdefault("router_stats", {"seconds": 0.0, "requests": 0})
+    stats["seconds"] += time.perf_counter() - t0
+    stats["requests"] += len(samples)
+    return routes
+
+
+@METHODS.register("mrlora")
+class MRLoRA:
+    name = "mrlora"
+    routed = True
+    router_kind = "mllm"
+
+    def jobs(self, ctx: StageContext) -> list:
+        jobs = [expert_job(ctx, ctx.task)]
+        if ctx.stage == 0:
+            return jobs
+        cfg = ctx.cfg.router
+        pool = seen_pool(ctx)
+        parts = tuple(DataPart(task=t, limit=cfg.samples_per_task, seed=ctx.cfg.seed + 7, router_expert=t)
+                      for t in ctx.seen)
+        init = str(router_dir(ctx, ctx.stage - 1)) if cfg.mode == "continue" and ctx.stage > 1 else None
+        jobs.append(TrainJob(name=f"router/stage-{ctx.stage}", kind="router", task="*",
+                             out_dir=str(router_dir(ctx, ctx.stage)), base_path=ctx.extra["base_path"],
+                             dataset=ctx.extra["dataset"], parts=parts, lora=cfg.lora, train=cfg.train,
+                             init_adapter=init, router_pool=pool, description=f"MLLM router over {len(pool.experts)} experts",
+                             seed=ctx.cfg.seed))
+        return jobs
+
+    def evaluates(self, ctx: StageContext) -> bool:
+        return True
+
+    def route(self, ctx: StageContext, samples) -> list[Route]:
+        pool = seen_pool(ctx)
+        if len(pool.experts) == 1:
+            return [Route(pool.experts[0], "", False) for _ in samples]
+        return ctx.engine.route_mllm(samples, str(router_dir(ctx, ctx.stage)), pool)
+
+    def predict(self, ctx: StageContext, samples) -> list[Answer]:
+        routes = _timed_routes(ctx, lambda s: self.route(ctx, s), samples)
+        return answer_by_expert(ctx, samples, [r.expert for r in routes], routes)
+
+
+@METHODS.register("mrlora_proto")
+class MRLoRAPrototype:
+    """MR-LoRA's experts with the training-free prototype router (nearest mean of pooled base features)."""
+
+    name = "mrlora_proto"
+    routed = True
+    router_kind = "prototype"
+
+    def jobs(self, ctx: StageContext) -> list:
+        return [expert_job(ctx, ctx.task)]
+
+    def evaluates(self, ctx: StageContext) -> bool:
+        return True
+
+    def route(self, ctx: StageContext, samples) -> list[Route]:
+        from cl_service.routers.prototype import PrototypeRouter
+
+        router = ctx.extra.get("prototype_router")
+        if router is None or router.experts != tuple(ctx.seen):
+            per_task = {t: ctx.extra["train_samples"](t, ctx.cfg.router.samples_per_task, ctx.cfg.seed + 7)
+                        for t in ctx.seen}
+            router = PrototypeRouter.fit(ctx.engine, per_task)
+            ctx.extra["prototype_router"] = router
+        return router.route(samples)
+
+    def predict(self, ctx: StageContext, samples) -> list[Answer]:
+        routes = _timed_routes(ctx, lambda s: self.route(ctx, s), samples)
+        return answer_by_expert(ctx, samples, [r.expert for r in routes], routes)

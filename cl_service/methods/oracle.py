@@ -1,0 +1,22 @@
+"""``oracle``: every task answered by its own expert (perfect routing); tasks not yet learned use the base."""
+
+from __future__ import annotations
+
+from cl_service.methods.base import METHODS, Answer, StageContext
+from cl_service.methods.common import answer_by_expert, expert_job
+
+
+@METHODS.register("oracle")
+class Oracle:
+    name = "oracle"
+    routed = False
+
+    def jobs(self, ctx: StageContext) -> list:
+        return [expert_job(ctx, ctx.task)]
+
+    def evaluates(self, ctx: StageContext) -> bool:
+        return True
+
+    def predict(self, ctx: StageContext, samples) -> list[Answer]:
+        experts = [s.task if s.task in ctx.seen else None for s in samples]
+        return answer_by_expert(ctx, samples, experts)

@@ -1,0 +1,20 @@
+"""``zero_shot``: the frozen base as is, no training."""
+
+from __future__ import annotations
+
+from cl_service.methods.base import METHODS, Answer, StageContext
+
+
+@METHODS.register("zero_shot")
+class ZeroShot:
+    name = "zero_shot"
+    routed = False
+
+    def jobs(self, ctx: StageContext) -> list:
+        return []
+
+    def evaluates(self, ctx: StageContext) -> bool:
+        return True
+
+    def predict(self, ctx: StageContext, samples) -> list[Answer]:
+        return [Answer(t) for t in ctx.engine.answer(samples, None)]

@@ -1,0 +1,31 @@
+"""Ray Data over a shard dataset: each Arrow IPC shard is read as a stream of record batches."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import ray.data
+from ray.data.datasource.file_based_datasource import FileBasedDatasource
+
+from cl_service.data.shards import ShardDataset
+
+
+class ArrowIPCDatasource(FileBasedDatasource):
+    """Reads Arrow IPC *file* format shards, one record batch per block."""
+
+    _FILE_EXTENSIONS = ["arrow"]
+
+    def _read_stream(self, f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
+        reader = ipc.open_file(pa.BufferReader(f.read()))
+        for i in range(reader.num_record_batches):
+            yield pa.Table.from_batches([reader.get_batch(i)])
+
+
+def read_shards(root: str, task: str | None = None, split: str | None = None, **kwargs) -> ray.data.Dataset:
+    """A Ray Dataset over the shards of ``root`` (optionally one task/split), schema v1 columns."""
+    paths = ShardDataset(root).shard_paths(task, split)
+    if not paths:
+        raise ValueError(f"no shards for task={task!r} split={split!r} in {root}")
+    return ray.data.read_datasource(ArrowIPCDatasource(paths, **kwargs))

@@ -1,0 +1,88 @@
+"""A training job: one adapter to train, described as data, run by a plain function.
+
+The run declares jobs; a trainer backend executes them — in process (:func:`run_train_job`) or in Ray
+Train workers (:mod:`cl_service.on_ray.train`), which call the same function with their rank, world
+size and checkpoint hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from cl_service._cfgload import to_dict
+from cl_service.data.schema import Sample
+from cl_service.data.shards import ShardDataset
+from cl_service.routers.prompt import Pool, router_sample
+
+
+@dataclass(frozen=True)
+class DataPart:
+    """Training samples of one task: a seeded choice of ``limit`` samples (all when None)."""
+
+    task: str
+    split: str = "train"
+    limit: int | None = None
+    seed: int = 0
+    router_expert: str | None = None  # wrap as router items whose target is this expert's letter
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    name: str                  # human-readable: expert/RS, lora_ft/stage-2, router/stage-3
+    kind: str                  # expert | sequential | router | joint
+    task: str                  # the task the adapter serves ("*" for several)
+    out_dir: str
+    base_path: str
+    dataset: str
+    parts: tuple[DataPart, ...]
+    lora: Any                  # cl_service.adapters.lora.LoraCfg
+    train: Any                 # cl_service.train.loop.TrainCfg
+    init_adapter: str | None = None
+    router_pool: Pool | None = None
+    description: str = ""
+    seed: int = 0
+
+    def key(self) -> str:
+        """Hash of everything that determines the trained weights (not the output folder)."""
+        d = to_dict(self)
+        d.pop("out_dir")
+        d.pop("name")
+        d["dataset"] = _dataset_fingerprint(self.dataset)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def replace(self, **kw) -> "TrainJob":
+        return dataclasses.replace(self, **kw)
+
+
+def _dataset_fingerprint(path: str) -> str:
+    m = ShardDataset(path).manifest
+    return hashlib.sha256("".join(s["sha256"] for s in m["shards"]).encode()).hexdigest()[:16]
+
+
+def choose(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """A deterministic choice of ``limit`` samples (order shuffled by ``seed``)."""
+    if limit is None or limit >= len(samples):
+        return list(samples)
+    idx = list(range(len(samples)))
+    random.Random(seed).shuffle(idx)
+    return [samples[i] for i in sorted(idx[:limit])]
+
+
+def load_parts(job: TrainJob) -> list[Sample]:
+    ds = ShardDataset(job.dataset)
+    out: list[Sample] = []
+    for part in job.parts:
+        chosen = choose(ds.samples(part.task, part.split), part.limit, part.seed)
+        if not chosen:
+            raise ValueError(f"job {job.name}: no {part.split} samples of task {part.task} in {job.dataset}")
+        if part.router_expert is not None:
+            if job.router_pool is None:
+                raise ValueError(f"job {job.name}: router parts need a router_pool")
+            chosen = [router_sample(job.router_pool, s, part.router_expert) for s in chosen]
+        out.extend(chosen)
+    return out

@@ -1,0 +1,125 @@
+"""Execute one :class:`~cl_service.train.job.TrainJob`: the function both trainer backends call.
+
+In process it runs with ``rank=0, world_size=1``. Inside Ray Train workers (torch.distributed already
+initialised) it wraps the model in ``DistributedDataParallel``, gives every rank an equal share of the
+data, and calls ``on_checkpoint`` every ``checkpoint_every`` optimizer steps so that a restarted worker
+group can resume from ``resume`` (see :func:`load_resume`). Rank 0 publishes the adapter atomically with
+its checksummed ``adapter.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers.utils import logging as _hf_logging
+from safetensors.torch import load_file, save_file
+
+from cl_service.adapters.lora import attach_lora, load_adapter, save_adapter
+from cl_service.adapters.registry import commit_dir, finalize_adapter, publish_dir
+from cl_service.models.mllm import MLLM, load_mllm
+from cl_service.train.job import TrainJob, load_parts
+from cl_service.train.loop import Batches, TrainState, train_steps
+
+ADAPTER_NAME = "job"  # not "train": peft adapter names become module attributes
+_WEIGHTS = "trainable.safetensors"
+_STATE = "train_state.pt"
+
+_hf_logging.disable_progress_bar()  # one bar per adapter load floods job logs
+
+
+class _LossModule(torch.nn.Module):
+    """``forward(batch) -> loss`` around an MLLM, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, mllm: MLLM) -> None:
+        super().__init__()
+        self.net = mllm.model
+        object.__setattr__(self, "_mllm", mllm)  # not a submodule: its params are already under ``net``
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._mllm.loss(batch)
+
+
+def adapter_id(job: TrainJob) -> str:
+    """Registry id of the adapter a job produces: ``expert:RS``, ``router:stage-3``, ``lora_ft:stage-2``."""
+    return job.name.replace("/", ":", 1)
+
+
+def _trainable(mllm: MLLM) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in mllm.model.named_parameters() if p.requires_grad}
+
+
+def save_resume(folder: str | Path, mllm: MLLM, state: TrainState) -> None:
+    """Write what a resumed run needs: the trainable weights and the :class:`TrainState`."""
+    folder = Path(folder)
+    save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(mllm).items()}, str(folder / _WEIGHTS))
+    state.save(folder / _STATE)
+
+
+def load_resume(folder: str | Path) -> dict[str, Any] | None:
+    folder = Path(folder)
+    if not (folder / _WEIGHTS).is_file() or not (folder / _STATE).is_file():
+        return None
+    return {"weights": load_file(str(folder / _WEIGHTS)), "state": TrainState.load(folder / _STATE)}
+
+
+def _rank_share(samples: list, rank: int, world: int) -> list:
+    """An equal-length share per rank (padded by wrapping): unequal step counts would hang DDP."""
+    if world == 1:
+        return samples
+    per = -(-len(samples) // world)
+    padded = samples + samples[: per * world - len(samples)]
+    return padded[rank::world]
+
+
+def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dict[str, Any] | None = None,
+                  on_checkpoint: Callable[[int, float, Callable[[str], None]], None] | None = None,
+                  checkpoint_every: int = 0, fail_at_step: int = 0,
+                  log: Callable[[str], None] | None = None) -> TrainState:
+    """Train the job's adapter and (rank 0) publish it to ``job.out_dir``. Returns the final state."""
+    t0 = time.perf_counter()
+    mllm = load_mllm(job.base_path)
+    if job.init_adapter:
+        params = load_adapter(mllm, job.init_adapter, ADAPTER_NAME, trainable=True)
+    else:
+        params = attach_lora(mllm, job.lora, ADAPTER_NAME, seed=job.seed)
+    state = None
+    if resume is not None:
+        named = _trainable(mllm)
+        missing = set(named) - set(resume["weights"])
+        if missing:
+            raise ValueError(f"checkpoint of {job.name} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(resume["weights"][n])
+        state = resume["state"]
+    samples = _rank_share(load_parts(job), rank, world_size)
+    batches = Batches(samples, lambda b: mllm.collate(b, train=True), job.train.batch_size, seed=job.train.seed + job.seed)
+    model: Any = mllm
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(_LossModule(mllm), broadcast_buffers=False)
+
+    def on_step(st: TrainState) -> None:
+        if fail_at_step and st.step == fail_at_step:
+            os._exit(17)  # test hook: die like a killed worker
+        if on_checkpoint and checkpoint_every and st.step % checkpoint_every == 0 and st.step < st.total_steps:
+            on_checkpoint(st.step, st.losses[-1], lambda d: save_resume(d, mllm, st))
+        if log and (st.step % 20 == 0 or st.step == st.total_steps):
+            log(f"{job.name}: step {st.step}/{st.total_steps} loss {st.losses[-1]:.4f}")
+
+    state = train_steps(model, batches, params, job.train, state, on_step)
+    if rank == 0:
+        stage = publish_dir(job.out_dir)
+        save_adapter(mllm, stage, ADAPTER_NAME)
+        (stage / "train_log.json").write_text(json.dumps(
+            {"job": job.name, "steps": state.step, "losses": state.losses, "samples": len(samples) * world_size,
+             "world_size": world_size, "seconds": round(time.perf_counter() - t0, 3)}))
+        finalize_adapter(stage, id=adapter_id(job), kind=job.kind, task=job.task, description=job.description,
+                         base=job.base_path, job_key=job.key(),
+                         extra={"router_pool": list(job.router_pool.experts) if job.router_pool else None})
+        commit_dir(stage, job.out_dir)
+    return state
