@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from cl_service._table import format_table
 
@@ -145,6 +145,29 @@ def _cmd_base_build(a: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ run
+def _cmd_run(a: argparse.Namespace) -> int:
+    from cl_service.on_ray.stream import parse_args, run
+
+    argv = [x for k in ("config", "data", "methods", "out") if getattr(a, k) for x in (f"--{k}", getattr(a, k))]
+    cfg, _ = parse_args(argv + list(a.overrides))
+    run(cfg, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from cl_service.run import summary_table
+
+    path = Path(a.out) / "metrics.json"
+    if not path.is_file():
+        raise CLIError(f"{path} not found: the run has not finished (rerun it with the same --out to resume)")
+    metrics = json.loads(path.read_text())
+    print(f"{metrics['benchmark']}: {' -> '.join(metrics['tasks'])}")
+    print(summary_table(metrics))
+    print(f"report: {Path(a.out).resolve() / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clsvc", description="cl-service: continual learning of multimodal LLMs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -197,9 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rebuild even if a valid base exists")
     s.set_defaults(func=_cmd_base_build)
 
-    _extend: list[Callable[[argparse._SubParsersAction], None]] = []
-    for hook in _extend:
-        hook(sub)
+    s = sub.add_parser("run", help="run a continual-learning stream (MR-LoRA and baselines)",
+                       description="Same options as workloads/run_stream.py; training runs on Ray Train "
+                                   "(RAY_ADDRESS or a local Ray on loopback) unless ray.num_workers=0.")
+    s.add_argument("--config", default=None)
+    s.add_argument("--data", default=None)
+    s.add_argument("--methods", default=None)
+    s.add_argument("--out", default=None)
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("report", help="print the metrics table of a finished run")
+    s.add_argument("out", help="the run's results folder")
+    s.set_defaults(func=_cmd_report)
     return p
 
 
@@ -207,11 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cl_service.data.ingest import IngestError
     from cl_service.data.shards import DatasetError
+    from cl_service._cfgload import ConfigError
+    from cl_service.adapters.registry import AdapterError
     from cl_service.registry import UnknownName
 
     try:
         return int(args.func(args) or 0)
-    except (CLIError, IngestError, DatasetError, UnknownName, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (CLIError, ConfigError, AdapterError, IngestError, DatasetError, UnknownName, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"clsvc: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -88,6 +88,7 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
     else:
         params = attach_lora(mllm, job.lora, ADAPTER_NAME, seed=job.seed)
     state = None
+    resumed_from = 0
     if resume is not None:
         named = _trainable(mllm)
         missing = set(named) - set(resume["weights"])
@@ -97,6 +98,9 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
             for n, p in named.items():
                 p.copy_(resume["weights"][n])
         state = resume["state"]
+        resumed_from = state.step
+        if log:
+            log(f"{job.name}: resuming from step {resumed_from}")
     samples = _rank_share(load_parts(job), rank, world_size)
     batches = Batches(samples, lambda b: mllm.collate(b, train=True), job.train.batch_size, seed=job.train.seed + job.seed)
     model: Any = mllm
@@ -105,7 +109,10 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
 
     def on_step(st: TrainState) -> None:
         if fail_at_step and st.step == fail_at_step:
-            os._exit(17)  # test hook: die like a killed worker
+            # Test hook: die like a killed worker. The pause lets Ray Train's controller register the
+            # last reported checkpoint first (it polls workers), as it would for a kill at any later time.
+            time.sleep(3)
+            os._exit(17)
         if on_checkpoint and checkpoint_every and st.step % checkpoint_every == 0 and st.step < st.total_steps:
             on_checkpoint(st.step, st.losses[-1], lambda d: save_resume(d, mllm, st))
         if log and (st.step % 20 == 0 or st.step == st.total_steps):
@@ -117,7 +124,8 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         save_adapter(mllm, stage, ADAPTER_NAME)
         (stage / "train_log.json").write_text(json.dumps(
             {"job": job.name, "steps": state.step, "losses": state.losses, "samples": len(samples) * world_size,
-             "world_size": world_size, "seconds": round(time.perf_counter() - t0, 3)}))
+             "world_size": world_size, "resumed_from_step": resumed_from,
+             "seconds": round(time.perf_counter() - t0, 3)}))
         finalize_adapter(stage, id=adapter_id(job), kind=job.kind, task=job.task, description=job.description,
                          base=job.base_path, job_key=job.key(),
                          extra={"router_pool": list(job.router_pool.experts) if job.router_pool else None})

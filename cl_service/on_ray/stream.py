@@ -1,0 +1,68 @@
+"""Run a CL stream with its training on Ray Train: the body of ``workloads/run_stream.py`` and ``clsvc run``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from cl_service.config import RunCfg, load_run_cfg
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[RunCfg, argparse.Namespace]:
+    p = argparse.ArgumentParser(description="Run a continual-learning stream (MR-LoRA and baselines).")
+    p.add_argument("--config", default=None, help="RunCfg YAML (workloads/configs/*.yaml)")
+    p.add_argument("--data", default=None, help="shard dataset (clsvc data ingest/synth); default: the config's")
+    p.add_argument("--methods", default=None, help="comma-separated methods; default: the config's")
+    p.add_argument("--out", default=None, help="results folder; rerun with the same folder to resume")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. expert.lora.rank=16")
+    a = p.parse_args(argv)
+    ov = list(a.overrides)
+    if a.data:
+        ov.append(f"data.path={a.data}")
+    if a.methods:
+        ov.append(f"methods=[{a.methods}]")
+    if a.out:
+        ov.append(f"out={a.out}")
+    return load_run_cfg(a.config, ov), a
+
+
+def run(cfg: RunCfg, log=print) -> dict:
+    """Run ``cfg``; training on Ray Train unless ``ray.num_workers == 0`` (then in this process)."""
+    from cl_service.run import LocalTrainer, run_stream
+
+    if cfg.ray.num_workers == 0:
+        return run_stream(cfg, LocalTrainer(), log=log)
+    import ray
+
+    from cl_service.on_ray.train import RayTrainer
+
+    started = False
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:  # no cluster given: a local one, on loopback
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
+                     _temp_dir=tempfile.mkdtemp(prefix="clsvc-ray-", dir="/tmp"))
+        started = True
+    try:
+        storage = cfg.ray.storage_path or str(Path(cfg.out).resolve() / "ray")
+        env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(cfg.ray.cpus_per_worker)))}
+        return run_stream(cfg, RayTrainer(cfg.ray, storage, env), log=log)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, _ = parse_args(argv)
+    run(cfg, log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
