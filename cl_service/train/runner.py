@@ -79,7 +79,8 @@ def _rank_share(samples: list, rank: int, world: int) -> list:
 def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dict[str, Any] | None = None,
                   on_checkpoint: Callable[[int, float, Callable[[str], None]], None] | None = None,
                   checkpoint_every: int = 0, fail_at_step: int = 0,
-                  log: Callable[[str], None] | None = None) -> TrainState:
+                  log: Callable[[str], None] | None = None,
+                  on_done: Callable[[MLLM], None] | None = None) -> TrainState:
     """Train the job's adapter and (rank 0) publish it to ``job.out_dir``. Returns the final state."""
     t0 = time.perf_counter()
     mllm = load_mllm(job.base_path)
@@ -130,4 +131,6 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
                          base=job.base_path, job_key=job.key(),
                          extra={"router_pool": list(job.router_pool.experts) if job.router_pool else None})
         commit_dir(stage, job.out_dir)
+    if on_done is not None:
+        on_done(mllm)
     return state

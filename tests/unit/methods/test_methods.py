@@ -1,0 +1,129 @@
+"""Contract of every registered CL method on a 2-task tiny stream, plus resume."""
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cl_service.config import load_run_cfg
+from cl_service.methods import METHODS
+from cl_service.run import LocalTrainer, run_stream
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _cfg(out, tiny_base, dcl_shards, extra=()):
+    return load_run_cfg(None, [
+        f"out={out}", f"data.path={dcl_shards}", f"base.path={tiny_base}", "data.tasks=[RS,Med]",
+        f"methods=[{','.join(METHODS.names())}]", "expert.train.max_steps=3", "expert.train.batch_size=4",
+        "router.train.max_steps=3", "router.samples_per_task=4", "replay.samples_per_task=2",
+        "expert.lora.rank=4", "router.lora.rank=4", "eval.max_new_tokens=3", "ray.num_workers=0", *extra])
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_base, dcl_shards):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("run")
+    base_before = _digest(Path(tiny_base))
+    logs: list[str] = []
+    metrics = run_stream(_cfg(out, tiny_base, dcl_shards), LocalTrainer(), log=logs.append)
+    return {"out": out, "metrics": metrics, "logs": logs, "base_before": base_before}
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_method_contract(run, method):
+    m = run["metrics"]["methods"][method]
+    assert len(m["matrix"]) == 2 and all(len(r) == 2 for r in m["matrix"])
+    rows = [1] if method == "joint" else [0, 1]
+    for i in rows:
+        assert all(0 <= v <= 100 for v in m["matrix"][i])
+    assert math.isfinite(m["MFT"])
+    if METHODS.get(method).routed:
+        assert set(m["router_accuracy"]) == {"RS", "Med"}
+        assert m["router_ms_per_request"] > 0
+    preds = run["out"] / "predictions" / method
+    lines = [json.loads(line) for f in sorted(preds.rglob("*.jsonl")) for line in f.read_text().splitlines()]
+    assert lines and {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(lines[0])
+
+
+def test_adapters_hold_only_adapter_weights_and_finite_losses(run):
+    from safetensors import safe_open
+
+    folders = [p.parent for p in (run["out"] / "adapters").rglob("adapter.json")]
+    kinds = {json.loads((f / "adapter.json").read_text())["kind"] for f in folders}
+    assert kinds == {"expert", "router", "sequential", "joint"}
+    for f in folders:
+        log = json.loads((f / "train_log.json").read_text())
+        assert log["steps"] == 3 and all(math.isfinite(x) for x in log["losses"])
+        with safe_open(str(f / "adapter_model.safetensors"), "pt") as st:
+            keys = list(st.keys())
+        assert keys and all(("lora_" in k) or ("multi_modal_projector" in k) for k in keys), keys[:5]
+
+
+def test_base_checkpoint_never_changes(run, tiny_base):
+    assert _digest(Path(tiny_base)) == run["base_before"]
+
+
+def test_saved_adapter_reloads_to_identical_logits(tmp_path, tiny_base, dcl_shards):
+    from cl_service.adapters.lora import LoraCfg, load_adapter
+    from cl_service.data.shards import ShardDataset
+    from cl_service.models.mllm import load_mllm
+    from cl_service.train.job import DataPart, TrainJob
+    from cl_service.train.loop import TrainCfg
+    from cl_service.train.runner import run_train_job
+
+    batch_src = ShardDataset(dcl_shards).samples("RS", "test")[:4]
+    seen = {}
+
+    def capture(mllm):
+        mllm.model.eval()
+        with torch.no_grad():
+            seen["logits"] = mllm.forward(mllm.collate(batch_src, train=False)).logits
+
+    job = TrainJob(name="expert/RS", kind="expert", task="RS", out_dir=str(tmp_path / "e"), base_path=str(tiny_base),
+                   dataset=str(dcl_shards), parts=(DataPart("RS"),), lora=LoraCfg(rank=4, alpha=8),
+                   train=TrainCfg(lr=1e-2, max_steps=3, batch_size=4))
+    run_train_job(job, on_done=capture)
+    fresh = load_mllm(tiny_base)
+    load_adapter(fresh, tmp_path / "e", "x")
+    fresh.model.eval()
+    with torch.no_grad():
+        again = fresh.forward(fresh.collate(batch_src, train=False)).logits
+    assert torch.equal(seen["logits"], again)
+    base = load_mllm(tiny_base)
+    with torch.no_grad():
+        plain = base.forward(base.collate(batch_src, train=False)).logits
+    assert not torch.equal(plain, again)  # the adapter does change the outputs
+
+
+def test_rerun_skips_finished_stages_and_reproduces_metrics(run, tiny_base, dcl_shards):
+    logs: list[str] = []
+    again = run_stream(_cfg(run["out"], tiny_base, dcl_shards), LocalTrainer(), log=logs.append)
+    assert not any("trained" in line and "already" not in line for line in logs), logs
+    assert json.dumps(again, sort_keys=True) == json.dumps(run["metrics"], sort_keys=True)
+
+
+def test_run_killed_mid_stage_resumes_with_same_metrics(run, tmp_path, tiny_base, dcl_shards):
+    out = tmp_path / "copy"
+    shutil.copytree(run["out"], out)
+    # As if killed during stage 2: its evaluation records and some of its adapters are not there yet,
+    # and one adapter was caught half-written (no adapter.json).
+    shutil.rmtree(out / "stages")
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "adapters" / "experts" / "Med")
+    (out / "adapters" / "lora_ft" / "stage-1-Med" / "adapter.json").unlink()
+    logs: list[str] = []
+    again = run_stream(_cfg(out, tiny_base, dcl_shards), LocalTrainer(), log=logs.append)
+    trained = [line for line in logs if "trained" in line and "already" not in line]
+    assert len(trained) == 1 and "expert/Med" in trained[0] and "lora_ft/stage-1" in trained[0]
+    assert "router" not in trained[0]
+    for name, m in run["metrics"]["methods"].items():
+        assert again["methods"][name]["matrix"] == m["matrix"], name
