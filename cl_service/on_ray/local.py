@@ -17,9 +17,12 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
-def ray_env() -> dict[str, str]:
+def ray_env(multi_node: bool = False) -> dict[str, str]:
+    """Environment for ``ray`` commands. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a single node on
+    loopback; a multi-node cluster needs it at 1 (Ray refuses extra nodes otherwise), and every node is
+    still pinned to 127.0.0.1 by ``--node-ip-address``."""
     env = dict(os.environ)
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if multi_node else "0", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_AUTH_MODE": env.get("RAY_AUTH_MODE", "token")})
     return env
 
@@ -29,22 +32,22 @@ def _ray_bin() -> str:
     return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
 
 
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: float, multi_node: bool = False) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(args, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(args, env=ray_env(multi_node), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"`{' '.join(args)}` did not finish within {timeout:.0f} s") from None
 
 
 def start_head(temp_dir: str, num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
-               timeout: float = 120) -> str:
+               timeout: float = 120, multi_node: bool = False) -> str:
     """Start a head node on loopback; returns the GCS address. Raises on failure with Ray's output."""
     args = [_ray_bin(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={port}",
             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
             "--disable-usage-stats"]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
-    res = _run(args, timeout)
+    res = _run(args, timeout, multi_node)
     if res.returncode != 0:
         raise RuntimeError(f"ray start --head failed:\n{res.stdout}\n{res.stderr}")
     return f"{LOOPBACK}:{port}"
@@ -53,7 +56,7 @@ def start_head(temp_dir: str, num_cpus: int | None = None, port: int = 6379, das
 def add_node(address: str, num_cpus: int, timeout: float = 120) -> None:
     """Join another node (same machine, loopback) to the cluster at ``address``."""
     res = _run([_ray_bin(), "start", f"--address={address}", f"--node-ip-address={LOOPBACK}",
-                f"--num-cpus={num_cpus}", "--disable-usage-stats"], timeout)
+                f"--num-cpus={num_cpus}", "--disable-usage-stats"], timeout, multi_node=True)
     if res.returncode != 0:
         raise RuntimeError(f"ray start --address failed:\n{res.stdout}\n{res.stderr}")
 

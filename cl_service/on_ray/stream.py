@@ -43,7 +43,8 @@ def run(cfg: RunCfg, log=print) -> dict:
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+            # Pin the driver to loopback too: Ray would otherwise pick the external interface.
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, _node_ip_address="127.0.0.1")
         else:  # no cluster given: a local one, on loopback
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
