@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 
 DEMO_DATA ?= .clsvc/data/dcl-mini
 
-.PHONY: demo test test-unit test-ray venv clean
+.PHONY: demo demo-acl demo-data test test-unit test-ray venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The main job: a local Ray head on loopback, the DCL mini run submitted with `ray job submit`,
+# the metrics table and report path printed, Ray stopped. Rerunning resumes (finished stages are skipped).
 demo: $(STAMP)
+	bash cluster/local_demo.sh
+
+demo-acl: $(STAMP)
+	CONFIG=workloads/configs/acl_mini.yaml OUT=runs/acl-mini bash cluster/local_demo.sh
+
+demo-data: $(STAMP)
 	$(VENV)/bin/clsvc data synth --benchmark dcl-mini --out $(DEMO_DATA) --overwrite
 	$(VENV)/bin/clsvc data inspect $(DEMO_DATA)
 

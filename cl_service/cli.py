@@ -138,9 +138,13 @@ def _cmd_score(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- base
 def _cmd_base_build(a: argparse.Namespace) -> int:
-    from cl_service.models.store import build_base
+    import shutil
 
-    path = build_base(a.profile, out=a.out, steps=a.steps, seed=a.seed, progress=True, force=a.force)
+    from cl_service.models.store import base_path, build_base
+
+    if a.force:
+        shutil.rmtree(a.out or base_path(a.profile), ignore_errors=True)
+    path = build_base(a.profile, out=a.out, steps=a.steps, seed=a.seed, progress=True)
     print(f"base model ready: {path}")
     return 0
 

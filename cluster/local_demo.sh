@@ -7,6 +7,7 @@ ROOT=$(pwd)
 CONFIG=${CONFIG:-workloads/configs/dcl_mini.yaml}
 OUT=${OUT:-runs/dcl-mini}
 METHODS=${METHODS:-mrlora,mrlora_proto,lora_ft,lora_ft_replay,oracle,zero_shot}
+EXTRA=${EXTRA:-}   # extra key=value overrides of the run config
 PORT=${RAY_PORT:-6381}
 DASH=${RAY_DASHBOARD_PORT:-8266}
 TMP=${RAY_TMP:-/tmp/clsvc-demo-ray}
@@ -15,7 +16,7 @@ PY=$ROOT/.venv/bin/python
 RAY=$ROOT/.venv/bin/ray
 
 # The base model is built once (outside the job, so its progress bar shows here) and reused.
-$ROOT/.venv/bin/clsvc base build --profile tiny
+[ -n "${SKIP_BASE:-}" ] || $ROOT/.venv/bin/clsvc base build --profile tiny
 
 cleanup() { timeout 60 "$RAY" stop --force >/dev/null 2>&1 || true; }
 trap cleanup EXIT
@@ -23,6 +24,6 @@ timeout 120 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" --das
   --dashboard-port="$DASH" --temp-dir="$TMP" --disable-usage-stats >/dev/null
 echo "Ray head on 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASH"
 timeout ${DEMO_TIMEOUT:-3600} "$RAY" job submit --address "http://127.0.0.1:$DASH" -- \
-  bash -c "cd '$ROOT' && '$PY' workloads/run_stream.py --config '$CONFIG' --methods '$METHODS' --out '$OUT'"
+  bash -c "cd '$ROOT' && '$PY' workloads/run_stream.py --config '$CONFIG' --methods '$METHODS' --out '$OUT' ${EXTRA:-}"
 echo
 "$PY" -m cl_service.cli report "$OUT"

@@ -1,6 +1,7 @@
 """Ray Train backend: each training job runs in a ``TorchTrainer`` (DDP over gloo/NCCL, or DeepSpeed ZeRO-2).
 
-The workers call the same :func:`cl_service.train.runner.run_train_job` as the in-process backend, with
+All jobs of a stage run in one worker group, one after another (a group start costs ~20 s on a small
+machine); with ``parallel_experts`` each job gets its own concurrent run. The workers call the same :func:`cl_service.train.runner.run_train_job` as the in-process backend, with
 their rank and world size, and with checkpoint hooks: every ``checkpoint_every`` steps rank 0 saves
 the adapter and the optimizer/scheduler state and reports it; a restarted worker group
 (``FailureConfig(max_failures)``) resumes from ``ray.train.get_checkpoint()`` instead of step 0.
@@ -24,30 +25,42 @@ from cl_service.train.job import TrainJob
 
 
 def _train_fn(config: dict[str, Any]) -> None:
+    """Train the jobs of one stage, in order, in this worker group (one group start per stage, not per job)."""
     import torch
 
+    from cl_service.adapters.registry import is_complete
     from cl_service.train.runner import load_resume, run_train_job
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    job: TrainJob = config["job"]
+    jobs: list[TrainJob] = config["jobs"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    resume = None
+    resume, resume_job = None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = load_resume(d)
-
-    def on_checkpoint(step: int, loss: float, save) -> None:
-        # Every rank reports (report() is a barrier); only rank 0 attaches the files.
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                save(d)
-            ray.train.report({"step": step, "loss": loss}, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
-
+            marker = Path(d) / "job.txt"
+            resume_job = marker.read_text() if marker.is_file() else None
+    # Decided once, before any rank trains, so every rank skips the same jobs (a restarted group
+    # skips the adapters already published).
+    pending = [j for j in jobs if not is_complete(j.out_dir, j.key())]
     fail_at = int(os.environ.get("CLSVC_FAIL_AT_STEP", "0"))  # test hook: kill the worker once, mid-training
-    run_train_job(job, rank=rank, world_size=world, resume=resume, on_checkpoint=on_checkpoint,
-                  checkpoint_every=int(config["checkpoint_every"]), fail_at_step=fail_at if resume is None else 0)
+    for job in pending:
+        def on_checkpoint(step: int, loss: float, save, job=job) -> None:
+            # Every rank reports (report() is a barrier); only rank 0 attaches the files.
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    save(d)
+                    (Path(d) / "job.txt").write_text(job.key())
+                ray.train.report({"job": job.name, "step": step, "loss": loss},
+                                 checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+
+        mine = resume if resume_job == job.key() else None
+        run_train_job(job, rank=rank, world_size=world, resume=mine, on_checkpoint=on_checkpoint,
+                      checkpoint_every=int(config["checkpoint_every"]),
+                      fail_at_step=fail_at if ckpt is None else 0,
+                      log=(lambda m: print(m, flush=True)) if rank == 0 else None)
 
 
 def _scaling(cfg: RayCfg) -> ScalingConfig:
@@ -55,9 +68,12 @@ def _scaling(cfg: RayCfg) -> ScalingConfig:
                          resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {}))
 
 
-def make_trainer(job: TrainJob, cfg: RayCfg, storage: str, env: dict[str, str] | None = None) -> TorchTrainer:
-    name = job.name.replace("/", "_") + "-" + job.key()
-    config = {"job": job, "checkpoint_every": cfg.checkpoint_every, "threads": max(1, int(cfg.cpus_per_worker))}
+def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str] | None = None) -> TorchTrainer:
+    import hashlib
+
+    key = hashlib.sha256("".join(j.key() + j.out_dir for j in jobs).encode()).hexdigest()[:12]
+    name = (jobs[0].name.replace("/", "_") + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")) + "-" + key
+    config = {"jobs": jobs, "checkpoint_every": cfg.checkpoint_every, "threads": max(1, int(cfg.cpus_per_worker))}
     return TorchTrainer(
         _train_fn,
         train_loop_config=config,
@@ -81,7 +97,7 @@ class RayTrainer:
         times: dict[str, float] = {}
         if self.cfg.parallel_experts and len(jobs) > 1:
             # Independent jobs at once: one Ray Train run each, driven from remote tasks.
-            refs = {job.name: _fit_remote.remote(job, self.cfg, self.storage, self.env) for job in jobs}
+            refs = {job.name: _fit_remote.remote([job], self.cfg, self.storage, self.env) for job in jobs}
             ready, not_ready = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.timeout_s)
             if not_ready:
                 for r in not_ready:
@@ -90,23 +106,23 @@ class RayTrainer:
             for name, ref in refs.items():
                 times[name] = ray.get(ref)
             return times
-        for job in jobs:
-            times[job.name] = _fit(job, self.cfg, self.storage, self.env)
-        return times
+        total = _fit(jobs, self.cfg, self.storage, self.env)
+        return {"+".join(j.name for j in jobs) if len(jobs) > 1 else jobs[0].name: total}
 
 
-def _fit(job: TrainJob, cfg: RayCfg, storage: str, env: dict[str, str]) -> float:
+def _fit(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str]) -> float:
     from cl_service.adapters.registry import is_complete
 
     t0 = time.perf_counter()
-    result = make_trainer(job, cfg, storage, env).fit()
+    result = make_trainer(jobs, cfg, storage, env).fit()
     if result.error is not None:
-        raise RuntimeError(f"training job {job.name} failed: {result.error}")
-    if not is_complete(job.out_dir, job.key()):
-        raise RuntimeError(f"training job {job.name} finished but its adapter {job.out_dir} is not complete")
+        raise RuntimeError(f"training of {[j.name for j in jobs]} failed: {result.error}")
+    for job in jobs:
+        if not is_complete(job.out_dir, job.key()):
+            raise RuntimeError(f"training job {job.name} finished but its adapter {job.out_dir} is not complete")
     return time.perf_counter() - t0
 
 
 @ray.remote(num_cpus=0)
-def _fit_remote(job: TrainJob, cfg: RayCfg, storage: str, env: dict[str, str]) -> float:
-    return _fit(job, cfg, storage, env)
+def _fit_remote(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str]) -> float:
+    return _fit(jobs, cfg, storage, env)
