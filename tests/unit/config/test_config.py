@@ -1,0 +1,47 @@
+import pytest
+
+from cl_service._cfgload import ConfigError
+from cl_service.config import RunCfg, load_run_cfg
+from cl_service.registry import Registry, UnknownName
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\nexpert:\n  lora: {rank: 8}\nmethods: [mrlora, oracle]\n")
+    cfg = load_run_cfg(p, ["expert.lora.rank=32", "router.samples_per_task=5", "data.tasks=[RS,Med]",
+                           "ray.parallel_experts=true", "expert.train.lr=1e-4"])
+    assert isinstance(cfg, RunCfg) and cfg.name == "x"
+    assert cfg.expert.lora.rank == 32 and cfg.router.samples_per_task == 5
+    assert cfg.methods == ("mrlora", "oracle") and cfg.data.tasks == ("RS", "Med")
+    assert cfg.ray.parallel_experts is True and cfg.expert.train.lr == 1e-4
+
+
+@pytest.mark.parametrize("override, message", [
+    (["expert.lora.rnak=3"], "unknown key(s) ['expert.lora.rnak']"),
+    (["router.samples_per_task=many"], "router.samples_per_task: expected an integer"),
+    (["router.mode=sometimes"], "'sometimes' is not one of"),
+    (["ray.use_gpu=maybe"], "ray.use_gpu: expected true/false"),
+    (["expert=3"], "expert: expected a mapping"),
+    (["novalue"], "is not key=value"),
+])
+def test_bad_config_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_run_cfg(None, override)
+    assert message in str(e.value)
+
+
+def test_shipped_workload_configs_load():
+    for name in ("dcl_mini", "acl_mini"):
+        cfg = load_run_cfg(f"workloads/configs/{name}.yaml")
+        assert cfg.data.benchmark == name.replace("_", "-")
+
+
+def test_registry_rejects_duplicates_and_lists_known():
+    r: Registry[int] = Registry("thing")
+    r.register("a", 1)
+    with pytest.raises(ValueError, match="already registered"):
+        r.register("a", 2)
+    with pytest.raises(UnknownName, match="unknown thing 'b'; known: a"):
+        r.get("b")
