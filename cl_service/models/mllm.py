@@ -1,0 +1,397 @@
+"""The MLLM: a transformers ``LlavaForConditionalGeneration`` + its tokenizer + PIL image preprocessing.
+
+Prompt template (the one place it is defined; :func:`prompt_text` / :func:`target_text`)::
+
+    <s><image>×(k·n) "\\n" question "\\nAnswer:"      target: " " answer "</s>"
+
+``k`` = image tokens per image (``(image_size/patch_size)²``, CLS dropped), ``n`` = images of the
+sample: every image gets its own block of ``k`` tokens, blocks back to back in the sample's image
+order (``pixel_values`` rows follow the same order, sample after sample). Images of any size are
+resized (stretched) to ``image_size``×``image_size``; tiled views such as the 2×3 driving cameras
+arrive as one already-tiled image and stay one block.
+
+Forward passes always go through :meth:`MLLM.embed`: CLIP hidden state ``vision_feature_layer`` (CLS
+dropped) → projector → scattered into the token embeddings at the ``<image>`` positions → Llama.
+The CLIP states (:meth:`MLLM.vision_states`) can be computed once and passed again
+(``vision_states=``) to later passes on the same images, e.g. route then answer: valid as long as the
+adapters in between leave the vision tower alone (``LoraCfg.vision=False``); the projector, which every
+expert trains, is applied per pass. Position ids are always derived from the attention mask, so right
+padding (training) and left padding (generation) give the same positions to the same tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+
+from cl_service.data.schema import Sample
+from cl_service.models.config import ModelCfg
+from cl_service.models.tokenizer import IMAGE_TOKEN
+
+MODEL_CFG_FILE = "clsvc_model.json"
+#: CLIP's normalisation (LLaVA-1.5 inherits it); also used for the tiny models so real bases plug in.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ANSWER_CUE = "\nAnswer:"
+IGNORE = -100
+
+
+def prompt_text(question: str) -> str:
+    """The text after the image blocks: ``"\\n" + question + "\\nAnswer:"``."""
+    return "\n" + question.strip() + ANSWER_CUE
+
+
+def target_text(answer: str, eos: str = "</s>") -> str:
+    """The supervised continuation: ``" " + answer + eos``."""
+    return " " + answer.strip() + eos
+
+
+def llava_config(cfg: ModelCfg, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+    """A transformers ``LlavaConfig`` for ``cfg`` (vocab = the tokenizer's full size)."""
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads, vocab_size=len(tokenizer),
+        max_position_embeddings=max(512, cfg.max_length), tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=cfg.tokens_per_image, vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class MLLM:
+    """A LLaVA model with its tokenizer and preprocessing. ``peft`` is set once LoRA is attached
+    (:func:`cl_service.adapters.lora.attach_lora`); the LoRA layers live inside ``model`` either way."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, cfg: ModelCfg,
+                 image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.peft = None  # peft.PeftModel, set by attach_lora/load_adapter
+        c = model.config
+        self.image_token_id = int(c.image_token_index)
+        self.image_size = int(c.vision_config.image_size)
+        full = c.vision_feature_select_strategy == "full"
+        self.tokens_per_image = (self.image_size // int(c.vision_config.patch_size)) ** 2 + int(full)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self._mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    def to(self, device: str | torch.device) -> "MLLM":
+        self.model.to(device)
+        return self
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad or not trainable_only)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the plain base inside this block (no-op when no adapter is attached)."""
+        if self.peft is None:
+            yield
+        else:
+            with self.peft.disable_adapter():
+                yield
+
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess_images(self, images: Sequence[bytes], sample_id: str = "?") -> torch.Tensor:
+        """Encoded images → ``[n, 3, S, S]`` float32, resized to ``S = image_size`` and CLIP-normalised.
+
+        Raises ``ValueError`` naming ``sample_id`` when an image does not decode.
+        """
+        out = []
+        for i, data in enumerate(images):
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    im = im.convert("RGB")
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise ValueError(f"sample {sample_id!r}: image {i} does not decode ({type(e).__name__}: {e})") from None
+            if im.size != (self.image_size, self.image_size):
+                im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
+            x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+            out.append((x - self._mean) / self._std)
+        if not out:
+            raise ValueError(f"sample {sample_id!r} has no image")
+        return torch.stack(out)
+
+    def encode(self, sample: Sample, with_target: bool) -> tuple[list[int], int]:
+        """Token ids of one sample and the length of its prompt part (labels start there).
+
+        The question is cut from the left when the whole would exceed ``cfg.max_length``.
+        """
+        tok = self.tokenizer
+        head = [self.bos_id] + [self.image_token_id] * (self.tokens_per_image * len(sample.images))
+        prompt = tok(prompt_text(sample.question), add_special_tokens=False).input_ids
+        target = tok(target_text(sample.answer, tok.eos_token), add_special_tokens=False).input_ids if with_target else []
+        room = self.cfg.max_length - len(head) - len(target)
+        if room < 4:
+            raise ValueError(f"sample {sample.id!r}: {len(sample.images)} image(s) and the answer do not fit "
+                             f"max_length={self.cfg.max_length}")
+        if len(prompt) > room:
+            prompt = prompt[len(prompt) - room:]
+        ids = head + prompt + target
+        return ids, len(head) + len(prompt)
+
+    def collate(self, samples: Sequence[Sample], train: bool) -> dict[str, torch.Tensor]:
+        """Batch ``samples``.
+
+        Returns ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[B, L]``, ``pixel_values``
+        ``[N_img, 3, S, S]`` (every sample's images in order) and, when ``train``, ``labels`` ``[B, L]``
+        (-100 on prompt and padding). Training batches are right-padded, generation batches
+        (``train=False``, no target) left-padded.
+        """
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        encoded = [self.encode(s, with_target=train) for s in samples]
+        pixels = torch.cat([self.preprocess_images(s.images, s.id) for s in samples])
+        L = max(len(ids) for ids, _ in encoded)
+        B = len(samples)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        labels = torch.full((B, L), IGNORE, dtype=torch.long)
+        for b, (ids, n_prompt) in enumerate(encoded):
+            t = torch.tensor(ids, dtype=torch.long)
+            sl = slice(0, len(ids)) if train else slice(L - len(ids), L)
+            input_ids[b, sl] = t
+            mask[b, sl] = 1
+            if train:
+                labels[b, n_prompt:len(ids)] = t[n_prompt:]
+        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": _positions(mask),
+                 "pixel_values": pixels.to(self.dtype)}
+        if train:
+            batch["labels"] = labels
+        return batch
+
+    # ------------------------------------------------------------------ forward
+    def vision_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP hidden state ``vision_feature_layer`` without CLS: ``[N_img, k, vision_hidden]``.
+
+        Reusable across passes over the same images while no adapter touches the vision tower.
+        """
+        c = self.model.config
+        out = self.model.model.vision_tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True,
+                                            return_dict=True)
+        h = out.hidden_states[c.vision_feature_layer]
+        return h[:, 1:] if c.vision_feature_select_strategy == "default" else h
+
+    def embed(self, batch: dict[str, torch.Tensor], vision_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with projected image features at the ``<image>`` positions: ``[B, L, H]``."""
+        ids = batch["input_ids"].to(self.device)
+        emb = self.model.get_input_embeddings()(ids)
+        if vision_states is None:
+            vision_states = self.vision_states(batch["pixel_values"])
+        feats = self.model.model.multi_modal_projector(vision_states).to(emb.dtype)
+        slots = ids == self.image_token_id
+        if int(slots.sum()) != feats.shape[0] * feats.shape[1]:
+            raise ValueError(f"{int(slots.sum())} image tokens but {feats.shape[0]}×{feats.shape[1]} image features")
+        return emb.masked_scatter(slots.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
+
+    def forward(self, batch: dict[str, torch.Tensor], vision_states: torch.Tensor | None = None, **kw):
+        """Full forward (``loss`` when ``labels`` are in the batch, ``logits`` ``[B, L, V]``)."""
+        labels = batch.get("labels")
+        return self.model(
+            inputs_embeds=self.embed(batch, vision_states),
+            attention_mask=batch["attention_mask"].to(self.device),
+            position_ids=batch["position_ids"].to(self.device),
+            labels=None if labels is None else labels.to(self.device),
+            **kw,
+        )
+
+    __call__ = forward
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean token cross-entropy over the answer tokens of a training batch."""
+        return self.forward(batch).loss
+
+    @torch.no_grad()
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int = 16, batch_size: int = 64,
+                 vision_states: torch.Tensor | None = None) -> list[str]:
+        """Greedy answers, one string per sample (special tokens dropped, stripped).
+
+        Batched with left padding and a KV cache; deterministic. ``vision_states`` (from
+        :meth:`vision_states` over the same samples' images) skips the CLIP pass; only with
+        ``batch_size >= len(samples)``.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out: list[str] = []
+            if vision_states is not None and len(samples) > batch_size:
+                raise ValueError("precomputed vision_states need batch_size >= len(samples)")
+            for i in range(0, len(samples), batch_size):
+                out += self._generate(samples[i:i + batch_size], max_new_tokens, vision_states)
+            return out
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, samples: Sequence[Sample], max_new_tokens: int, vision_states) -> list[str]:
+        batch = self.collate(samples, train=False)
+        mask = batch["attention_mask"].to(self.device)
+        pos = batch["position_ids"].to(self.device)
+        res = self.model(inputs_embeds=self.embed(batch, vision_states), attention_mask=mask, position_ids=pos,
+                         use_cache=True, logits_to_keep=1)
+        B = len(samples)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        tokens: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            nxt = res.logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            tokens.append(nxt)
+            done |= nxt == self.eos_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            pos = pos[:, -1:] + 1
+            res = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                             past_key_values=res.past_key_values, use_cache=True)
+        gen = torch.stack(tokens, dim=1).tolist()
+        texts = []
+        for row in gen:
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    @torch.no_grad()
+    def pooled_features(self, samples: Sequence[Sample], batch_size: int = 64) -> torch.Tensor:
+        """Mean of the decoder's last hidden state (after the final norm) over all prompt tokens, image
+        tokens included: ``[B, H]`` float32 on CPU. Computed with whatever adapter is active; wrap in
+        :meth:`adapters_disabled` for base features (the prototype router's)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            feats = []
+            for i in range(0, len(samples), batch_size):
+                batch = self.collate(samples[i:i + batch_size], train=False)
+                mask = batch["attention_mask"].to(self.device)
+                h = self.model.model.language_model(
+                    inputs_embeds=self.embed(batch), attention_mask=mask,
+                    position_ids=batch["position_ids"].to(self.device)).last_hidden_state
+                m = mask.unsqueeze(-1).to(h.dtype)
+                feats.append(((h * m).sum(1) / m.sum(1)).float().cpu())
+            return torch.cat(feats)
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Save atomically in the Hugging Face LLaVA layout (``config.json``, ``model.safetensors``,
+        tokenizer files) plus ``clsvc_model.json`` (the :class:`ModelCfg`). Only a plain base can be
+        saved; adapters are saved with :func:`cl_service.adapters.lora.save_adapter`."""
+        if self.peft is not None:
+            raise ValueError("this MLLM has LoRA adapters attached; save the base before attaching them")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        cfg = {**json.loads(self.cfg.to_json()), "path": None}
+        (tmp / MODEL_CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        return path
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def build_mllm(cfg: ModelCfg, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> MLLM:
+    """A randomly initialised MLLM of shape ``cfg`` (deterministic in ``seed``; global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(llava_config(cfg, tokenizer))
+    model.to(_dtype(cfg.dtype))
+    model.eval()
+    return MLLM(model, tokenizer, cfg)
+
+
+def load_mllm(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None) -> MLLM:
+    """Load a local checkpoint in the Hugging Face LLaVA layout (ours or a real one); never downloads.
+
+    Our saved bases carry ``clsvc_model.json``; for other checkpoints the :class:`ModelCfg` is derived
+    from ``config.json`` and the image normalisation from ``preprocessor_config.json`` when present.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+    hf = LlavaConfig.from_pretrained(path)
+    meta = path / MODEL_CFG_FILE
+    if meta.is_file():
+        cfg = ModelCfg.from_dict(json.loads(meta.read_text()))
+    else:
+        v, t = hf.vision_config, hf.text_config
+        cfg = ModelCfg(
+            name=path.name, image_size=v.image_size, patch_size=v.patch_size, vision_hidden=v.hidden_size,
+            vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads,
+            vision_intermediate=v.intermediate_size, text_hidden=t.hidden_size, text_layers=t.num_hidden_layers,
+            text_heads=t.num_attention_heads, text_kv_heads=t.num_key_value_heads or t.num_attention_heads,
+            text_intermediate=t.intermediate_size, vocab_size=t.vocab_size,
+            max_length=min(4096, int(getattr(t, "max_position_embeddings", 4096) or 4096)),
+            vision_feature_layer=hf.vision_feature_layer if isinstance(hf.vision_feature_layer, int) else -2,
+            dtype=dtype or "float32")
+    cfg = ModelCfg.from_dict({**json.loads(cfg.to_json()), "path": str(path), **({"dtype": dtype} if dtype else {})})
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_dtype(cfg.dtype), local_files_only=True)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    mean, std = CLIP_MEAN, CLIP_STD
+    pp = path / "preprocessor_config.json"
+    if pp.is_file():
+        p = json.loads(pp.read_text())
+        mean, std = p.get("image_mean", mean), p.get("image_std", std)
+    return MLLM(model, tokenizer, cfg, mean, std)
