@@ -56,7 +56,7 @@ def prepare_dataset(cfg: RunCfg, out: Path, log: Log) -> Path:
     """The run's dataset: ``data.path``, or the built-in benchmark generated once into ``out/data``."""
     if cfg.data.path:
         ShardDataset(cfg.data.path)  # fail early with a clear message
-        return Path(cfg.data.path)
+        return Path(cfg.data.path).resolve()
     from cl_service.data.synth import BENCHMARKS
 
     path = out / "data"
@@ -96,13 +96,21 @@ def _stage_record_path(out: Path, method: str, stage: int, task: str) -> Path:
     return out / "stages" / method / f"stage-{stage}-{task}.json"
 
 
-def _load_stage_record(path: Path) -> dict[str, Any] | None:
+def _rel(p: Path, out: Path) -> str:
+    """Adapter folders are recorded relative to the run folder, so a copied run folder stays valid."""
+    try:
+        return str(p.resolve().relative_to(out))
+    except ValueError:
+        return str(p)
+
+
+def _load_stage_record(path: Path, out: Path) -> dict[str, Any] | None:
     """A finished evaluation record, if its adapters are unchanged since it was written."""
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
     for folder, digest in rec.get("adapters", {}).items():
-        if _adapter_digest(Path(folder)) != digest:
+        if _adapter_digest(out / folder) != digest:
             return None
     return rec
 
@@ -121,7 +129,8 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
 
     for m in cfg.methods:
         METHODS.get(m)  # unknown method: fail before any work, listing the known ones
-    out = Path(cfg.out)
+    # Absolute paths: training jobs run in Ray workers whose working directory is not ours.
+    out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     trainer = trainer or LocalTrainer()
     data_path = prepare_dataset(cfg, out, log)
@@ -129,7 +138,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
     tasks = [t for t in ds.tasks if not cfg.data.tasks or t in cfg.data.tasks]
     if cfg.data.tasks and len(tasks) != len(cfg.data.tasks):
         raise ValueError(f"data.tasks {list(cfg.data.tasks)} not all in the dataset's stream {ds.tasks}")
-    base_path = str(cfg.base.path or ensure_base(cfg.base.profile, log=log))
+    base_path = str(Path(cfg.base.path or ensure_base(cfg.base.profile, log=log)).resolve())
     resolved = {"config": to_dict(cfg), "versions": _versions(), "dataset": str(data_path), "base": base_path,
                 "tasks": tasks, "seed": cfg.seed}
     atomic_write_text(out / "config.resolved.json", json.dumps(resolved, indent=2))
@@ -171,7 +180,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
         for name, m in methods.items():
             ctx = ctxs[name]
             rec_path = _stage_record_path(out, name, i, task)
-            rec = _load_stage_record(rec_path)
+            rec = _load_stage_record(rec_path, out)
             if rec is None:
                 t1 = time.perf_counter()
                 ctx.extra["router_stats"] = {"seconds": 0.0, "requests": 0}
@@ -194,7 +203,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
                 rec = {"method": name, "stage": i, "task": task, "row": row, "router_accuracy": routed,
                        "router_seconds": rs["seconds"], "router_requests": rs["requests"], "fallbacks": fallbacks,
                        "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
-                       "adapters": {str(p): _adapter_digest(p) for p in engine.used_adapters()}}
+                       "adapters": {_rel(p, out): _adapter_digest(p) for p in engine.used_adapters()}}
                 engine.reset_used()
                 atomic_write_text(rec_path, json.dumps(rec, indent=2))
             matrices[name][i] = [math.nan if v is None else v for v in rec["row"]]
