@@ -1,0 +1,134 @@
+"""gRPC round trip of the plain servicer on a tiny 2-task run (RS, Med): Predict, ListExperts, health, bad input."""
+
+import io
+
+import grpc
+import pytest
+import torch
+from PIL import Image
+
+from cl_service.config import load_run_cfg
+from cl_service.data.schema import Sample
+from cl_service.data.shards import ShardDataset
+from cl_service.run import LocalTrainer, run_stream
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_base, dcl_shards):
+    from cl_service.engine.engine import Engine
+    from cl_service.serve.service import serve_local
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("serve-run")
+    cfg = load_run_cfg(None, [
+        f"out={out}", f"data.path={dcl_shards}", f"base.path={tiny_base}", "data.tasks=[RS,Med]",
+        "methods=[mrlora]", "expert.train.max_steps=2", "expert.train.batch_size=4", "router.train.max_steps=2",
+        "router.samples_per_task=4", "expert.lora.rank=4", "router.lora.rank=4", "eval.max_new_tokens=3",
+        "ray.num_workers=0"])
+    run_stream(cfg, LocalTrainer(), log=lambda *_: None)
+    engine = Engine(tiny_base)
+    engine.max_new_tokens = 3
+    server, port = serve_local(out, 0, engine=engine, wait=False, max_image_bytes=200_000)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    from cl_service.serve.proto import load
+
+    pb2, pb2_grpc = load()
+    sample = next(iter(ShardDataset(dcl_shards).iter_samples("Med", "test")))
+    yield {"out": out, "engine": engine, "stub": pb2_grpc.ContinualLearningStub(channel), "pb2": pb2,
+           "channel": channel, "sample": sample}
+    channel.close()
+    server.stop(None)
+
+
+def _req(served, **kw):
+    s = served["sample"]
+    args = {"images": list(s.images), "question": s.question}
+    args.update(kw)
+    return served["pb2"].PredictRequest(**args)
+
+
+def test_predict_routes_and_answers(served):
+    r = served["stub"].Predict(_req(served), timeout=60)
+    assert r.expert in ("RS", "Med")
+    assert r.router.kind == "mllm"
+    assert r.latency.total_ms >= r.latency.answer_ms > 0 and r.latency.route_ms > 0
+    assert isinstance(r.answer, str)
+
+
+def test_predict_with_expert_matches_offline_engine(served):
+    s: Sample = served["sample"]
+    r = served["stub"].Predict(_req(served, expert="Med"), timeout=60)
+    assert r.expert == "Med" and r.router.kind == "request" and r.latency.route_ms == 0
+    offline = served["engine"].answer([s], str(served["out"] / "adapters" / "experts" / "Med"))[0]
+    assert r.answer == offline
+    r2 = served["stub"].Predict(_req(served, expert="expert:Med", max_new_tokens=1), timeout=60)
+    assert r2.expert == "Med"
+
+
+def test_list_experts_in_stream_order(served):
+    r = served["stub"].ListExperts(served["pb2"].ListExpertsRequest(), timeout=30)
+    assert [e.task for e in r.experts] == ["RS", "Med"]
+    assert [e.id for e in r.experts] == ["expert:RS", "expert:Med"]
+    assert all(e.description and e.adapter_version >= 1 for e in r.experts)
+
+
+def test_health_serving(served):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(served["channel"])
+    for name in ("", "cl.v1.ContinualLearning"):
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _png(size):
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (size, size), torch.randint(0, 256, (size * size * 3,), dtype=torch.uint8,
+                                                       generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+                    ).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kw,code,needle", [
+    ({"images": []}, grpc.StatusCode.INVALID_ARGUMENT, "at least one image"),
+    ({"images": [b""]}, grpc.StatusCode.INVALID_ARGUMENT, "empty bytes"),
+    ({"images": [b"not an image at all"]}, grpc.StatusCode.INVALID_ARGUMENT, "not a decodable image"),
+    ({"images": ["BIG"]}, grpc.StatusCode.INVALID_ARGUMENT, "over the limit"),
+    ({"question": "   "}, grpc.StatusCode.INVALID_ARGUMENT, "question"),
+    ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    ({"max_new_tokens": 10_000}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    ({"expert": "Nope"}, grpc.StatusCode.NOT_FOUND, "known experts: RS, Med"),
+])
+def test_bad_requests(served, kw, code, needle):
+    if kw.get("images") == ["BIG"]:
+        kw = {"images": [_png(400)]}  # ~480 kB of noise > the 200 kB limit set above
+    with pytest.raises(grpc.RpcError) as ei:
+        served["stub"].Predict(_req(served, **kw), timeout=30)
+    assert ei.value.code() == code
+    assert needle in ei.value.details()
+    assert "Traceback" not in ei.value.details()
+
+
+def test_stub_generation_is_safe_under_concurrency(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from cl_service.serve.proto import generate; "
+            "print(generate(__import__('pathlib').Path(sys.argv[1])))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(outs) == 1
+    folder = tmp_path / __import__("pathlib").Path(outs.pop()).name
+    assert (folder / "cl_pb2.py").is_file() and (folder / "cl_pb2_grpc.py").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no partial folders left behind
+
+
+def test_reflection_lists_services(served):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    db = ProtoReflectionDescriptorDatabase(served["channel"])
+    assert "cl.v1.ContinualLearning" in set(db.get_services())
