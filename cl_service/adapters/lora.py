@@ -47,7 +47,7 @@ class LoraCfg:
     """Dropout on the LoRA branch input."""
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     """Decoder Linears to adapt, by short name: q, k, v, o, gate, up, down."""
-    vision: bool = True
+    vision: bool = False
     """Also adapt the CLIP tower's Linears (q, k, v, o→out_proj, up→fc1, down→fc2 among ``targets``)."""
     train_projector: bool = True
     """Train (and save with the adapter) the adapter's own copy of the multimodal projector."""
@@ -93,6 +93,7 @@ def attach_lora(mllm: MLLM, cfg: LoraCfg, adapter_name: str = "default", seed: i
     Returns the trainable parameters (LoRA A/B of this adapter + its projector copy); everything else,
     other adapters included, is frozen. LoRA B starts at zero, so the new adapter starts as the base.
     """
+    check_adapter_name(adapter_name)
     pc = peft_config(cfg, used_vision_layers(mllm))
     if mllm.peft is not None and adapter_name in mllm.peft.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; known: {sorted(mllm.peft.peft_config)}")
@@ -119,6 +120,14 @@ def set_active(mllm: MLLM, adapter_name: str, trainable: bool = False) -> list[t
         if mine:
             params.append(p)
     return params
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become keys of torch ModuleDicts and peft matches them inside parameter names:
+    no dots, and not a piece of ``lora_`` (peft would mistake it for its own prefix)."""
+    if not name or "." in name or name in "lora_" or not name.isprintable():
+        raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without dots, e.g. 'expert-RS'")
+    return name
 
 
 def _owned_by(param_name: str, adapter_name: str) -> bool:
@@ -151,6 +160,7 @@ def load_adapter(mllm: MLLM, path: str | Path, adapter_name: str = "default", tr
     path = Path(path)
     if not (path / ADAPTER_WEIGHTS).is_file() or not (path / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"{path} holds no adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    check_adapter_name(adapter_name)
     if mllm.peft is None:
         mllm.peft = PeftModel.from_pretrained(mllm.model, str(path), adapter_name=adapter_name,
                                               is_trainable=trainable, local_files_only=True)

@@ -43,7 +43,7 @@ class ModelCfg:
     """Llama key/value heads (``< text_heads`` = grouped-query attention)."""
     text_intermediate: int = 512
     """Llama SwiGLU MLP width."""
-    vocab_size: int = 2048
+    vocab_size: int = 1024
     """Target vocabulary of the byte-level BPE tokenizer trained for this profile (specials included)."""
     max_length: int = 320
     """Longest token sequence (prompt with image tokens + answer); longer prompts are cut from the left

@@ -350,12 +350,13 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def build_mllm(cfg: ModelCfg, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> MLLM:
-    """A randomly initialised MLLM of shape ``cfg`` (deterministic in ``seed``; global RNG untouched)."""
+    """A randomly initialised MLLM of shape ``cfg`` (deterministic in ``seed``; global RNG untouched).
+    Like :func:`load_mllm`, it comes frozen (no parameter requires grad) and in eval mode."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(llava_config(cfg, tokenizer))
     model.to(_dtype(cfg.dtype))
-    model.eval()
+    model.eval().requires_grad_(False)
     return MLLM(model, tokenizer, cfg)
 
 
@@ -387,7 +388,7 @@ def load_mllm(path: str | Path, dtype: str | None = None, device: str | torch.de
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_dtype(cfg.dtype), local_files_only=True)
     if device is not None:
         model.to(device)
-    model.eval()
+    model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     mean, std = CLIP_MEAN, CLIP_STD
     pp = path / "preprocessor_config.json"

@@ -27,7 +27,7 @@ class TrainCfg:
 
     lr: float = 2e-3
     """Peak learning rate (after warmup)."""
-    epochs: float = 3.0
+    epochs: float = 10.0
     """Passes over the data when ``max_steps`` is not set (fractions allowed)."""
     max_steps: int | None = None
     """Optimizer steps; overrides ``epochs`` when set."""
