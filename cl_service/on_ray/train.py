@@ -89,6 +89,9 @@ class RayTrainer:
     """Trainer backend of :func:`cl_service.run.run_stream` on a Ray cluster."""
 
     def __init__(self, cfg: RayCfg, storage: str, env: dict[str, str] | None = None) -> None:
+        if cfg.strategy != "ddp":
+            # Said plainly rather than silently training with DDP.
+            raise ValueError(f"ray.strategy={cfg.strategy!r} is not implemented yet; use ray.strategy=ddp")
         self.cfg = cfg
         self.storage = str(Path(storage).resolve()) if "://" not in storage else storage
         self.env = env or {}
