@@ -74,5 +74,8 @@ class ModelCfg:
 
 PROFILES: Registry[ModelCfg] = Registry("model profile")
 
-#: ~4.6M parameters: a step of batch 32 (about 90 tokens each) takes ~0.3 s on one CPU thread.
+#: 3.82M parameters (vocab ~920 from the built-in corpus; 64 image tokens, ~85-token sequences). Measured on
+#: the 2-core CPU machine: a base pre-training step (batch 32, CLIP frozen) ~1.1 s on 1 thread / ~0.5 s on 2;
+#: a LoRA expert step (r16 decoder-only + projector, batch 16) ~0.55 s on 1 thread, so the default expert
+#: recipe (10 epochs of 300 samples = 190 steps) takes ~1.7-2 min; base build ~3.5 min uncontended.
 PROFILES.register("tiny", ModelCfg())

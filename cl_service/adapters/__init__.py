@@ -1,0 +1,1 @@
+"""LoRA adapters: attach, save, load; the adapter registry."""

@@ -1,0 +1,1 @@
+"""Training: the plain loop, training jobs and their runner."""
