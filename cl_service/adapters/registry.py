@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cl_service.data.shards import atomic_write_text, sha256_file
+from cl_service._atomic import atomic_write_text, replace_dir
+from cl_service.data.shards import sha256_file
 
 ADAPTER_META = "adapter.json"
 
@@ -84,15 +85,7 @@ def publish_dir(final: str | Path) -> Path:
     return stage
 
 
-def commit_dir(stage: str | Path, final: str | Path) -> None:
-    final = Path(final)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(stage, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, final)
+commit_dir = replace_dir
 
 
 class AdapterRegistry:

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cl_service._atomic import replace_dir
 from cl_service.data.images import image_format
 from cl_service.data.schema import Sample
 from cl_service.data.shards import ShardDataset
@@ -72,10 +73,7 @@ def export_mllm_cl(dataset: str | Path, out: str | Path, overwrite: bool = False
                 if recs:
                     (task_dir / name).write_text(json.dumps(recs, indent=1))
             counts[task] = len(train) + len(test)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(stage, out)
+        replace_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -30,6 +30,7 @@ import pyarrow.dataset as pads
 import pyarrow.ipc as ipc
 
 from cl_service import __version__
+from cl_service._atomic import atomic_write_text, replace_dir  # noqa: F401  (atomic_write_text re-exported)
 from cl_service.data.schema import SAMPLE_SCHEMA, SCHEMA_VERSION, Sample, from_record_batch, to_record_batch
 
 MANIFEST = "manifest.json"
@@ -47,18 +48,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -189,14 +178,7 @@ class ShardWriter:
             "shards": self._shards,
         }
         atomic_write_text(self.stage / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False))
-        if self.out.exists():  # overwrite: swap the old folder out only now that the new one is complete
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-            os.replace(self.stage, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.stage, self.out)
+        replace_dir(self.stage, self.out)  # an old folder (overwrite) is swapped out only now
         self._manifest = manifest
         return manifest
 

@@ -41,6 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from cl_service._atomic import replace_dir
 from cl_service.data.schema import Sample
 from cl_service.models.config import ModelCfg
 from cl_service.models.tokenizer import IMAGE_TOKEN
@@ -335,13 +336,7 @@ class MLLM:
         self.tokenizer.save_pretrained(tmp)
         cfg = {**json.loads(self.cfg.to_json()), "path": None}
         (tmp / MODEL_CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
         return path
 
 

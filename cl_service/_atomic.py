@@ -1,0 +1,32 @@
+"""Atomic writes: a file through a temp file + rename, a folder through a staging folder + rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def replace_dir(stage: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a finished staging folder to ``final``, swapping out an existing ``final`` only at the end."""
+    stage, final = Path(stage), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(stage, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, final)
