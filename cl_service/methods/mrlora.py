@@ -32,6 +32,12 @@ def _timed_routes(ctx: StageContext, fn, samples) -> list[Route]:
     return routes
 
 
+def _two_stage(ctx: StageContext, route, samples) -> list[Answer]:
+    """Route every sample (timed for the report), then answer with base + the chosen expert."""
+    routes = _timed_routes(ctx, lambda s: route(ctx, s), samples)
+    return answer_by_expert(ctx, samples, [r.expert for r in routes], routes)
+
+
 @METHODS.register("mrlora")
 class MRLoRA:
     name = "mrlora"
@@ -64,8 +70,7 @@ class MRLoRA:
         return ctx.engine.route_mllm(samples, str(router_dir(ctx, ctx.stage)), pool)
 
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
-        routes = _timed_routes(ctx, lambda s: self.route(ctx, s), samples)
-        return answer_by_expert(ctx, samples, [r.expert for r in routes], routes)
+        return _two_stage(ctx, self.route, samples)
 
 
 @METHODS.register("mrlora_proto")
@@ -94,5 +99,4 @@ class MRLoRAPrototype:
         return router.route(samples)
 
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
-        routes = _timed_routes(ctx, lambda s: self.route(ctx, s), samples)
-        return answer_by_expert(ctx, samples, [r.expert for r in routes], routes)
+        return _two_stage(ctx, self.route, samples)
