@@ -122,8 +122,14 @@ def _score(samples, answers) -> float:
     return 100.0 * total / max(1, len(samples))
 
 
-def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, engine_factory=None) -> dict[str, Any]:
-    """Run ``cfg.methods`` over the stream; returns the metrics dict also written to ``metrics.json``."""
+def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, engine_factory=None,
+               on_stage: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run ``cfg.methods`` over the stream; returns the metrics dict also written to ``metrics.json``.
+
+    ``on_stage`` (optional) is called after each stage's evaluation with ``{"stage", "task", "tasks",
+    "records": {method: stage record (row, router_accuracy, train_s, eval_s, ...)}}`` — the hook a sweep
+    uses to report per-stage metrics (and where a scheduler may stop the run).
+    """
     from cl_service.engine import Engine
     from cl_service.models.store import ensure_base
 
@@ -177,6 +183,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
             log(f"[stage {i + 1}/{T} {task}] {len(jobs)} adapter(s) already trained (verified by checksum)")
         engine.forget_missing()
         summary = []
+        stage_recs: dict[str, dict[str, Any]] = {}
         for name, m in methods.items():
             ctx = ctxs[name]
             rec_path = _stage_record_path(out, name, i, task)
@@ -207,12 +214,15 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
                 engine.reset_used()
                 atomic_write_text(rec_path, json.dumps(rec, indent=2))
             matrices[name][i] = [math.nan if v is None else v for v in rec["row"]]
+            stage_recs[name] = rec
             if m.routed:
                 routing[name] = rec
             stage_times.append([name, i + 1, task, rec["train_s"], rec["eval_s"]])
             if rec["row"][i] is not None:
                 summary.append(f"{name} {rec['row'][i]:.1f}")
         log(f"[stage {i + 1}/{T} {task}] accuracy on {task}: " + ", ".join(summary))
+        if on_stage is not None:
+            on_stage({"stage": i, "task": task, "tasks": tasks, "records": stage_recs})
 
     metrics: dict[str, Any] = {"benchmark": ds.manifest.get("benchmark") or cfg.name, "tasks": tasks, "methods": {}}
     for name, m in methods.items():
