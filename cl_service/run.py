@@ -173,11 +173,29 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
             for job in m.jobs(ctxs[name]):
                 jobs.setdefault(job.out_dir, job)
         pending = [j for j in jobs.values() if not is_complete(j.out_dir, j.key())]
+        # Jobs that train identical weights (lora_ft stage 0 = the first expert) are trained once and
+        # published under each name.
+        pending_ids = {id(j) for j in pending}
+        trained: dict[str, TrainJob] = {}  # weights_key -> the job that trains (or trained) those weights
+        clones: list[tuple[str, TrainJob]] = []
+        for j in sorted(jobs.values(), key=lambda j: (id(j) in pending_ids, j.kind != "expert")):  # complete, experts first
+            w = j.weights_key()
+            if w not in trained:
+                trained[w] = j
+            elif id(j) in pending_ids:
+                clones.append((w, j))
+        to_train = [j for j in pending if all(j is not c for _, c in clones)]
         t0 = time.perf_counter()
-        job_times = trainer.fit(pending) if pending else {}
+        job_times = trainer.fit(to_train) if to_train else {}
+        if clones:
+            from cl_service.train.runner import clone_adapter
+
+            for w, j in clones:
+                clone_adapter(trained[w], j)
+                log(f"[stage {i + 1}/{T} {task}] {j.name}: same weights as {trained[w].name}, published without training")
         train_s = time.perf_counter() - t0
-        if pending:
-            log(f"[stage {i + 1}/{T} {task}] trained {len(pending)} adapter(s) in {train_s:.1f} s: "
+        if to_train:
+            log(f"[stage {i + 1}/{T} {task}] trained {len(to_train)} adapter(s) in {train_s:.1f} s: "
                 + ", ".join(f"{k} {v:.0f}s" for k, v in job_times.items()))
         elif jobs:
             log(f"[stage {i + 1}/{T} {task}] {len(jobs)} adapter(s) already trained (verified by checksum)")

@@ -48,10 +48,19 @@ class TrainJob:
     seed: int = 0
 
     def key(self) -> str:
-        """Hash of everything that determines the trained weights (not the output folder)."""
+        """Hash of everything that determines the published adapter (not the output folder)."""
         d = to_dict(self)
         d.pop("out_dir")
         d.pop("name")
+        d["dataset"] = _dataset_fingerprint(self.dataset)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def weights_key(self) -> str:
+        """Hash of what determines the trained weights only: jobs with equal ``weights_key`` train the
+        same adapter (e.g. ``lora_ft`` stage 0 and the first task's expert) and are trained once."""
+        d = to_dict(self)
+        for k in ("out_dir", "name", "kind", "description"):
+            d.pop(k)
         d["dataset"] = _dataset_fingerprint(self.dataset)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

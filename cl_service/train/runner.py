@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from transformers.utils import logging as _hf_logging
 from safetensors.torch import load_file, save_file
 
 from cl_service.adapters.lora import attach_lora, load_adapter, save_adapter
-from cl_service.adapters.registry import commit_dir, finalize_adapter, publish_dir
+from cl_service.adapters.registry import ADAPTER_META, commit_dir, finalize_adapter, publish_dir, read_adapter
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.train.job import TrainJob, load_parts
 from cl_service.train.loop import Batches, TrainState, train_steps
@@ -134,3 +135,21 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
     if on_done is not None:
         on_done(mllm)
     return state
+
+
+def clone_adapter(src: TrainJob, dst: TrainJob) -> None:
+    """Publish ``src``'s trained adapter as ``dst``'s (same weights, ``dst``'s identity and key).
+
+    For jobs with the same :meth:`TrainJob.weights_key`, so the second one is not trained again."""
+    if src.weights_key() != dst.weights_key():
+        raise ValueError(f"{src.name} and {dst.name} do not train the same weights")
+    read_adapter(src.out_dir, src.key())  # complete and verified
+    stage = publish_dir(dst.out_dir)
+    for f in Path(src.out_dir).iterdir():
+        if f.is_file() and f.name != ADAPTER_META:
+            shutil.copy2(f, stage / f.name)
+    finalize_adapter(stage, id=adapter_id(dst), kind=dst.kind, task=dst.task, description=dst.description,
+                     base=dst.base_path, job_key=dst.key(),
+                     extra={"router_pool": list(dst.router_pool.experts) if dst.router_pool else None,
+                            "cloned_from": adapter_id(src)})
+    commit_dir(stage, dst.out_dir)

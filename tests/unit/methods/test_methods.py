@@ -127,3 +127,20 @@ def test_run_killed_mid_stage_resumes_with_same_metrics(run, tmp_path, tiny_base
     assert "router" not in trained[0]
     for name, m in run["metrics"]["methods"].items():
         assert again["methods"][name]["matrix"] == m["matrix"], name
+
+
+def test_identical_jobs_train_once(run):
+    """lora_ft / lora_ft_replay stage 0 train exactly the first expert's weights: trained once, cloned."""
+    from cl_service.adapters.registry import read_adapter
+
+    ads = run["out"] / "adapters"
+    expert = read_adapter(ads / "experts" / "RS")
+    for name in ("lora_ft", "lora_ft_replay"):
+        clone = read_adapter(ads / name / "stage-0-RS")
+        assert clone["files"]["adapter_model.safetensors"] == expert["files"]["adapter_model.safetensors"]
+        assert clone["id"] != expert["id"] and clone["kind"] == "sequential"
+        assert clone["cloned_from"] == expert["id"]
+    assert sum("published without training" in line for line in run["logs"]) == 2
+    # stage 1 differs (lora_ft continues from stage 0 on Med; the Med expert starts from the base)
+    assert read_adapter(ads / "lora_ft" / "stage-1-Med")["files"]["adapter_model.safetensors"] != \
+        read_adapter(ads / "experts" / "Med")["files"]["adapter_model.safetensors"]
