@@ -1,0 +1,381 @@
+"""Ray Serve application: a gRPC ingress, a Router deployment and Expert replicas over one frozen base.
+
+    Ingress (cl.v1 + grpc.health.v1 through Serve's gRPC proxy)
+      -> Router.route    @serve.batch: requests of many clients routed in one generate (MLLM router LoRA)
+      -> Expert.answer   @serve.batch: rows for different experts answered in one call (engine LRU of adapters)
+
+Experts are addressed by id through the adapter registry (:class:`~cl_service.serve.catalog.Catalog`); the
+ingress turns ids into adapter folders, Router/Expert replicas load them into their engine's adapter cache
+(so any replica serves any expert, and one batch mixes experts; Serve's model multiplexing would pin a
+batch to one adapter). Hot add: the ingress polls the results folder (``watch_s``) and swaps in a new
+catalog when the run publishes an expert or a retrained router; requests in flight keep their snapshot.
+
+Build with :func:`build_app` (``serve deploy`` / ``serve run cl_service.on_ray.serve:build_app``) or start
+locally with :func:`start`. The only module that imports Ray Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import grpc
+from ray import serve
+from ray.serve.config import HTTPOptions, gRPCOptions
+
+from cl_service._cfgload import apply_overrides, from_dict, to_dict
+from cl_service.adapters.registry import AdapterError
+from cl_service.serve.catalog import Catalog, Limits, RequestError, parse_predict
+from cl_service.serve.config import ServeCfg, StageCfg, load_serve_cfg
+from cl_service.serve import grpc_api  # module reference: cloudpickle re-imports it (and the stubs) in replicas
+
+log = logging.getLogger("cl_service.serve")
+SERVICE_NAME = grpc_api.pb2.DESCRIPTOR.services_by_name["ContinualLearning"].full_name
+
+
+def _engine(base: str, run: Catalog, threads: int, max_loaded: int = 16):
+    import torch
+
+    from cl_service.engine.engine import Engine
+
+    torch.set_num_threads(max(1, threads))
+    engine = Engine(base, max_loaded=max_loaded)
+    engine.batch_size = max(engine.batch_size, 1)
+    engine.max_new_tokens = int(run.run_setting("eval", "max_new_tokens", engine.max_new_tokens))
+    engine.router_max_new_tokens = int(run.run_setting("router", "max_new_tokens", engine.router_max_new_tokens))
+    return engine
+
+
+def _set_batching(method: Any, stage: StageCfg) -> None:
+    method.set_max_batch_size(stage.max_batch_size)
+    method.set_batch_wait_timeout_s(stage.batch_wait_ms / 1000.0)
+
+
+@serve.deployment(name="Router")
+class Router:
+    """Stage one: choose an expert for each request. Kind ``mllm`` (base + the run's router LoRA, lettered
+    pool prompt) or ``prototype`` (nearest mean of pooled base features, fitted on the run's training data)."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = from_dict(ServeCfg, cfg)
+        run = Catalog.load(self.cfg.results, verify=False)
+        self.run = run
+        self.engine = _engine(run.resolved["base"], run, self.cfg.router.torch_threads, self.cfg.max_loaded_adapters)
+        self._prototypes: dict[tuple[str, ...], Any] = {}
+        _set_batching(self.route_batch, self.cfg.router)
+
+    async def route(self, sample, router_dir: str | None, experts: tuple[str, ...], descriptions: tuple[str, ...]):
+        return await self.route_batch((sample, router_dir, experts, descriptions))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def route_batch(self, items: list[tuple]) -> list:
+        return await asyncio.to_thread(self._route, items)
+
+    def _route(self, items: list[tuple]) -> list:
+        from cl_service.routers.prompt import Pool
+
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (_, router_dir, experts, descs) in enumerate(items):
+            groups[(router_dir, experts, descs)].append(i)  # a hot add mid-batch: two pools, two calls
+        out: list = [None] * len(items)
+        for (router_dir, experts, descs), idx in groups.items():
+            samples = [items[i][0] for i in idx]
+            if self.cfg.router_kind == "prototype":
+                routes = self._prototype(experts).route(samples)
+            else:
+                routes = self.engine.route_mllm(samples, router_dir, Pool(experts, descs))
+            for i, r in zip(idx, routes):
+                out[i] = r
+        return out
+
+    def _prototype(self, experts: tuple[str, ...]):
+        """The prototype router over ``experts``, fitted once per pool with the offline evaluation's samples."""
+        if experts not in self._prototypes:
+            from cl_service.data.shards import ShardDataset
+            from cl_service.routers.prototype import PrototypeRouter
+            from cl_service.train.job import choose
+
+            ds = ShardDataset(self.run.resolved["dataset"])
+            n = self.cfg.prototype_samples_per_task or int(self.run.run_setting("router", "samples_per_task", 20))
+            seed = int(self.run.resolved.get("seed", 0)) + 7  # the seed mrlora_proto uses offline
+            per_task = {t: choose(ds.samples(t, "train"), n, seed) for t in experts}
+            self._prototypes[experts] = PrototypeRouter.fit(self.engine, per_task)
+        return self._prototypes[experts]
+
+
+@serve.deployment(name="Expert")
+class Expert:
+    """Stage two: answer with base + the chosen expert. One batch holds rows for any mix of experts."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = from_dict(ServeCfg, cfg)
+        run = Catalog.load(self.cfg.results, verify=False)
+        self.engine = _engine(run.resolved["base"], run, self.cfg.expert.torch_threads, self.cfg.max_loaded_adapters)
+        _set_batching(self.answer_batch, self.cfg.expert)
+        self.batches: list[int] = []  # sizes of the batches run (for tests and the load test)
+
+    async def answer(self, sample, adapter: str, max_new_tokens: int | None) -> str:
+        return await self.answer_batch((sample, adapter, max_new_tokens))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def answer_batch(self, items: list[tuple]) -> list[str]:
+        self.batches.append(len(items))
+        del self.batches[:-1000]
+        return await asyncio.to_thread(self._answer, items)
+
+    def _answer(self, items: list[tuple]) -> list[str]:
+        by_len: dict[int | None, list[int]] = defaultdict(list)
+        for i, (_, _, n) in enumerate(items):
+            by_len[n].append(i)
+        out = [""] * len(items)
+        mixed = getattr(self.engine, "answer_mixed", None)
+        for n, idx in by_len.items():
+            samples = [items[i][0] for i in idx]
+            adapters = [items[i][1] for i in idx]
+            if mixed is not None and n is None:  # one forward pass for rows with different experts
+                texts = mixed(samples, adapters)
+            else:
+                texts = [""] * len(idx)
+                per: dict[str, list[int]] = defaultdict(list)
+                for k, a in enumerate(adapters):
+                    per[a].append(k)
+                for a, ks in per.items():
+                    for k, t in zip(ks, self.engine.answer([samples[k] for k in ks], a, n)):
+                        texts[k] = t
+            for i, t in zip(idx, texts):
+                out[i] = t
+        return out
+
+    def batch_sizes(self) -> list[int]:
+        return list(self.batches)
+
+
+@serve.deployment(name="Ingress")
+class Ingress:
+    """The gRPC ingress: validation, shared-token check, the catalog (hot add), health; calls Router/Expert."""
+
+    def __init__(self, router: Any, expert: Any, cfg: dict, token_sha256: str | None) -> None:
+        self.cfg = from_dict(ServeCfg, cfg)
+        self.router = router
+        self.expert = expert
+        self.limits = Limits(**asdict(self.cfg.limits))
+        self.token_sha256 = token_sha256
+        self.catalog = Catalog.load(self.cfg.results)
+        self.reloads = 0
+        self._watch_s = self.cfg.watch_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher = threading.Thread(target=self._watch, name="clsvc-catalog-watch", daemon=True)
+        self._watcher.start()
+
+    # ------------------------------------------------------------------ hot add
+    def reload(self) -> bool:
+        """Swap in a new catalog if the run published anything; True when it changed."""
+        with self._lock:
+            cheap = Catalog.load(self.cfg.results, verify=False)
+            if cheap.fingerprint == self.catalog.fingerprint:
+                return False
+            new = Catalog.load(self.cfg.results)  # checksums verified before anyone is routed to it
+            old = self.catalog
+            self.catalog = new  # one reference swap: requests in flight keep the old snapshot
+            self.reloads += 1
+            log.info("catalog reloaded: experts %s -> %s, router %s -> %s",
+                     [e.task for e in old.experts], [e.task for e in new.experts], old.router_dir, new.router_dir)
+            return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._watch_s if self._watch_s > 0 else 1.0):
+            if self._watch_s <= 0:
+                continue
+            try:
+                self.reload()
+            except Exception as e:  # noqa: BLE001 - a half-written run must not kill the watcher
+                log.warning("catalog reload skipped: %s", e)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """``user_config: {watch_s: float, reload: any}``: change the poll period; a changed value reloads now."""
+        self._watch_s = float(user_config.get("watch_s", self._watch_s))
+        if "reload" in user_config:
+            self.reload()
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ plumbing
+    def _auth(self, ctx: Any) -> None:
+        if self.token_sha256 is None:
+            return
+        md = {k.lower(): v for k, v in (ctx.invocation_metadata() if ctx is not None else [])}
+        token = md.get("x-clsvc-token")
+        if token is None and md.get("authorization", "").lower().startswith("bearer "):
+            token = md["authorization"][7:].strip()
+        if token is None or not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self.token_sha256):
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED,
+                               "missing or wrong token: send metadata 'authorization: Bearer <token>' "
+                               "or 'x-clsvc-token: <token>'")
+
+    @staticmethod
+    def _fail(ctx: Any, code: grpc.StatusCode, message: str, empty: Any) -> Any:
+        ctx.set_code(code)
+        ctx.set_details(message)
+        return empty
+
+    # ------------------------------------------------------------------ cl.v1.ContinualLearning
+    async def Predict(self, request: Any, grpc_context: Any = None) -> Any:
+        t0 = time.perf_counter()
+        try:
+            self._auth(grpc_context)
+            sample, n = parse_predict(request, self.limits)
+            cat = self.catalog
+            route_ms = 0.0
+            if request.HasField("expert"):
+                expert = cat.find(request.expert)
+                decision = grpc_api.pb2.RouterDecision(kind="request")
+            elif len(cat.experts) == 1:
+                expert = cat.experts[0]
+                decision = grpc_api.pb2.RouterDecision(kind="single")
+            else:
+                if self.cfg.router_kind == "prototype":
+                    experts = tuple(e.task for e in cat.experts)
+                    args = (None, experts, tuple(e.description for e in cat.experts))
+                elif cat.pool is None or cat.router_dir is None:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       "the run has no usable MLLM router yet; name an expert: "
+                                       + ", ".join(e.task for e in cat.experts))
+                else:
+                    args = (str(cat.router_dir), cat.pool.experts, cat.pool.descriptions)
+                t1 = time.perf_counter()
+                route = await self.router.route.remote(sample, *args)
+                route_ms = (time.perf_counter() - t1) * 1000
+                expert = cat.find(route.expert)
+                decision = grpc_api.pb2.RouterDecision(kind=self.cfg.router_kind, raw_output=route.raw,
+                                              fallback_used=bool(route.fallback))
+            t2 = time.perf_counter()
+            answer = await self.expert.answer.remote(sample, str(expert.path), n)
+            answer_ms = (time.perf_counter() - t2) * 1000
+            return grpc_api.pb2.PredictResponse(answer=answer, expert=expert.task, router=decision, latency=grpc_api.pb2.Latency(
+                route_ms=route_ms, answer_ms=answer_ms, total_ms=(time.perf_counter() - t0) * 1000))
+        except RequestError as e:
+            return self._fail(grpc_context, e.code, e.message, grpc_api.pb2.PredictResponse())
+        except AdapterError as e:
+            return self._fail(grpc_context, grpc.StatusCode.FAILED_PRECONDITION, f"adapter problem: {e}",
+                              grpc_api.pb2.PredictResponse())
+        except Exception as e:  # noqa: BLE001 - logged here; the client gets one line, never a traceback
+            log.exception("Predict failed")
+            return self._fail(grpc_context, grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}",
+                              grpc_api.pb2.PredictResponse())
+
+    async def ListExperts(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            self._auth(grpc_context)
+        except RequestError as e:
+            return self._fail(grpc_context, e.code, e.message, grpc_api.pb2.ListExpertsResponse())
+        return grpc_api.pb2.ListExpertsResponse(experts=[
+            grpc_api.pb2.Expert(id=e.id, task=e.task, description=e.description, adapter_version=e.version)
+            for e in self.catalog.experts])
+
+    # ------------------------------------------------------------------ grpc.health.v1.Health
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
+        from grpc_health.v1 import health_pb2
+
+        if request.service not in ("", SERVICE_NAME):
+            return self._fail(grpc_context, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}",
+                              health_pb2.HealthCheckResponse())
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def List(self, request: Any, grpc_context: Any = None) -> Any:
+        from grpc_health.v1 import health_pb2
+
+        ok = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return health_pb2.HealthListResponse(statuses={"": ok, SERVICE_NAME: ok})
+
+    # ------------------------------------------------------------------ for tests and tools
+    async def info(self) -> dict:
+        cat = self.catalog
+        return {"experts": [e.task for e in cat.experts], "router_dir": str(cat.router_dir or ""),
+                "fingerprint": cat.fingerprint, "reloads": self.reloads}
+
+
+def build(cfg: ServeCfg, token: str | None = None) -> Any:
+    """The application graph for ``cfg`` (not yet running). ``token``: the shared secret (only its sha256
+    reaches the replicas)."""
+    d = to_dict(cfg)
+    Catalog.load(cfg.results)  # fail here, with a clear message, rather than in a replica
+    router = Router.options(num_replicas=cfg.router.replicas, ray_actor_options={"num_cpus": cfg.router.num_cpus},
+                            max_ongoing_requests=max(16, 4 * cfg.router.max_batch_size)).bind(d)
+    expert = Expert.options(num_replicas=cfg.expert.replicas, ray_actor_options={"num_cpus": cfg.expert.num_cpus},
+                            max_ongoing_requests=max(16, 4 * cfg.expert.max_batch_size)).bind(d)
+    sha = hashlib.sha256(token.encode()).hexdigest() if token else None
+    return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=256,
+                           user_config={"watch_s": cfg.watch_s}).bind(router, expert, d, sha)
+
+
+def build_app(args: dict) -> Any:
+    """Serve builder (``import_path: cl_service.on_ray.serve:build_app``).
+
+    ``args``: ``config`` (a serve YAML, optional), ``overrides`` (list of ``key=value``), and/or any ServeCfg
+    keys directly (``results: runs/dcl-mini``). The token is read from ``auth_token_env`` in this process.
+    """
+    args = dict(args or {})
+    path = args.pop("config", None)
+    overrides = list(args.pop("overrides", []) or [])
+    overrides += _flatten(args)
+    cfg = load_serve_cfg(path, overrides)
+    if not Path(cfg.results).is_absolute():
+        cfg = from_dict(ServeCfg, {**to_dict(cfg), "results": str(Path(cfg.results).resolve())})
+    return build(cfg, os.environ.get(cfg.auth_token_env) or None)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
+    return out
+
+
+def grpc_options(cfg: ServeCfg) -> gRPCOptions:
+    """Serve's gRPC proxy options: cl.v1 + health servicers, reflection on. The proxy binds ``[::]:port``."""
+    return gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=list(grpc_api.SERVICER_FUNCTIONS),
+                       request_timeout_s=cfg.request_timeout_s, enable_reflection=True)
+
+
+def start(cfg: ServeCfg, token: str | None = None, timeout_s: float = 300.0) -> None:
+    """Start Serve (gRPC proxy on ``cfg.grpc_port``, HTTP proxy on 127.0.0.1) on the connected Ray and deploy
+    the app; returns once it is RUNNING, raises ``TimeoutError``/``RuntimeError`` otherwise."""
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=cfg.http_port), grpc_options=grpc_options(cfg))
+    serve.run_many([serve.RunTarget(target=build(cfg, token), name=cfg.app_name, route_prefix=cfg.route_prefix)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    wait_running(cfg.app_name, timeout_s)
+
+
+def wait_running(app_name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        status = app.status if app else None
+        if status == "RUNNING":
+            return
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"Serve app {app_name!r} is {status}: {app.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"Serve app {app_name!r} not RUNNING within {timeout_s:.0f} s (last status {status}); "
+                       "with few CPUs lower router.num_cpus / expert.num_cpus")
+
+
+def override(cfg: ServeCfg, **changes: Any) -> ServeCfg:
+    """``cfg`` with top-level or dotted (``router.replicas``) keys changed, strictly checked."""
+    return from_dict(ServeCfg, apply_overrides(to_dict(cfg), [f"{k.replace('__', '.')}={v}"
+                                                              for k, v in changes.items()]))

@@ -1,0 +1,168 @@
+"""What a run folder offers for serving (a :class:`Catalog` snapshot) and the validation of Predict requests.
+
+Plain library code shared by the plain gRPC servicer (``serve/service.py``) and the Ray Serve app
+(``on_ray/serve.py``). A catalog is immutable: hot add builds a new one when the run publishes an expert
+or a retrained router, and requests already holding the old snapshot finish with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cl_service.adapters.registry import ADAPTER_META, AdapterError, AdapterRegistry, read_adapter
+from cl_service.data.images import BadImage, validate_image
+from cl_service.data.schema import Sample
+from cl_service.routers.prompt import Pool
+
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class RequestError(Exception):
+    """A request the server refuses: a gRPC status code and a message for the client (no traceback)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    id: str
+    task: str
+    description: str
+    version: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Experts in stream order, the latest usable MLLM router and its pool, and a fingerprint of all of it."""
+
+    run_dir: Path
+    tasks: tuple[str, ...]
+    experts: tuple[ExpertEntry, ...]
+    router_dir: Path | None
+    pool: Pool | None
+    fingerprint: str
+    resolved: dict[str, Any]
+
+    @classmethod
+    def load(cls, run_dir: str | Path, verify: bool = True) -> "Catalog":
+        """Scan ``run_dir``: complete experts (checksums verified), and the router of the latest stage whose
+        seen tasks all have experts. Raises :class:`AdapterError` when no expert is complete."""
+        run_dir = Path(run_dir).resolve()
+        cfg_file = run_dir / "config.resolved.json"
+        if not cfg_file.is_file():
+            raise AdapterError(f"{run_dir} is not a run results folder (no config.resolved.json)")
+        resolved = json.loads(cfg_file.read_text())
+        tasks = tuple(resolved["tasks"])
+        found = AdapterRegistry(run_dir / "adapters").scan()
+        experts = []
+        for t in tasks:
+            info = found.get(f"expert:{t}")
+            if info is None:
+                continue
+            try:
+                read_adapter(info.path, verify=verify)
+            except AdapterError:
+                continue  # being written or corrupt: not published
+            experts.append(ExpertEntry(info.id, info.task, info.description, info.version, info.path))
+        if not experts:
+            raise AdapterError(f"run {run_dir} holds no complete expert adapter")
+        known = {e.task: e for e in experts}
+        router_dir, pool = None, None
+        for i in range(len(tasks) - 1, 0, -1):
+            d = run_dir / "adapters" / "router" / f"stage-{i}-{tasks[i]}"
+            seen = tasks[: i + 1]
+            if all(t in known for t in seen) and (d / ADAPTER_META).is_file():
+                try:
+                    read_adapter(d, verify=verify)
+                except AdapterError:
+                    continue
+                router_dir = d
+                pool = Pool(seen, tuple(known[t].description for t in seen))
+                break
+        h = hashlib.sha256()
+        for p in [e.path for e in experts] + ([router_dir] if router_dir else []):
+            h.update(str(p).encode() + (p / ADAPTER_META).read_bytes())
+        return cls(run_dir, tasks, tuple(experts), router_dir, pool, h.hexdigest()[:16], resolved)
+
+    def find(self, name: str) -> ExpertEntry:
+        """An expert by task name or adapter id; ``NOT_FOUND`` listing the known ones otherwise."""
+        for e in self.experts:
+            if name in (e.task, e.id):
+                return e
+        raise RequestError(grpc.StatusCode.NOT_FOUND,
+                           f"unknown expert {name!r}; known experts: {', '.join(e.task for e in self.experts)}")
+
+    @property
+    def stage(self) -> int:
+        """Index of the last task with a published expert."""
+        return max(self.tasks.index(e.task) for e in self.experts)
+
+    def run_setting(self, section: str, key: str, default: Any) -> Any:
+        return self.resolved.get("config", {}).get(section, {}).get(key, default)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_images: int = 16
+    max_new_tokens: int = 256
+    max_question_chars: int = 4096
+
+
+def _check_image(i: int, data: bytes, limits: Limits) -> bytes:
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if not data:
+        raise RequestError(bad, f"images[{i}]: empty bytes")
+    if len(data) > limits.max_image_bytes:
+        raise RequestError(bad, f"images[{i}]: {len(data)} bytes, over the limit of {limits.max_image_bytes}")
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:  # header only: refuse decompression bombs before decoding
+            w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise RequestError(bad, f"images[{i}]: {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS}")
+        return validate_image(bytes(data))
+    except RequestError:
+        raise
+    except BadImage as e:
+        raise RequestError(bad, f"images[{i}]: not a decodable image ({e})") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+        raise RequestError(bad, f"images[{i}]: not a decodable image ({type(e).__name__})") from None
+
+
+def parse_predict(request: Any, limits: Limits) -> tuple[Sample, int | None]:
+    """A validated ``cl.v1.PredictRequest`` as a :class:`Sample` and its ``max_new_tokens`` (None = default).
+
+    Raises :class:`RequestError` (``INVALID_ARGUMENT``) naming the bad field.
+    """
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if not request.images:
+        raise RequestError(bad, "images: at least one image (PNG or JPEG bytes) is required")
+    if len(request.images) > limits.max_images:
+        raise RequestError(bad, f"images: {len(request.images)} given, at most {limits.max_images} allowed")
+    images = [_check_image(i, d, limits) for i, d in enumerate(request.images)]
+    if not request.question.strip():
+        raise RequestError(bad, "question: must not be empty")
+    if len(request.question) > limits.max_question_chars:
+        raise RequestError(bad, f"question: {len(request.question)} characters, at most "
+                                f"{limits.max_question_chars} allowed")
+    n = None
+    if request.HasField("max_new_tokens"):
+        n = request.max_new_tokens
+        if not 1 <= n <= limits.max_new_tokens:
+            raise RequestError(bad, f"max_new_tokens: {n} is outside [1, {limits.max_new_tokens}]")
+    sample = Sample(task="serve", split="test", id="request", images=images, question=request.question,
+                    answers=[""], scorer="exact")
+    return sample, n

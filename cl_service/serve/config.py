@@ -1,0 +1,80 @@
+"""Typed config of the served application (``workloads/configs/serve_*.yaml``); loaded strictly like RunCfg."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from cl_service import _cfgload
+
+
+@dataclass(frozen=True)
+class StageCfg:
+    """One model-holding deployment (Router or Expert): replicas, resources and request batching."""
+
+    replicas: int = 1
+    """Replica count; each holds its own copy of the base model."""
+    num_cpus: float = 0.5
+    """CPUs reserved per replica (fractional, so the app fits next to other work on small machines)."""
+    max_batch_size: int = 8
+    """``@serve.batch``: requests (for any mix of experts) gathered into one call."""
+    batch_wait_ms: float = 5.0
+    """``@serve.batch``: how long a batch waits for more requests before it runs."""
+    torch_threads: int = 1
+    """``torch.set_num_threads`` inside each replica."""
+
+
+@dataclass(frozen=True)
+class LimitsCfg:
+    """Request validation limits (a request over them gets ``INVALID_ARGUMENT``)."""
+
+    max_image_bytes: int = 8 * 1024 * 1024
+    """Largest accepted encoded image."""
+    max_images: int = 16
+    """Most images in one request."""
+    max_new_tokens: int = 256
+    """Largest accepted ``max_new_tokens``."""
+    max_question_chars: int = 4096
+    """Longest accepted question."""
+
+
+@dataclass(frozen=True)
+class ServeCfg:
+    """A finished (or still running) continual-learning run served as Router + Expert deployments."""
+
+    results: str = "runs/dcl-mini"
+    """The run's results folder (config.resolved.json, adapters/)."""
+    app_name: str = "clsvc"
+    """Serve application name (gRPC metadata ``application`` when several apps run)."""
+    route_prefix: str = "/clsvc"
+    """Serve needs a route prefix for gRPC apps too."""
+    grpc_port: int = 9000
+    """Serve's gRPC proxy port. The proxy binds all interfaces (Ray has no host option): set ``auth_token_env``
+    or firewall the port on shared hosts."""
+    http_port: int = 8000
+    """Serve's HTTP proxy port (bound to 127.0.0.1; this app exposes nothing over HTTP)."""
+    router_kind: Literal["mllm", "prototype"] = "mllm"
+    """``mllm``: the run's latest MLLM router (base + router LoRA); ``prototype``: nearest mean of pooled base
+    features, fitted on ``prototype_samples_per_task`` training samples of each expert's task."""
+    prototype_samples_per_task: int | None = None
+    """Training samples per task for the prototype router's means; None = the run's ``router.samples_per_task``
+    (the same samples the offline evaluation used, so live routes equal offline routes)."""
+    router: StageCfg = field(default_factory=StageCfg)
+    expert: StageCfg = field(default_factory=StageCfg)
+    ingress_num_cpus: float = 0.1
+    """CPUs reserved by the gRPC ingress (validation, catalog, health)."""
+    max_loaded_adapters: int = 16
+    """Adapters an Expert replica keeps in memory (LRU)."""
+    watch_s: float = 2.0
+    """Poll the results folder this often for newly published experts/routers (hot add); 0 = never."""
+    auth_token_env: str = "CLSVC_TOKEN"
+    """Environment variable holding a shared token; when set where the app is built, every Predict/ListExperts
+    call needs metadata ``authorization: Bearer <token>`` or ``x-clsvc-token: <token>``."""
+    limits: LimitsCfg = field(default_factory=LimitsCfg)
+    request_timeout_s: float = 120.0
+    """gRPC proxy end-to-end timeout per request."""
+
+
+def load_serve_cfg(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ServeCfg:
+    return _cfgload.load(ServeCfg, path, overrides)
