@@ -18,6 +18,7 @@ from transformers.utils import logging as _hf_logging
 from cl_service.adapters.lora import delete_adapter, load_adapter, set_active
 from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
+from cl_service.engine.multilora import MultiLoRA
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.routers.base import Route
 from cl_service.routers.prompt import Pool, parse_choice, router_sample
@@ -34,8 +35,14 @@ class Engine:
         max_loaded: adapters kept in memory at once (least recently used ones are dropped).
     """
 
-    def __init__(self, base: str | Path | MLLM, cfg: Any = None, max_loaded: int = 32) -> None:
+    def __init__(self, base: str | Path | MLLM, cfg: Any = None, max_loaded: int = 32,
+                 fused_lora: bool = False) -> None:
         self.mllm = base if isinstance(base, MLLM) else load_mllm(base)
+        #: answer/route_mllm through the stacked multi-adapter path (:mod:`cl_service.engine.multilora`)
+        #: instead of peft's per-adapter modules; answer_mixed always uses it.
+        self.fused_lora = fused_lora
+        self.multi = MultiLoRA(self.mllm)
+        self._multi_loaded: OrderedDict[str, str | None] = OrderedDict()  # path -> digest
         self.mllm.model.eval()
         self.batch_size = cfg.eval.batch_size if cfg is not None else 64
         self.max_new_tokens = cfg.eval.max_new_tokens if cfg is not None else 8
@@ -85,6 +92,35 @@ class Engine:
             if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != digest:
                 delete_adapter(self.mllm, name)
                 del self._loaded[key]
+        for key, digest in list(self._multi_loaded.items()):
+            meta = Path(key) / ADAPTER_META
+            if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != digest:
+                self.multi.drop(key)
+                del self._multi_loaded[key]
+
+    def _multi_key(self, path: str | None) -> str | None:
+        """Load (or refresh) the adapter folder ``path`` into the stacked multi-adapter set; its key."""
+        if path is None:
+            return None
+        key = str(Path(path).resolve())
+        meta_file = Path(key) / ADAPTER_META
+        digest = hashlib.sha256(meta_file.read_bytes()).hexdigest() if meta_file.is_file() else None
+        if key in self._multi_loaded and self._multi_loaded[key] != digest:
+            self.multi.drop(key)
+            del self._multi_loaded[key]
+        if key not in self._multi_loaded:
+            read_adapter(key)  # complete and checksums match, or AdapterError
+            self.multi.load(key, key)
+            self._multi_loaded[key] = digest
+        self._multi_loaded.move_to_end(key)
+        self._used.add(key)
+        return key
+
+    def _trim_multi(self, keep: set[str]) -> None:
+        while len(self._multi_loaded) > max(self.max_loaded, len(keep)):
+            old = next(k for k in self._multi_loaded if k not in keep)
+            self.multi.drop(old)
+            del self._multi_loaded[old]
 
     def _run(self, path: str | None, fn):
         if path is None:
@@ -99,9 +135,55 @@ class Engine:
         if not samples:
             return []
         n = max_new_tokens or self.max_new_tokens
+        if self.fused_lora:
+            return self.answer_mixed(samples, [adapter] * len(samples), n)
         return self._run(adapter, lambda: self.mllm.generate(list(samples), n, self.batch_size))
 
-    def route_mllm(self, samples: Sequence[Sample], router: str, pool: Pool) -> list[Route]:
+    def vision_states(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """Base CLIP states of the samples' images ``[N_img, k, vision_hidden]``, computed once and
+        reusable by :meth:`route_mllm`, :meth:`features` and :meth:`answer_mixed` for the same samples
+        (valid for adapters without vision LoRA; others recompute their own)."""
+        pixels = torch.cat([self.mllm.preprocess_images(s.images, s.id) for s in samples])
+        with torch.no_grad(), self.mllm.adapters_disabled():
+            return self.mllm.vision_states(pixels)
+
+    @torch.no_grad()
+    def answer_mixed(self, samples: Sequence[Sample], adapters: Sequence[str | None],
+                     max_new_tokens: int | None = None, vision_states: torch.Tensor | None = None) -> list[str]:
+        """Greedy answers where sample ``i`` uses adapter folder ``adapters[i]`` (None = the plain base).
+
+        Rows of different adapters share each batched forward pass of the base
+        (:class:`~cl_service.engine.multilora.MultiLoRA`); each row gets its adapter's LoRA and projector.
+        ``vision_states`` (:meth:`vision_states` of the same samples) skips the CLIP pass.
+        """
+        if len(samples) != len(adapters):
+            raise ValueError(f"{len(samples)} samples but {len(adapters)} adapters")
+        if not samples:
+            return []
+        n = max_new_tokens or self.max_new_tokens
+        keys = [self._multi_key(a) for a in adapters]
+        self._trim_multi({k for k in keys if k is not None})
+        counts = [len(s.images) for s in samples]
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        out: list[str] = []
+        for i in range(0, len(samples), self.batch_size):
+            chunk, ck = list(samples[i:i + self.batch_size]), keys[i:i + self.batch_size]
+            image_keys = [k for k, c in zip(ck, counts[i:i + self.batch_size]) for _ in range(c)]
+            vs = None if vision_states is None else vision_states[starts[i]:starts[i + len(chunk)]]
+
+            feats: Any
+            if vs is not None and not any(self.multi.is_vision(k) for k in ck):
+                feats = self.multi.image_features(None, image_keys, vs)  # no image decoding at all
+            else:
+                def feats(pixels: torch.Tensor, image_keys=image_keys, vs=vs) -> torch.Tensor:
+                    return self.multi.image_features(pixels, image_keys, vs)
+
+            with self.mllm.adapters_disabled(), self.multi.rows(ck):
+                out += self.mllm.generate(chunk, n, len(chunk), image_features=feats)
+        return out
+
+    def route_mllm(self, samples: Sequence[Sample], router: str, pool: Pool,
+                   vision_states: torch.Tensor | None = None) -> list[Route]:
         """Two-stage inference, stage one: the MLLM router's letter for each sample.
 
         Output that holds no valid letter falls back, deterministically, to the pool letter with the
@@ -110,7 +192,10 @@ class Engine:
         if not samples:
             return []
         items = [router_sample(pool, s, None) for s in samples]
-        raws = self._run(router, lambda: self.mllm.generate(items, self.router_max_new_tokens, self.batch_size))
+        if self.fused_lora or vision_states is not None:
+            raws = self.answer_mixed(items, [router] * len(items), self.router_max_new_tokens, vision_states)
+        else:
+            raws = self._run(router, lambda: self.mllm.generate(items, self.router_max_new_tokens, self.batch_size))
         routes: list[Route | None] = []
         bad = []
         for i, raw in enumerate(raws):
@@ -133,7 +218,14 @@ class Engine:
             out.append(self.mllm.forward(batch).logits[:, -1].float().cpu())
         return torch.cat(out)
 
-    def features(self, samples: Sequence[Sample]) -> np.ndarray:
-        """Pooled base-model features ``[B, H]`` (the prototype router's input)."""
+    def question_features(self, samples: Sequence[Sample]) -> np.ndarray:
+        """Base-model routing features ``[B, H_text + H_vision]`` (the ridge router's input)."""
         with self.mllm.adapters_disabled():
-            return self.mllm.pooled_features(list(samples), self.batch_size).numpy()
+            return self.mllm.question_features(list(samples), self.batch_size).numpy()
+
+    def features(self, samples: Sequence[Sample], vision_states: torch.Tensor | None = None) -> np.ndarray:
+        """Pooled base-model features ``[B, H]`` (the prototype router's input); ``vision_states`` as in
+        :meth:`answer_mixed`."""
+        bs = max(self.batch_size, len(samples)) if vision_states is not None else self.batch_size
+        with self.mllm.adapters_disabled():
+            return self.mllm.pooled_features(list(samples), bs, vision_states).numpy()

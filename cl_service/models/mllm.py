@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from cl_service._atomic import replace_dir
 from cl_service.data.schema import Sample
 from cl_service.models.config import ModelCfg
 from cl_service.models.tokenizer import IMAGE_TOKEN
+
+#: Projected image features ``[N_img, k, H]``, or a function ``pixel_values -> features``.
+ImageFeatures = "torch.Tensor | Callable[[torch.Tensor], torch.Tensor]"
 
 MODEL_CFG_FILE = "clsvc_model.json"
 #: CLIP's normalisation (LLaVA-1.5 inherits it); also used for the tiny models so real bases plug in.
@@ -180,18 +183,19 @@ class MLLM:
         ids = head + prompt + target
         return ids, len(head) + len(prompt)
 
-    def collate(self, samples: Sequence[Sample], train: bool) -> dict[str, torch.Tensor]:
+    def collate(self, samples: Sequence[Sample], train: bool, pixels: bool = True) -> dict[str, torch.Tensor]:
         """Batch ``samples``.
 
         Returns ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[B, L]``, ``pixel_values``
         ``[N_img, 3, S, S]`` (every sample's images in order) and, when ``train``, ``labels`` ``[B, L]``
         (-100 on prompt and padding). Training batches are right-padded, generation batches
-        (``train=False``, no target) left-padded.
+        (``train=False``, no target) left-padded. ``pixels=False`` leaves the images undecoded (no
+        ``pixel_values``; the caller brings CLIP states or image features).
         """
         if not samples:
             raise ValueError("cannot collate an empty batch")
         encoded = [self.encode(s, with_target=train) for s in samples]
-        pixels = torch.cat([self.preprocess_images(s.images, s.id) for s in samples])
+        pixel_values = torch.cat([self.preprocess_images(s.images, s.id) for s in samples]) if pixels else None
         L = max(len(ids) for ids, _ in encoded)
         B = len(samples)
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
@@ -204,8 +208,9 @@ class MLLM:
             mask[b, sl] = 1
             if train:
                 labels[b, n_prompt:len(ids)] = t[n_prompt:]
-        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": _positions(mask),
-                 "pixel_values": pixels.to(self.dtype)}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": _positions(mask)}
+        if pixel_values is not None:
+            batch["pixel_values"] = pixel_values.to(self.dtype)
         if train:
             batch["labels"] = labels
         return batch
@@ -222,13 +227,23 @@ class MLLM:
         h = out.hidden_states[c.vision_feature_layer]
         return h[:, 1:] if c.vision_feature_select_strategy == "default" else h
 
-    def embed(self, batch: dict[str, torch.Tensor], vision_states: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with projected image features at the ``<image>`` positions: ``[B, L, H]``."""
+    def embed(self, batch: dict[str, torch.Tensor], vision_states: torch.Tensor | None = None,
+              image_features: ImageFeatures | None = None) -> torch.Tensor:
+        """Token embeddings with projected image features at the ``<image>`` positions: ``[B, L, H]``.
+
+        ``image_features``: already projected features ``[N_img, k, H]``, or a function of the batch's
+        ``pixel_values`` returning them (e.g. a per-row projector, :mod:`cl_service.engine.multilora`);
+        it replaces the CLIP pass and the model's own projector.
+        """
         ids = batch["input_ids"].to(self.device)
         emb = self.model.get_input_embeddings()(ids)
-        if vision_states is None:
-            vision_states = self.vision_states(batch["pixel_values"])
-        feats = self.model.model.multi_modal_projector(vision_states).to(emb.dtype)
+        if image_features is not None:
+            feats = image_features(batch["pixel_values"]) if callable(image_features) else image_features
+            feats = feats.to(emb.dtype)
+        else:
+            if vision_states is None:
+                vision_states = self.vision_states(batch["pixel_values"])
+            feats = self.model.model.multi_modal_projector(vision_states).to(emb.dtype)
         slots = ids == self.image_token_id
         if int(slots.sum()) != feats.shape[0] * feats.shape[1]:
             raise ValueError(f"{int(slots.sum())} image tokens but {feats.shape[0]}×{feats.shape[1]} image features")
@@ -253,31 +268,35 @@ class MLLM:
 
     @torch.no_grad()
     def generate(self, samples: Sequence[Sample], max_new_tokens: int = 16, batch_size: int = 64,
-                 vision_states: torch.Tensor | None = None) -> list[str]:
+                 vision_states: torch.Tensor | None = None, image_features: ImageFeatures | None = None
+                 ) -> list[str]:
         """Greedy answers, one string per sample (special tokens dropped, stripped).
 
         Batched with left padding and a KV cache; deterministic. ``vision_states`` (from
-        :meth:`vision_states` over the same samples' images) skips the CLIP pass; only with
+        :meth:`vision_states` over the same samples' images) skips the CLIP pass; ``image_features``
+        (see :meth:`embed`) replaces CLIP and projector; a tensor of either needs
         ``batch_size >= len(samples)``.
         """
         was_training = self.model.training
         self.model.eval()
         try:
             out: list[str] = []
-            if vision_states is not None and len(samples) > batch_size:
-                raise ValueError("precomputed vision_states need batch_size >= len(samples)")
+            if (vision_states is not None or torch.is_tensor(image_features)) and len(samples) > batch_size:
+                raise ValueError("precomputed vision_states/image_features need batch_size >= len(samples)")
             for i in range(0, len(samples), batch_size):
-                out += self._generate(samples[i:i + batch_size], max_new_tokens, vision_states)
+                out += self._generate(samples[i:i + batch_size], max_new_tokens, vision_states, image_features)
             return out
         finally:
             self.model.train(was_training)
 
-    def _generate(self, samples: Sequence[Sample], max_new_tokens: int, vision_states) -> list[str]:
-        batch = self.collate(samples, train=False)
+    def _generate(self, samples: Sequence[Sample], max_new_tokens: int, vision_states, image_features=None
+                  ) -> list[str]:
+        need_pixels = vision_states is None and not torch.is_tensor(image_features)
+        batch = self.collate(samples, train=False, pixels=need_pixels)
         mask = batch["attention_mask"].to(self.device)
         pos = batch["position_ids"].to(self.device)
-        res = self.model(inputs_embeds=self.embed(batch, vision_states), attention_mask=mask, position_ids=pos,
-                         use_cache=True, logits_to_keep=1)
+        res = self.model(inputs_embeds=self.embed(batch, vision_states, image_features), attention_mask=mask,
+                         position_ids=pos, use_cache=True, logits_to_keep=1)
         B = len(samples)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         tokens: list[torch.Tensor] = []
@@ -301,22 +320,57 @@ class MLLM:
         return texts
 
     @torch.no_grad()
-    def pooled_features(self, samples: Sequence[Sample], batch_size: int = 64) -> torch.Tensor:
+    def pooled_features(self, samples: Sequence[Sample], batch_size: int = 64,
+                        vision_states: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the decoder's last hidden state (after the final norm) over all prompt tokens, image
         tokens included: ``[B, H]`` float32 on CPU. Computed with whatever adapter is active; wrap in
-        :meth:`adapters_disabled` for base features (the prototype router's)."""
+        :meth:`adapters_disabled` for base features (the prototype router's). ``vision_states`` as in
+        :meth:`generate` (needs ``batch_size >= len(samples)``)."""
+        was_training = self.model.training
+        self.model.eval()
+        if vision_states is not None and len(samples) > batch_size:
+            raise ValueError("precomputed vision_states need batch_size >= len(samples)")
+        try:
+            feats = []
+            for i in range(0, len(samples), batch_size):
+                batch = self.collate(samples[i:i + batch_size], train=False, pixels=vision_states is None)
+                mask = batch["attention_mask"].to(self.device)
+                h = self.model.model.language_model(
+                    inputs_embeds=self.embed(batch, vision_states), attention_mask=mask,
+                    position_ids=batch["position_ids"].to(self.device)).last_hidden_state
+                m = mask.unsqueeze(-1).to(h.dtype)
+                feats.append(((h * m).sum(1) / m.sum(1)).float().cpu())
+            return torch.cat(feats)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def question_features(self, samples: Sequence[Sample], batch_size: int = 64) -> torch.Tensor:
+        """Routing features ``[B, H_text + H_vision]`` float32 on CPU: the decoder's last hidden state
+        mean-pooled over the question's tokens (image tokens excluded), next to the mean CLIP state of the
+        sample's images. Keeps the question's signal from being drowned by the image tokens."""
         was_training = self.model.training
         self.model.eval()
         try:
             feats = []
             for i in range(0, len(samples), batch_size):
-                batch = self.collate(samples[i:i + batch_size], train=False)
+                chunk = samples[i:i + batch_size]
+                batch = self.collate(chunk, train=False)
+                ids = batch["input_ids"].to(self.device)
                 mask = batch["attention_mask"].to(self.device)
+                vs = self.vision_states(batch["pixel_values"])
                 h = self.model.model.language_model(
-                    inputs_embeds=self.embed(batch), attention_mask=mask,
+                    inputs_embeds=self.embed(batch, vs), attention_mask=mask,
                     position_ids=batch["position_ids"].to(self.device)).last_hidden_state
-                m = mask.unsqueeze(-1).to(h.dtype)
-                feats.append(((h * m).sum(1) / m.sum(1)).float().cpu())
+                text = (mask.bool() & (ids != self.image_token_id) & (ids != self.bos_id)).unsqueeze(-1).to(h.dtype)
+                pooled = (h * text).sum(1) / text.sum(1).clamp(min=1)
+                per_image = vs.mean(1)  # [N_img, H_vision]
+                counts = torch.tensor([len(s.images) for s in chunk], device=per_image.device)
+                owner = torch.repeat_interleave(torch.arange(len(chunk), device=per_image.device), counts)
+                clip = torch.zeros(len(chunk), per_image.shape[-1], dtype=per_image.dtype, device=per_image.device)
+                clip.index_add_(0, owner, per_image)
+                clip = clip / counts.clamp(min=1).unsqueeze(-1).to(clip.dtype)
+                feats.append(torch.cat([pooled.float(), clip.float()], dim=-1).cpu())
             return torch.cat(feats)
         finally:
             self.model.train(was_training)
