@@ -73,13 +73,20 @@ class MRLoRA:
         return _two_stage(ctx, self.route, samples)
 
 
-@METHODS.register("mrlora_proto")
-class MRLoRAPrototype:
-    """MR-LoRA's experts with the training-free prototype router (nearest mean of pooled base features)."""
+def feature_router_dir(ctx: StageContext, kind: str, stage: int):
+    return ctx.run_dir / "routers" / kind / f"stage-{stage}-{ctx.tasks[stage]}"
 
-    name = "mrlora_proto"
+
+class _FeatureRouted:
+    """MR-LoRA's experts behind a training-free router over frozen base features (``router_kind``).
+
+    The router is fit once per stage on ``router.samples_per_task`` training samples of every seen task
+    (the same samples the MLLM router trains on) and saved under ``<out>/routers/<kind>/`` for serving.
+    """
+
+    name = ""
     routed = True
-    router_kind = "prototype"
+    router_kind = ""
 
     def jobs(self, ctx: StageContext) -> list:
         return [expert_job(ctx, ctx.task)]
@@ -87,16 +94,42 @@ class MRLoRAPrototype:
     def evaluates(self, ctx: StageContext) -> bool:
         return True
 
-    def route(self, ctx: StageContext, samples) -> list[Route]:
-        from cl_service.routers.prototype import PrototypeRouter
+    def router(self, ctx: StageContext):
+        from cl_service.routers.base import ROUTERS
+        from cl_service.routers.store import save_router
 
-        router = ctx.extra.get("prototype_router")
+        key = f"{self.router_kind}_router"
+        router = ctx.extra.get(key)
         if router is None or router.experts != tuple(ctx.seen):
+            t0 = time.perf_counter()
             per_task = {t: ctx.extra["train_samples"](t, ctx.cfg.router.samples_per_task, ctx.cfg.seed + 7)
                         for t in ctx.seen}
-            router = PrototypeRouter.fit(ctx.engine, per_task)
-            ctx.extra["prototype_router"] = router
-        return router.route(samples)
+            router = ROUTERS.get(self.router_kind).fit(ctx.engine, per_task)
+            save_router(router, feature_router_dir(ctx, self.router_kind, ctx.stage),
+                        {"samples_per_task": ctx.cfg.router.samples_per_task,
+                         "fit_seconds": round(time.perf_counter() - t0, 3)})
+            ctx.extra[key] = router
+        return router
+
+    def route(self, ctx: StageContext, samples) -> list[Route]:
+        return self.router(ctx).route(samples)
 
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
-        return _two_stage(ctx, self.route, samples)
+        router = self.router(ctx)  # fit (once per stage) outside the per-request routing time
+        return _two_stage(ctx, lambda _ctx, s: router.route(s), samples)
+
+
+@METHODS.register("mrlora_proto")
+class MRLoRAPrototype(_FeatureRouted):
+    """MR-LoRA's experts with the prototype router (nearest class mean of pooled base features)."""
+
+    name = "mrlora_proto"
+    router_kind = "prototype"
+
+
+@METHODS.register("mrlora_ridge")
+class MRLoRARidge(_FeatureRouted):
+    """MR-LoRA's experts with the closed-form ridge router over base question + image features."""
+
+    name = "mrlora_ridge"
+    router_kind = "ridge"

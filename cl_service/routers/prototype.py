@@ -37,6 +37,15 @@ class PrototypeRouter:
         return f @ self.means.T
 
     def route(self, samples: list[Sample]) -> list[Route]:
+        if not samples:
+            return []
         s = self.scores(samples)
         return [Route(self.experts[int(k)], f"{self.experts[int(k)]}:{row[int(k)]:.3f}", False)
                 for k, row in zip(s.argmax(axis=1), s)]
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"means": self.means}
+
+    @classmethod
+    def from_state(cls, experts: tuple[str, ...], arrays: dict[str, np.ndarray], engine=None) -> "PrototypeRouter":
+        return cls(tuple(experts), arrays["means"], engine)

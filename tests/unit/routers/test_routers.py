@@ -46,3 +46,75 @@ def test_prototype_router_nearest_mean():
     r = PrototypeRouter.fit(_FakeFeatures(), {"RS": [mk("RS", 0), mk("RS", 0)], "Med": [mk("Med", 2)]})
     routes = r.route([mk("?", 2), mk("?", 0)])
     assert [x.expert for x in routes] == ["Med", "RS"] and not any(x.fallback for x in routes)
+
+
+class _GaussFeatures:
+    """question_features = a fixed random vector per task plus noise (keyed by the sample's first byte)."""
+
+    def __init__(self, dim=16, noise=0.3):
+        rng = np.random.default_rng(0)
+        self.centres = rng.normal(size=(4, dim))
+        self.noise = noise
+        self.rng = np.random.default_rng(1)
+
+    def question_features(self, samples):
+        return np.stack([self.centres[s.images[0][0]] + self.noise * self.rng.normal(size=self.centres.shape[1])
+                         for s in samples])
+
+    features = question_features
+
+
+def _mk(task, b, n):
+    return [Sample(task, "train", f"{task}{i}", [bytes([b])], "q", ["a"], "exact") for i in range(n)]
+
+
+def test_ridge_router_separates_tasks_and_round_trips(tmp_path):
+    from cl_service.routers.ridge import RidgeRouter
+    from cl_service.routers.store import RouterFileError, load_router, save_router
+
+    eng = _GaussFeatures()
+    r = RidgeRouter.fit(eng, {"RS": _mk("RS", 0, 10), "Med": _mk("Med", 1, 10), "AD": _mk("AD", 2, 10)})
+    test = _mk("?", 0, 5) + _mk("?", 1, 5) + _mk("?", 2, 5)
+    assert [x.expert for x in r.route(test)] == ["RS"] * 5 + ["Med"] * 5 + ["AD"] * 5
+    assert r.route([]) == []
+    save_router(r, tmp_path / "ridge", {"samples_per_task": 10})
+    back = load_router(tmp_path / "ridge", eng)
+    assert back.kind == "ridge" and back.experts == ("RS", "Med", "AD")
+    feats_in = _mk("?", 1, 3)
+    eng.rng = np.random.default_rng(5)
+    a = r.scores(feats_in)
+    eng.rng = np.random.default_rng(5)
+    np.testing.assert_array_equal(a, back.scores(feats_in))
+    (tmp_path / "ridge" / "router.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RouterFileError, match="checksum"):
+        load_router(tmp_path / "ridge", eng)
+    with pytest.raises(RouterFileError, match="not a saved router"):
+        load_router(tmp_path / "missing", eng)
+
+
+def test_prototype_router_round_trips(tmp_path):
+    from cl_service.routers.store import load_router, save_router
+
+    mk = lambda t, b: Sample(t, "train", "1", [bytes([b])], "q", ["a"], "exact")  # noqa: E731
+    r = PrototypeRouter.fit(_FakeFeatures(), {"RS": [mk("RS", 0)], "Med": [mk("Med", 2)]})
+    back = load_router(save_router(r, tmp_path / "p"), _FakeFeatures())
+    assert back.kind == "prototype" and [x.expert for x in back.route([mk("?", 2)])] == ["Med"]
+
+
+@pytest.mark.timeout(180)
+def test_question_features_of_the_real_model(tiny_base, dcl_shards):
+    """Routing features from a real (tiny) MLLM: [B, H_text + H_vision], deterministic, batch-invariant."""
+    import torch
+
+    from cl_service.data.shards import ShardDataset
+    from cl_service.engine import Engine
+
+    torch.set_num_threads(1)
+    ds = ShardDataset(dcl_shards)
+    samples = ds.samples("RS", "train")[:3] + ds.samples("AD", "train")[:2]
+    eng = Engine(tiny_base)
+    f = eng.question_features(samples)
+    cfg = eng.mllm.cfg
+    assert f.shape == (5, cfg.text_hidden + cfg.vision_hidden) and np.isfinite(f).all()
+    eng.batch_size = 2
+    np.testing.assert_allclose(f, eng.question_features(samples), atol=1e-4)
