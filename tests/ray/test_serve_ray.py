@@ -1,0 +1,229 @@
+"""Real gRPC round trips through Ray Serve's gRPC proxy on a tiny 2-task run (RS, Med), then a hot add (AD).
+
+One module-scoped app: Ingress + Router + Expert with fractional CPUs, a shared token, a 200 kB image limit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+pytestmark = pytest.mark.timeout(240)
+
+TOKEN = "test-secret-token"
+RUN_OVERRIDES = ["methods=[mrlora]", "expert.train.max_steps=2", "expert.train.batch_size=4",
+                 "router.train.max_steps=2", "router.samples_per_task=4", "expert.lora.rank=4", "router.lora.rank=4",
+                 "eval.max_new_tokens=3", "ray.num_workers=0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Paused(Exception):
+    pass
+
+
+def _pause_after(stage: int):
+    def hook(info: dict) -> None:
+        if info["stage"] == stage:
+            raise _Paused  # the run is "still going": later stages come with the hot-add test
+
+    return hook
+
+
+def _run(out: Path, tiny_base, dcl_shards, tasks: str = "RS,Med,AD", pause_after: int | None = None) -> None:
+    import torch
+
+    from cl_service.config import load_run_cfg
+    from cl_service.run import LocalTrainer, run_stream
+
+    torch.set_num_threads(1)
+    cfg = load_run_cfg(None, [f"out={out}", f"data.path={dcl_shards}", f"base.path={tiny_base}",
+                              f"data.tasks=[{tasks}]", *RUN_OVERRIDES])
+    try:
+        run_stream(cfg, LocalTrainer(), log=lambda *_: None,
+                   on_stage=_pause_after(pause_after) if pause_after is not None else None)
+    except _Paused:
+        pass
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tmp_path_factory, tiny_base, dcl_shards):
+    from ray import serve
+
+    from cl_service.on_ray import serve as clserve
+    from cl_service.serve.client import Client
+    from cl_service.serve.config import load_serve_cfg
+
+    out = tmp_path_factory.mktemp("served-run")
+    _run(out, tiny_base, dcl_shards, pause_after=1)  # RS and Med done, AD not yet
+    port = _free_port()
+    cfg = load_serve_cfg(None, [
+        f"results={out}", f"grpc_port={port}", f"http_port={_free_port()}", "watch_s=0.5",
+        "router.num_cpus=0.2", "expert.num_cpus=0.2", "ingress_num_cpus=0.05",
+        "router.batch_wait_ms=20", "expert.batch_wait_ms=20", "limits.max_image_bytes=200000"])
+    clserve.start(cfg, token=TOKEN, timeout_s=150)
+    client = Client(f"127.0.0.1:{port}", token=TOKEN)
+    client.wait_ready(30)
+    yield {"out": out, "cfg": cfg, "client": client, "port": port, "shards": dcl_shards, "base": tiny_base}
+    client.close()
+    serve.shutdown()
+
+
+def _samples(shards, task):
+    from cl_service.data.shards import ShardDataset
+
+    return list(ShardDataset(shards).iter_samples(task, "test"))
+
+
+def _offline(out: Path, stage: str, task: str) -> dict[str, dict]:
+    lines = (out / "predictions" / "mrlora" / stage / f"{task}.jsonl").read_text().splitlines()
+    return {r["question_id"]: r for r in map(json.loads, lines)}
+
+
+def test_health_and_reflection_through_the_proxy(app):
+    c = app["client"]
+    assert c.health("") == "SERVING"
+    assert c.health("cl.v1.ContinualLearning") == "SERVING"
+    with pytest.raises(grpc.RpcError) as ei:
+        c.health("no.such.Service")
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    services = ProtoReflectionDescriptorDatabase(c.channel).get_services()
+    assert "cl.v1.ContinualLearning" in services and "grpc.health.v1.Health" in services
+
+
+def test_list_experts_in_stream_order(app):
+    r = app["client"].list_experts()
+    assert [e.task for e in r.experts] == ["RS", "Med"]
+    assert [e.id for e in r.experts] == ["expert:RS", "expert:Med"]
+    assert all(e.description and e.adapter_version >= 1 for e in r.experts)
+
+
+def test_live_answers_equal_offline_evaluation_and_batch(app):
+    """12 concurrent requests: routes and answers equal the run's own stage-1 predictions, in batches > 1."""
+    from ray import serve
+
+    items = [(t, s) for t in ("RS", "Med") for s in _samples(app["shards"], t)]
+    with ThreadPoolExecutor(len(items)) as pool:
+        live = list(pool.map(lambda ts: app["client"].predict(ts[1].images, ts[1].question, timeout=60), items))
+    offline = {t: _offline(app["out"], "stage-1-Med", t) for t in ("RS", "Med")}
+    for (t, s), r in zip(items, live):
+        ref = offline[t][s.id]
+        assert (r.answer, r.expert, r.router.raw_output) == (ref["text"], ref["metadata"]["expert"],
+                                                              ref["metadata"]["router_raw"]), s.id
+        assert r.router.kind == "mllm" and r.latency.total_ms >= r.latency.answer_ms > 0
+    sizes = serve.get_deployment_handle("Expert", app["cfg"].app_name).batch_sizes.remote().result(timeout_s=30)
+    assert max(sizes) > 1  # requests of different clients shared a forward pass
+
+
+def test_named_expert_skips_routing(app):
+    s = _samples(app["shards"], "Med")[0]
+    r = app["client"].predict(s.images, s.question, expert="expert:Med", max_new_tokens=1)
+    assert r.expert == "Med" and r.router.kind == "request" and r.latency.route_ms == 0
+
+
+def _noise_png(size: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kw,code,needle", [
+    ({"images": []}, grpc.StatusCode.INVALID_ARGUMENT, "at least one image"),
+    ({"images": [b""]}, grpc.StatusCode.INVALID_ARGUMENT, "empty bytes"),
+    ({"images": [b"definitely not an image"]}, grpc.StatusCode.INVALID_ARGUMENT, "not a decodable image"),
+    ({"images": "BIG"}, grpc.StatusCode.INVALID_ARGUMENT, "over the limit of 200000"),
+    ({"question": "  \n"}, grpc.StatusCode.INVALID_ARGUMENT, "question: must not be empty"),
+    ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens: 0 is outside [1, 256]"),
+    ({"max_new_tokens": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    ({"expert": "Nope"}, grpc.StatusCode.NOT_FOUND, "unknown expert 'Nope'; known experts: RS, Med"),
+])
+def test_bad_input_is_refused_clearly_and_the_server_keeps_serving(app, kw, code, needle):
+    s = _samples(app["shards"], "RS")[0]
+    args = {"images": s.images, "question": s.question, **kw}
+    if args["images"] == "BIG":
+        args["images"] = [_noise_png(300)]  # ~270 kB > the 200 kB limit
+    with pytest.raises(grpc.RpcError) as ei:
+        app["client"].predict(**args, timeout=30)
+    assert ei.value.code() == code
+    assert needle in ei.value.details() and "Traceback" not in ei.value.details()
+    assert app["client"].predict(s.images, s.question, expert="RS", timeout=30).expert == "RS"
+
+
+def test_shared_token_is_required(app):
+    from cl_service.serve.client import Client, pb2
+
+    s = _samples(app["shards"], "RS")[0]
+    for token in (None, "wrong"):
+        with Client(f"127.0.0.1:{app['port']}", token=token) as c:
+            with pytest.raises(grpc.RpcError) as ei:
+                c.predict(s.images, s.question, timeout=30)
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in ei.value.details()
+            with pytest.raises(grpc.RpcError) as ei:
+                c.list_experts()
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert c.health() == "SERVING"  # probes need no token
+    with Client(f"127.0.0.1:{app['port']}") as c:
+        r = c.stub.ListExperts(pb2.ListExpertsRequest(), metadata=[("x-clsvc-token", TOKEN)], timeout=30)
+        assert len(r.experts) == 2
+
+
+def test_hot_add_publishes_the_next_task_without_downtime(app):
+    """The run continues with AD while clients keep calling; the new expert and router go live, nothing fails."""
+    c = app["client"]
+    rs, ad = _samples(app["shards"], "RS"), _samples(app["shards"], "AD")
+    errors: list[str] = []
+    done = threading.Event()
+    served = [0]
+
+    def traffic():
+        i = 0
+        while not done.is_set():
+            s = rs[i % len(rs)]
+            try:
+                c.predict(s.images, s.question, timeout=60)
+                served[0] += 1
+            except grpc.RpcError as e:
+                errors.append(f"{e.code()}: {e.details()}")
+            i += 1
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        _run(app["out"], app["base"], app["shards"])  # resumes: trains AD + the stage-2 router, publishes them
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and [e.task for e in c.list_experts().experts] != ["RS", "Med", "AD"]:
+            time.sleep(0.25)
+        before = served[0]
+        time.sleep(1.0)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=90)
+    assert [e.task for e in c.list_experts().experts] == ["RS", "Med", "AD"]
+    assert not errors, errors[:3]
+    assert served[0] > before > 0  # served during the whole switch
+    offline = _offline(app["out"], "stage-2-AD", "AD")
+    for s in ad:
+        r = c.predict(s.images, s.question, timeout=60)
+        ref = offline[s.id]
+        assert (r.answer, r.expert, r.router.raw_output) == (ref["text"], ref["metadata"]["expert"],
+                                                              ref["metadata"]["router_raw"]), s.id
+    assert c.predict(ad[0].images, ad[0].question, expert="AD").expert == "AD"
