@@ -150,6 +150,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
     atomic_write_text(out / "config.resolved.json", json.dumps(resolved, indent=2))
     descriptions = {t: ds.task_meta(t)["description"] for t in tasks}
     engine = (engine_factory or Engine)(base_path, cfg)
+    engine.enable_memo()  # the same expert answers the same test item at every stage: compute it once
     tests = {t: choose(ds.samples(t, "test"), cfg.data.test_limit, cfg.seed) for t in tasks}
     train_cache: dict[tuple, list] = {}
 

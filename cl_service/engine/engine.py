@@ -51,6 +51,7 @@ class Engine:
         self._loaded: OrderedDict[str, tuple[str, str]] = OrderedDict()  # path -> (name, digest)
         self._used: set[str] = set()
         self._n = 0
+        self.memo: dict | None = None  # see enable_memo
         tok = self.mllm.tokenizer
         self._letter_ids = {L: tok(" " + L, add_special_tokens=False).input_ids[0] for L in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
@@ -135,9 +136,17 @@ class Engine:
         if not samples:
             return []
         n = max_new_tokens or self.max_new_tokens
-        if self.fused_lora:
-            return self.answer_mixed(samples, [adapter] * len(samples), n)
-        return self._run(adapter, lambda: self.mllm.generate(list(samples), n, self.batch_size))
+
+        def compute(todo: list[Sample]) -> list[str]:
+            if self.fused_lora:
+                return self.answer_mixed(todo, [adapter] * len(todo), n)
+            return self._run(adapter, lambda: self.mllm.generate(todo, n, self.batch_size))
+
+        if self.memo is None:
+            return compute(list(samples))
+        if adapter is not None:
+            self._used.add(str(Path(adapter).resolve()))
+        return self._memoised(("answer", _content_digest(adapter), n), samples, compute)
 
     def vision_states(self, samples: Sequence[Sample]) -> torch.Tensor:
         """Base CLIP states of the samples' images ``[N_img, k, vision_hidden]``, computed once and
@@ -220,12 +229,59 @@ class Engine:
 
     def question_features(self, samples: Sequence[Sample]) -> np.ndarray:
         """Base-model routing features ``[B, H_text + H_vision]`` (the ridge router's input)."""
-        with self.mllm.adapters_disabled():
-            return self.mllm.question_features(list(samples), self.batch_size).numpy()
+        def compute(todo: list[Sample]) -> list[np.ndarray]:
+            with self.mllm.adapters_disabled():
+                return list(self.mllm.question_features(todo, self.batch_size).numpy())
+
+        return np.stack(self._memoised(("question_features",), samples, compute))
 
     def features(self, samples: Sequence[Sample], vision_states: torch.Tensor | None = None) -> np.ndarray:
         """Pooled base-model features ``[B, H]`` (the prototype router's input); ``vision_states`` as in
         :meth:`answer_mixed`."""
         bs = max(self.batch_size, len(samples)) if vision_states is not None else self.batch_size
-        with self.mllm.adapters_disabled():
-            return self.mllm.pooled_features(list(samples), bs, vision_states).numpy()
+
+        def compute(todo: list[Sample]) -> list[np.ndarray]:
+            with self.mllm.adapters_disabled():
+                return list(self.mllm.pooled_features(todo, bs, vision_states).numpy())
+
+        if vision_states is not None or self.memo is None:
+            return np.stack(compute(list(samples)))
+        return np.stack(self._memoised(("features",), samples, compute))
+
+    # ------------------------------------------------------------------ memo
+    def enable_memo(self) -> None:
+        """Memoise deterministic results — answers per (adapter content, sample, max_new_tokens) and base
+        features per sample — for the life of this engine. A stream evaluation asks the same expert
+        about the same test item at every stage (oracle, the routed methods, zero-shot); greedy decoding
+        makes the stored answer the one a fresh pass would give."""
+        if self.memo is None:
+            self.memo = {}
+
+    def _memoised(self, kind: tuple, samples: Sequence[Sample], compute) -> list:
+        if self.memo is None:
+            return list(compute(list(samples)))
+        keys = [kind + (_sample_digest(s),) for s in samples]
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
+        if todo:
+            for i, v in zip(todo, compute([samples[i] for i in todo])):
+                self.memo[keys[i]] = v
+        return [self.memo[k] for k in keys]
+
+
+def _sample_digest(s: Sample) -> str:
+    h = hashlib.sha256()
+    for part in (s.id, s.question, *s.images):
+        b = part.encode() if isinstance(part, str) else part
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def _content_digest(adapter: str | None) -> str:
+    """The adapter's identity by content (its checksummed ``adapter.json``); "base" for no adapter."""
+    if adapter is None:
+        return "base"
+    meta = Path(adapter) / ADAPTER_META
+    if not meta.is_file():
+        read_adapter(adapter)  # raises the registry's clear error
+    return hashlib.sha256(meta.read_bytes()).hexdigest()
