@@ -1,0 +1,246 @@
+"""The sweep's results: ``sweep.json`` / ``sweep.csv`` (one row per trial), ``report.md`` and plots.
+
+Built from the trial folders only (spec, progress, done-record), so it is the same whether the sweep ran in
+one go or was restarted, and it can be rewritten any time (``write_sweep_report``). All writes are atomic.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from cl_service._atomic import atomic_write_text
+from cl_service._table import format_table
+from cl_service.sweep.space import Space, TrialSpec
+from cl_service.sweep.trial import DONE, PROGRESS, read_json, trial_dir
+
+RANK_KEY = "expert.lora.rank"
+SAMPLES_KEY = "router.samples_per_task"
+
+
+def trial_rows(out: Path, trials: list[TrialSpec], stages: int) -> list[dict[str, Any]]:
+    """One row per trial: its values, seed, state, final metrics and the metric after each stage."""
+    rows = []
+    for t in trials:
+        tdir = trial_dir(out, t.id)
+        rec = read_json(tdir / DONE) or {}
+        progress = read_json(tdir / PROGRESS) or []
+        state = rec.get("state") or ("running/failed" if progress else "pending")
+        if state == "stopped":
+            state = "stopped (ASHA)"
+        row: dict[str, Any] = {"trial": t.index + 1, "id": t.id, **t.params, "seed": t.seed, "state": state,
+                               "stages": len(progress), "MFT": rec.get("MFT"), "MFN": rec.get("MFN"),
+                               "BWT": rec.get("BWT"),
+                               "router_acc": rec.get("router_acc", progress[-1]["router_acc"] if progress else None),
+                               "time_s": sum(p.get("stage_s", 0.0) for p in progress) or None}
+        for k in range(1, stages + 1):
+            p = progress[k - 1] if k <= len(progress) else {}
+            row[f"acc_seen@{k}"] = p.get("acc_seen")
+            row[f"acc_task@{k}"] = p.get("acc_task")
+            row[f"router_acc@{k}"] = p.get("router_acc")
+            row[f"_time@{k}"] = p.get("time")
+        rows.append(row)
+    return rows
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols = [c for c in rows[0] if not c.startswith("_")] if rows else []
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for r in rows:
+        w.writerow(["" if _cell(r[c]) is None else _cell(r[c]) for c in cols])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _group(rows: list[dict[str, Any]], keys: list[str], field: str) -> list[tuple[tuple, list[float], list[int]]]:
+    """Rows grouped by ``keys``: the non-missing ``field`` values and their seeds."""
+    groups: dict[tuple, tuple[list[float], list[int]]] = {}
+    for r in rows:
+        g = tuple(json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in keys)
+        vals, seeds = groups.setdefault(g, ([], []))
+        if r.get(field) is not None:
+            vals.append(float(r[field]))
+            seeds.append(r["seed"])
+    return [(g, v, s) for g, (v, s) in groups.items()]
+
+
+def _plot_vs(path: Path, rows: list[dict[str, Any]], x_key: str, fields: list[tuple[str, str]], ylabel: str,
+             title: str) -> Path | None:
+    """Mean of each ``field`` over the trials at each x, error bars = std over seeds (when several ran)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    drawn = False
+    for field, label in fields:
+        xs, ms, ss = [], [], []
+        for (x,), vals, seeds in sorted(_group(rows, [x_key], field), key=lambda g: g[0]):
+            if not vals:
+                continue
+            per_seed: dict[int, list[float]] = {}
+            for v, s in zip(vals, seeds):
+                per_seed.setdefault(s, []).append(v)
+            seed_means = [statistics.fmean(v) for v in per_seed.values()]
+            m, sd = _mean_std(seed_means)
+            xs.append(x), ms.append(m), ss.append(sd)
+            ax.scatter([x] * len(vals), vals, s=12, alpha=0.35)
+        if xs:
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=4, label=label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def asha_decisions(rows: list[dict[str, Any]], space: Space, stages: int) -> list[dict[str, Any]]:
+    """Per ASHA rung: the trials that reported there, in arrival order, and whether each went on."""
+    a = space.settings.asha
+    if a is None or stages <= a.grace_period:
+        return []
+    rungs, r = [], a.grace_period
+    while r < stages:
+        rungs.append(int(r))
+        r = math.ceil(r * a.reduction_factor) if r * a.reduction_factor > r else r + 1
+    metric = space.settings.metric
+    out = []
+    for k in rungs:
+        reached = [row for row in rows if row["stages"] >= k]
+        reached.sort(key=lambda row: row.get(f"_time@{k}") or 0)
+        for order, row in enumerate(reached, 1):
+            stopped_here = row["state"].startswith("stopped") and row["stages"] == k
+            value = row.get(f"{metric}@{k}")
+            out.append({"rung_stage": k, "arrival": order, "trial": row["trial"], "id": row["id"],
+                        "value": value, "decision": "stopped" if stopped_here else "continued"})
+    return out
+
+
+def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], stages: int,
+                       wall_s: float | None = None, command: str | None = None) -> dict[str, Any]:
+    """Write sweep.json, sweep.csv, report.md and the plots; returns the sweep.json content."""
+    out = Path(out)
+    rows = trial_rows(out, trials, stages)
+    keys = list(trials[0].params) if trials else []
+    swept = [k for k in space.swept_keys() if k in keys]
+    s = space.settings
+    done = [r for r in rows if r["state"] == "done"]
+    final_metric = f"{s.metric}@{stages}"
+    best = None
+    if done:
+        pick = max if s.mode == "max" else min
+        best = pick((r for r in done if r.get(final_metric) is not None), key=lambda r: r[final_metric], default=None)
+    decisions = asha_decisions(rows, space, stages)
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    result = {"stages": stages, "metric": s.metric, "mode": s.mode, "swept": swept, "states": states,
+              "wall_s": wall_s, "best": best and {k: v for k, v in best.items() if not k.startswith("_")},
+              "asha": s.asha and {"grace_period": s.asha.grace_period, "reduction_factor": s.asha.reduction_factor},
+              "asha_decisions": decisions,
+              "trials": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
+    atomic_write_text(out / "sweep.json", json.dumps(result, indent=2))
+    _write_csv(out / "sweep.csv", rows)
+
+    plots = []
+    if RANK_KEY in keys:
+        p = _plot_vs(out / "mft_vs_rank.png", done, RANK_KEY, [("MFT", "MFT (completed trials)")], "MFT (%)",
+                     "Final mean accuracy vs expert LoRA rank")
+        plots += [p] if p else []
+    if SAMPLES_KEY in keys:
+        fields = [(f"router_acc@{k}", f"after stage {k} ({k} experts)") for k in range(2, stages + 1)
+                  if any(r.get(f"router_acc@{k}") is not None for r in rows)]
+        p = _plot_vs(out / "router_acc_vs_samples.png", rows, SAMPLES_KEY, fields, "router accuracy (%)",
+                     "Router accuracy over seen tasks vs router samples per task")
+        plots += [p] if p else []
+
+    md = [f"# Sweep report ({len(rows)} trials, {stages} stages each)", ""]
+    if command:
+        md += [f"Command: `{command}`", ""]
+    md += [f"Swept: {', '.join(f'`{k}`' for k in swept) or '(nothing)'}; seeds {list(s.seeds)}; metric "
+           f"`{s.metric}` ({s.mode}) reported after every stage; scheduler "
+           + (f"ASHA (grace {s.asha.grace_period} stages, reduction factor {s.asha.reduction_factor:g})"
+              if s.asha else "FIFO (no early stopping)") + ".",
+           "States: " + ", ".join(f"{k} {v}" for k, v in states.items())
+           + (f"; wall time of the last launch {wall_s:.0f} s ({wall_s / 60:.1f} min)." if wall_s else "."), ""]
+    if best:
+        md += ["## Best configuration", "",
+               f"Trial {best['trial']} (`{best['id']}`): " + ", ".join(f"`{k}={_cell(best[k])}`" for k in keys)
+               + f", seed {best['seed']} — {final_metric} {best[final_metric]:.2f}, MFT {best['MFT']:.2f}, "
+               f"router accuracy {_fmt(best['router_acc'])}.", ""]
+    md += ["## Trials", "",
+           "MFT/MFN/BWT and router accuracy (mean over tasks) are final for completed trials; for trials "
+           "stopped early the router accuracy is the one after their last stage.", "",
+           format_table(["#", *[k.split(".")[-1] if k.count(".") else k for k in keys], "seed", "state", "stages",
+                         "MFT", "MFN", "BWT", "router acc", "time s"],
+                        [[r["trial"], *[_cell(r[k]) for k in keys], r["seed"], r["state"], r["stages"], r["MFT"],
+                          r["MFN"], r["BWT"], r["router_acc"], r["time_s"]] for r in rows], markdown=True), "",
+           f"### `{s.metric}` after each stage", "",
+           format_table(["#", *[k.split(".")[-1] for k in swept], *[f"stage {k}" for k in range(1, stages + 1)]],
+                        [[r["trial"], *[_cell(r[k]) for k in swept],
+                          *[r.get(f"{s.metric}@{k}")
+                            for k in range(1, stages + 1)]] for r in rows], markdown=True), ""]
+    if len(s.seeds) > 1 and swept:
+        agg = []
+        for g, vals, _ in _group(done, swept, "MFT"):
+            if vals:
+                m, sd = _mean_std(vals)
+                agg.append([*g, len(vals), f"{m:.2f} ± {sd:.2f}"])
+        md += ["### Mean ± std over seeds (completed trials)", "",
+               format_table([*[k.split(".")[-1] for k in swept], "seeds", "MFT"], agg, markdown=True), ""]
+    if SAMPLES_KEY in keys:
+        tab = []
+        for (x,), vals, _ in sorted(_group(rows, [SAMPLES_KEY], f"router_acc@{min(2, stages)}"), key=lambda g: g[0]):
+            fin = [r[f"router_acc@{stages}"] for r in rows if r[SAMPLES_KEY] == x and r.get(f"router_acc@{stages}") is not None]
+            tab.append([x, _fmt(statistics.fmean(vals)) if vals else None, len(vals),
+                        _fmt(statistics.fmean(fin)) if fin else None, len(fin)])
+        md += ["### Router accuracy by samples per task", "",
+               format_table(["samples/task", "after stage 2 (mean)", "trials", f"after stage {stages} (mean)",
+                             "trials"], tab, markdown=True), ""]
+    if decisions:
+        md += ["## ASHA decisions", "",
+               f"At each rung (stage) a trial continues only if its `{s.metric}` is in the top "
+               f"1/{s.asha.reduction_factor:g} of the values recorded at that rung so far (arrival order matters: "
+               "the first trial at a rung always continues).", "",
+               format_table(["rung (stage)", "arrival", "trial", "id", s.metric, "decision"],
+                            [[d["rung_stage"], d["arrival"], d["trial"], d["id"], d["value"], d["decision"]]
+                             for d in decisions], markdown=True), ""]
+    if plots:
+        md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    md += ["Files: `sweep.csv` / `sweep.json` (one row per trial), `trials/<id>/run/` (each trial's CL run: "
+           "metrics.json, report.md, adapters), `cache/` (adapters shared between trials).", ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    return result
+
+
+def _fmt(v: Any) -> Any:
+    return None if v is None else round(float(v), 2)

@@ -1,0 +1,168 @@
+"""Sweep trials without Ray: the per-stage hook, the shared adapter cache, done-records (resume), the report."""
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from cl_service.adapters.registry import read_adapter
+from cl_service.run import LocalTrainer
+from cl_service.sweep.cache import CachingTrainer, file_lock, try_lock, unlock
+from cl_service.sweep.report import write_sweep_report
+from cl_service.sweep.space import expand, load_base, parse_space
+from cl_service.sweep.trial import done_record, mark_stopped, pending_trials, run_trial, trial_dir
+
+pytestmark = pytest.mark.timeout(600)
+
+
+class CountingTrainer(LocalTrainer):
+    def __init__(self):
+        self.trained: list[str] = []
+
+    def fit(self, jobs):
+        self.trained += [j.name for j in jobs]
+        return super().fit(jobs)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_base, dcl_shards):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("sweep")
+    base = load_base(None, [f"data.path={dcl_shards}", "data.tasks=[RS,Med]", "methods=[mrlora]",
+                            "expert.train.max_steps=2", "expert.train.batch_size=4", "router.train.max_steps=2",
+                            "router.lora.rank=2", "eval.max_new_tokens=3", "data.test_limit=4", "ray.num_workers=0"])
+    space = parse_space({"space": {"router.samples_per_task": [2, 3], "expert.lora.rank": [2],
+                                   "expert.lora.alpha": "2*rank"},
+                         "sweep": {"asha": {"grace_period": 1, "reduction_factor": 2}}})
+    trials = expand(space, base)
+    trainer = CountingTrainer()
+    reports: dict[str, list] = {}
+    recs = [run_trial(t, base, out, trainer, report=reports.setdefault(t.id, []).append, base_path=str(tiny_base),
+                      log=lambda m: None) for t in trials]
+    return {"out": out, "base": base, "space": space, "trials": trials, "trainer": trainer, "reports": reports,
+            "recs": recs, "tiny_base": tiny_base}
+
+
+def test_router_sweep_trains_the_experts_once_and_each_router_once(sweep):
+    # two trials share the expert config (rank, alpha, lr, data, base, seed): experts RS and Med train once;
+    # their routers differ (2 vs 3 samples per task), so each trains its own.
+    assert sorted(sweep["trainer"].trained) == ["expert/Med", "expert/RS", "router/stage-1", "router/stage-1"]
+    a, b = (trial_dir(sweep["out"], t.id) / "run" / "adapters" / "experts" for t in sweep["trials"])
+    for task in ("RS", "Med"):
+        ma, mb = read_adapter(a / task), read_adapter(b / task)  # verified copies in each run folder
+        assert ma["files"] == mb["files"] and ma["job_key"] == mb["job_key"]
+    assert [r["reused_adapters"] for r in sweep["recs"]] == [0, 2]
+    ra, rb = (read_adapter(trial_dir(sweep["out"], t.id) / "run" / "adapters" / "router" / "stage-1-Med")
+              for t in sweep["trials"])
+    assert ra["job_key"] != rb["job_key"]
+
+
+def test_each_stage_is_reported_and_recorded(sweep):
+    for t, rec in zip(sweep["trials"], sweep["recs"]):
+        reps = sweep["reports"][t.id]
+        assert [r["stage"] for r in reps] == [1, 2]  # the last one only after the done-record
+        assert reps[0]["router_acc"] == 100.0  # one expert: nothing to route
+        assert 0.0 <= reps[1]["router_acc"] <= 100.0
+        assert reps[1]["acc_seen"] == pytest.approx((reps[1]["acc_task"] + _row(sweep, t)[0]) / 2)
+        assert rec["state"] == "done" and rec["stages"] == 2
+        metrics = json.loads((trial_dir(sweep["out"], t.id) / "run" / "metrics.json").read_text())
+        assert rec["MFT"] == pytest.approx(metrics["methods"]["mrlora"]["MFT"])
+        assert json.loads((trial_dir(sweep["out"], t.id) / "progress.json").read_text()) == \
+            [{k: v for k, v in r.items()} for r in reps]
+
+
+def _row(sweep, t):
+    m = json.loads((trial_dir(sweep["out"], t.id) / "run" / "metrics.json").read_text())
+    return m["methods"]["mrlora"]["matrix"][1]
+
+
+def test_resume_launches_only_trials_without_a_done_record(sweep):
+    out, trials = sweep["out"], sweep["trials"]
+    assert pending_trials(out, trials) == []
+    rec_path = trial_dir(out, trials[1].id) / "trial.json"
+    saved = rec_path.read_text()
+    rec_path.unlink()  # as if the sweep died after the trial's last stage
+    try:
+        assert pending_trials(out, trials) == [trials[1]]
+        trainer = CountingTrainer()
+        reports = []
+        rec = run_trial(trials[1], sweep["base"], out, trainer, report=reports.append,
+                        base_path=str(sweep["tiny_base"]), log=lambda m: None)
+        assert trainer.trained == []  # everything verified by checksum, nothing retrained
+        assert [r["stage"] for r in reports] == [1, 2] and rec["MFT"] == json.loads(saved)["MFT"]
+    finally:
+        rec_path.write_text(saved)
+
+
+def test_report_rows_states_and_asha_table(sweep, tmp_path):
+    out, trials = sweep["out"], sweep["trials"]
+    result = write_sweep_report(out, sweep["space"], trials, 2, wall_s=12.0)
+    assert [r["state"] for r in result["trials"]] == ["done", "done"]
+    assert result["best"]["id"] in {t.id for t in trials}
+    csv = (out / "sweep.csv").read_text().splitlines()
+    assert len(csv) == 3 and "router.samples_per_task" in csv[0] and "MFT" in csv[0]
+    md = (out / "report.md").read_text()
+    assert "## Best configuration" in md and "## ASHA decisions" in md and "router_acc_vs_samples.png" in md
+    assert (out / "router_acc_vs_samples.png").stat().st_size > 0 and (out / "mft_vs_rank.png").stat().st_size > 0
+    # a trial the scheduler stopped after stage 1 is reported as such, with no final metrics
+    rec_path = trial_dir(out, trials[1].id) / "trial.json"
+    saved = rec_path.read_text()
+    prog = trial_dir(out, trials[1].id) / "progress.json"
+    saved_prog = prog.read_text()
+    try:
+        prog.write_text(json.dumps(json.loads(saved_prog)[:1]))
+        mark_stopped(out, trials[1], "ASHA stopped it after stage 1")
+        assert done_record(out, trials[1].id)["state"] == "stopped"
+        result = write_sweep_report(out, sweep["space"], trials, 2)
+        row = result["trials"][1]
+        assert row["state"] == "stopped (ASHA)" and row["stages"] == 1 and row["MFT"] is None
+        assert {"rung_stage": 1, "trial": 2, "decision": "stopped"}.items() <= \
+            next(d for d in result["asha_decisions"] if d["trial"] == 2).items()
+    finally:
+        rec_path.write_text(saved)
+        prog.write_text(saved_prog)
+
+
+def test_cache_lock_is_exclusive_and_waits_are_bounded(tmp_path):
+    fd = try_lock(tmp_path / ".k.lock")
+    assert fd is not None
+    assert try_lock(tmp_path / ".k.lock") is None  # another open file description: refused
+    with pytest.raises(TimeoutError, match="could not lock"):
+        with file_lock(tmp_path / ".k.lock", timeout_s=0.3, poll_s=0.1):
+            pass
+    got = []
+    t = threading.Thread(target=lambda: got.append(_locked(tmp_path / ".k.lock")))
+    t.start()
+    unlock(fd)
+    t.join(5)
+    assert got == [True]
+
+
+def _locked(path: Path) -> bool:
+    with file_lock(path, timeout_s=5, poll_s=0.05):
+        return True
+
+
+def test_caching_trainer_copies_a_cached_adapter_without_training(sweep, tmp_path):
+    out = sweep["out"]
+    job_src = trial_dir(out, sweep["trials"][0].id) / "run" / "adapters" / "experts" / "RS"
+    meta = read_adapter(job_src)
+
+    class Boom:
+        def fit(self, jobs):
+            raise AssertionError(f"should not train {[j.name for j in jobs]}")
+
+    from cl_service.train.job import DataPart, TrainJob
+    from cl_service.sweep.space import trial_cfg
+
+    cfg = trial_cfg(sweep["base"], sweep["trials"][0], tmp_path)
+    job = TrainJob(name="expert/RS", kind="expert", task="RS", out_dir=str(tmp_path / "x" / "RS"),
+                   base_path=str(Path(sweep["tiny_base"]).resolve()), dataset=cfg.data.path,
+                   parts=(DataPart(task="RS", limit=cfg.data.train_limit, seed=cfg.seed),), lora=cfg.expert.lora,
+                   train=cfg.expert.train, description=meta["description"], seed=cfg.seed)
+    assert job.key() == meta["job_key"]
+    ct = CachingTrainer(Boom(), out / "cache")
+    ct.fit([job])
+    assert ct.reused == ["expert/RS"] and read_adapter(job.out_dir, job.key())["files"] == meta["files"]
