@@ -80,36 +80,59 @@ class Router:
     async def route_batch(self, items: list[tuple]) -> list:
         return await asyncio.to_thread(self._route, items)
 
-    def _route(self, items: list[tuple]) -> list:
+    def _route(self, items: list[tuple]) -> list[tuple]:
+        """``[(sample, router_dir, experts, descriptions)] -> [(Route, vision_states of the sample or None)]``."""
         from cl_service.routers.prompt import Pool
 
+        samples = [it[0] for it in items]
+        per_sample = [None] * len(items)
+        if self.cfg.share_vision_states:  # CLIP once per request, for both stages
+            vs = self.engine.vision_states(samples)
+            per_sample = list(vs.split([len(s.images) for s in samples]))
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_, router_dir, experts, descs) in enumerate(items):
             groups[(router_dir, experts, descs)].append(i)  # a hot add mid-batch: two pools, two calls
         out: list = [None] * len(items)
         for (router_dir, experts, descs), idx in groups.items():
-            samples = [items[i][0] for i in idx]
-            if self.cfg.router_kind == "prototype":
-                routes = self._prototype(experts).route(samples)
+            group = [samples[i] for i in idx]
+            if self.cfg.router_kind == "mllm":
+                vs = torch_cat([per_sample[i] for i in idx])
+                routes = self.engine.route_mllm(group, router_dir, Pool(experts, descs), vision_states=vs)
             else:
-                routes = self.engine.route_mllm(samples, router_dir, Pool(experts, descs))
+                routes = self._feature_router(router_dir, experts).route(group)
             for i, r in zip(idx, routes):
-                out[i] = r
+                out[i] = (r, per_sample[i])
         return out
 
-    def _prototype(self, experts: tuple[str, ...]):
-        """The prototype router over ``experts``, fitted once per pool with the offline evaluation's samples."""
-        if experts not in self._prototypes:
-            from cl_service.data.shards import ShardDataset
-            from cl_service.routers.prototype import PrototypeRouter
-            from cl_service.train.job import choose
+    def _feature_router(self, router_dir: str | None, experts: tuple[str, ...]):
+        """The run's saved feature router (cached per folder content), or a prototype router fitted on the
+        samples the offline evaluation would use when the run saved none."""
+        key = (router_dir, experts if router_dir is None else (Path(router_dir) / "router.json").stat().st_mtime_ns)
+        if key not in self._prototypes:
+            if router_dir is not None:
+                from cl_service.routers.store import load_router
 
-            ds = ShardDataset(self.run.resolved["dataset"])
-            n = self.cfg.prototype_samples_per_task or int(self.run.run_setting("router", "samples_per_task", 20))
-            seed = int(self.run.resolved.get("seed", 0)) + 7  # the seed mrlora_proto uses offline
-            per_task = {t: choose(ds.samples(t, "train"), n, seed) for t in experts}
-            self._prototypes[experts] = PrototypeRouter.fit(self.engine, per_task)
-        return self._prototypes[experts]
+                self._prototypes[key] = load_router(router_dir, self.engine)
+            else:
+                from cl_service.data.shards import ShardDataset
+                from cl_service.routers.prototype import PrototypeRouter
+                from cl_service.train.job import choose
+
+                ds = ShardDataset(self.run.resolved["dataset"])
+                n = self.cfg.prototype_samples_per_task or int(self.run.run_setting("router", "samples_per_task", 20))
+                seed = int(self.run.resolved.get("seed", 0)) + 7  # the seed the feature-routed methods use
+                per_task = {t: choose(ds.samples(t, "train"), n, seed) for t in experts}
+                self._prototypes[key] = PrototypeRouter.fit(self.engine, per_task)
+        return self._prototypes[key]
+
+
+def torch_cat(parts: list) -> Any:
+    """Concatenate per-sample tensors, or None when any is missing."""
+    if not parts or any(p is None for p in parts):
+        return None
+    import torch
+
+    return torch.cat(parts)
 
 
 @serve.deployment(name="Expert")
@@ -123,8 +146,8 @@ class Expert:
         _set_batching(self.answer_batch, self.cfg.expert)
         self.batches: list[int] = []  # sizes of the batches run (for tests and the load test)
 
-    async def answer(self, sample, adapter: str, max_new_tokens: int | None) -> str:
-        return await self.answer_batch((sample, adapter, max_new_tokens))
+    async def answer(self, sample, adapter: str, max_new_tokens: int | None, vision_states: Any = None) -> str:
+        return await self.answer_batch((sample, adapter, max_new_tokens, vision_states))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def answer_batch(self, items: list[tuple]) -> list[str]:
@@ -133,24 +156,15 @@ class Expert:
         return await asyncio.to_thread(self._answer, items)
 
     def _answer(self, items: list[tuple]) -> list[str]:
+        """Rows for different experts share each forward pass (``Engine.answer_mixed``); one call per
+        distinct ``max_new_tokens``."""
         by_len: dict[int | None, list[int]] = defaultdict(list)
-        for i, (_, _, n) in enumerate(items):
-            by_len[n].append(i)
+        for i, it in enumerate(items):
+            by_len[it[2]].append(i)
         out = [""] * len(items)
-        mixed = getattr(self.engine, "answer_mixed", None)
         for n, idx in by_len.items():
-            samples = [items[i][0] for i in idx]
-            adapters = [items[i][1] for i in idx]
-            if mixed is not None and n is None:  # one forward pass for rows with different experts
-                texts = mixed(samples, adapters)
-            else:
-                texts = [""] * len(idx)
-                per: dict[str, list[int]] = defaultdict(list)
-                for k, a in enumerate(adapters):
-                    per[a].append(k)
-                for a, ks in per.items():
-                    for k, t in zip(ks, self.engine.answer([samples[k] for k in ks], a, n)):
-                        texts[k] = t
+            texts = self.engine.answer_mixed([items[i][0] for i in idx], [items[i][1] for i in idx], n,
+                                             vision_states=torch_cat([items[i][3] for i in idx]))
             for i, t in zip(idx, texts):
                 out[i] = t
         return out
@@ -236,7 +250,7 @@ class Ingress:
             self._auth(grpc_context)
             sample, n = parse_predict(request, self.limits)
             cat = self.catalog
-            route_ms = 0.0
+            route_ms, vision_states = 0.0, None
             if request.HasField("expert"):
                 expert = cat.find(request.expert)
                 decision = grpc_api.pb2.RouterDecision(kind="request")
@@ -244,9 +258,16 @@ class Ingress:
                 expert = cat.experts[0]
                 decision = grpc_api.pb2.RouterDecision(kind="single")
             else:
-                if self.cfg.router_kind == "prototype":
-                    experts = tuple(e.task for e in cat.experts)
-                    args = (None, experts, tuple(e.description for e in cat.experts))
+                kind = self.cfg.router_kind
+                if kind != "mllm":
+                    saved = cat.feature_routers.get(kind)
+                    if saved is None and kind != "prototype":
+                        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                           f"the run saved no {kind} router; name an expert: "
+                                           + ", ".join(e.task for e in cat.experts))
+                    experts = saved[1] if saved else tuple(e.task for e in cat.experts)
+                    args = (str(saved[0]) if saved else None, experts,
+                            tuple(cat.find(t).description for t in experts))
                 elif cat.pool is None or cat.router_dir is None:
                     raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                        "the run has no usable MLLM router yet; name an expert: "
@@ -254,16 +275,17 @@ class Ingress:
                 else:
                     args = (str(cat.router_dir), cat.pool.experts, cat.pool.descriptions)
                 t1 = time.perf_counter()
-                route = await self.router.route.remote(sample, *args)
+                route, vision_states = await self.router.route.remote(sample, *args)
                 route_ms = (time.perf_counter() - t1) * 1000
                 expert = cat.find(route.expert)
                 decision = grpc_api.pb2.RouterDecision(kind=self.cfg.router_kind, raw_output=route.raw,
-                                              fallback_used=bool(route.fallback))
+                                                       fallback_used=bool(route.fallback))
             t2 = time.perf_counter()
-            answer = await self.expert.answer.remote(sample, str(expert.path), n)
+            answer = await self.expert.answer.remote(sample, str(expert.path), n, vision_states)
             answer_ms = (time.perf_counter() - t2) * 1000
-            return grpc_api.pb2.PredictResponse(answer=answer, expert=expert.task, router=decision, latency=grpc_api.pb2.Latency(
-                route_ms=route_ms, answer_ms=answer_ms, total_ms=(time.perf_counter() - t0) * 1000))
+            latency = grpc_api.pb2.Latency(route_ms=route_ms, answer_ms=answer_ms,
+                                           total_ms=(time.perf_counter() - t0) * 1000)
+            return grpc_api.pb2.PredictResponse(answer=answer, expert=expert.task, router=decision, latency=latency)
         except RequestError as e:
             return self._fail(grpc_context, e.code, e.message, grpc_api.pb2.PredictResponse())
         except AdapterError as e:

@@ -53,6 +53,9 @@ class Catalog:
     pool: Pool | None
     fingerprint: str
     resolved: dict[str, Any]
+    feature_routers: dict[str, tuple[Path, tuple[str, ...]]]
+    """Saved feature routers (``routers/<kind>/stage-<i>-<task>/``) of the latest usable stage per kind:
+    ``kind -> (folder, experts in pool order)``; exactly the router the offline evaluation used."""
 
     @classmethod
     def load(cls, run_dir: str | Path, verify: bool = True) -> "Catalog":
@@ -90,10 +93,22 @@ class Catalog:
                 router_dir = d
                 pool = Pool(seen, tuple(known[t].description for t in seen))
                 break
+        feature_routers: dict[str, tuple[Path, tuple[str, ...]]] = {}
+        kinds = sorted(p.name for p in (run_dir / "routers").iterdir()) if (run_dir / "routers").is_dir() else []
+        for kind in kinds:
+            for i in range(len(tasks) - 1, 0, -1):
+                meta = run_dir / "routers" / kind / f"stage-{i}-{tasks[i]}" / "router.json"
+                if meta.is_file():
+                    pool_experts = tuple(json.loads(meta.read_text()).get("experts", ()))
+                    if pool_experts and all(t in known for t in pool_experts):
+                        feature_routers[kind] = (meta.parent, pool_experts)
+                        break
         h = hashlib.sha256()
         for p in [e.path for e in experts] + ([router_dir] if router_dir else []):
             h.update(str(p).encode() + (p / ADAPTER_META).read_bytes())
-        return cls(run_dir, tasks, tuple(experts), router_dir, pool, h.hexdigest()[:16], resolved)
+        for folder, _ in feature_routers.values():
+            h.update(str(folder).encode() + (folder / "router.json").read_bytes())
+        return cls(run_dir, tasks, tuple(experts), router_dir, pool, h.hexdigest()[:16], resolved, feature_routers)
 
     def find(self, name: str) -> ExpertEntry:
         """An expert by task name or adapter id; ``NOT_FOUND`` listing the known ones otherwise."""

@@ -54,9 +54,10 @@ class ServeCfg:
     or firewall the port on shared hosts."""
     http_port: int = 8000
     """Serve's HTTP proxy port (bound to 127.0.0.1; this app exposes nothing over HTTP)."""
-    router_kind: Literal["mllm", "prototype"] = "mllm"
-    """``mllm``: the run's latest MLLM router (base + router LoRA); ``prototype``: nearest mean of pooled base
-    features, fitted on ``prototype_samples_per_task`` training samples of each expert's task."""
+    router_kind: Literal["mllm", "prototype", "ridge"] = "mllm"
+    """``mllm``: the run's latest MLLM router (base + router LoRA); ``prototype`` / ``ridge``: the feature router
+    the run saved under ``routers/<kind>/`` (a prototype router is fitted on the run's training data when the
+    run saved none, with ``prototype_samples_per_task`` samples per task)."""
     prototype_samples_per_task: int | None = None
     """Training samples per task for the prototype router's means; None = the run's ``router.samples_per_task``
     (the same samples the offline evaluation used, so live routes equal offline routes)."""
@@ -64,6 +65,9 @@ class ServeCfg:
     expert: StageCfg = field(default_factory=StageCfg)
     ingress_num_cpus: float = 0.1
     """CPUs reserved by the gRPC ingress (validation, catalog, health)."""
+    share_vision_states: bool = True
+    """The Router computes base CLIP states once per request and the Expert reuses them (experts without
+    vision LoRA skip the CLIP pass; experts with vision LoRA recompute their own)."""
     max_loaded_adapters: int = 16
     """Adapters an Expert replica keeps in memory (LRU)."""
     watch_s: float = 2.0
