@@ -172,6 +172,55 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- serve
+def _cmd_serve(a: argparse.Namespace) -> int:
+    argv = [x for k in ("config", "results") if getattr(a, k) for x in (f"--{k}", getattr(a, k))]
+    argv += ["--port", str(a.port)] if a.port is not None else []
+    argv += ["--detach"] if a.detach else []
+    from cl_service.on_ray.serve import serve_main
+
+    return serve_main(argv + list(a.overrides), log=lambda m: print(m, flush=True))
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    import os
+
+    import grpc
+
+    from cl_service.serve.client import Client
+
+    token = os.environ.get(a.token_env) or None
+    with Client(a.address, token=token, application=a.application) as c:
+        try:
+            if a.list:
+                for e in c.list_experts(timeout=a.timeout).experts:
+                    print(f"{e.task}\t{e.id}\tv{e.adapter_version}\t{e.description}")
+                return 0
+            if not a.image or a.question is None:
+                raise CLIError("--image and --question are required (or --list)")
+            images = []
+            for f in a.image:
+                p = Path(f)
+                if not p.is_file():
+                    raise CLIError(f"image {f} not found")
+                images.append(p.read_bytes())
+            r = c.predict(images, a.question, expert=a.expert, max_new_tokens=a.max_new_tokens, timeout=a.timeout)
+        except grpc.RpcError as e:
+            print(f"clsvc: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if a.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(r, preserving_proto_field_name=True)))
+    else:
+        print(r.answer)
+        how = r.router.kind + (f" (router said {r.router.raw_output!r}{', fallback' if r.router.fallback_used else ''})"
+                               if r.router.raw_output else "")
+        print(f"expert {r.expert} via {how}; {r.latency.route_ms:.0f} ms route + {r.latency.answer_ms:.0f} ms answer, "
+              f"{r.latency.total_ms:.0f} ms total", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clsvc", description="cl-service: continual learning of multimodal LLMs")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -233,6 +282,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None)
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("serve", help="serve a run's experts and router over gRPC (Ray Serve, local Ray on loopback)",
+                       description="Same options as workloads/serve_experts.py. Uses RAY_ADDRESS if set, else starts "
+                                   "a local Ray on 127.0.0.1. Serve's gRPC proxy listens on all interfaces of the "
+                                   "port; set CLSVC_TOKEN to require a shared token. Ctrl-C stops it.")
+    s.add_argument("--results", default=None, help="the run's results folder (e.g. runs/dcl-mini)")
+    s.add_argument("--port", type=int, default=None, help="gRPC port (default 9000)")
+    s.add_argument("--config", default=None, help="ServeCfg YAML (workloads/configs/serve_dcl_mini.yaml)")
+    s.add_argument("--detach", action="store_true", help="with RAY_ADDRESS: deploy and return")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_serve)
+
+    s = sub.add_parser("predict", help="ask a served run: an image and a question in, the routed expert's answer out")
+    s.add_argument("--image", action="append", default=[], help="PNG/JPEG file (repeat for several images)")
+    s.add_argument("--question", default=None)
+    s.add_argument("--expert", default=None, help="answer with this expert (task name or id); skips routing")
+    s.add_argument("--max-new-tokens", type=int, default=None)
+    s.add_argument("--address", default="127.0.0.1:9000")
+    s.add_argument("--token-env", default="CLSVC_TOKEN", help="environment variable holding the shared token")
+    s.add_argument("--application", default=None, help="Serve app name (only when several apps run)")
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--list", action="store_true", help="list the served experts instead")
+    s.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    s.set_defaults(func=_cmd_predict)
 
     s = sub.add_parser("report", help="print the metrics table of a finished run")
     s.add_argument("out", help="the run's results folder")

@@ -16,17 +16,20 @@ locally with :func:`start`. The only module that imports Ray Serve.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import hmac
 import logging
 import os
+import signal
+import tempfile
 import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import grpc
 from ray import serve
@@ -401,3 +404,74 @@ def override(cfg: ServeCfg, **changes: Any) -> ServeCfg:
     """``cfg`` with top-level or dotted (``router.replicas``) keys changed, strictly checked."""
     return from_dict(ServeCfg, apply_overrides(to_dict(cfg), [f"{k.replace('__', '.')}={v}"
                                                               for k, v in changes.items()]))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeCfg, argparse.Namespace]:
+    p = argparse.ArgumentParser(description="Serve a continual-learning run (Router + Expert replicas on Ray Serve).")
+    p.add_argument("--config", default=None, help="ServeCfg YAML (workloads/configs/serve_*.yaml)")
+    p.add_argument("--results", default=None, help="the run's results folder (default: the config's)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default 9000; the proxy binds all interfaces)")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the app to be RUNNING")
+    p.add_argument("--detach", action="store_true", help="return once RUNNING (the app stays on the Ray cluster)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    a = p.parse_args(argv)
+    extra = [f"results={Path(a.results).resolve()}"] if a.results else []
+    extra += [f"grpc_port={a.port}"] if a.port is not None else []
+    cfg = load_serve_cfg(a.config, list(a.overrides) + extra)
+    if not Path(cfg.results).is_absolute():
+        cfg = override(cfg, results=str(Path(cfg.results).resolve()))
+    return cfg, a
+
+
+def serve_main(argv: Sequence[str] | None = None, log=print) -> int:
+    """``clsvc serve`` / ``workloads/serve_experts.py``: connect to ``RAY_ADDRESS`` or start a local Ray on
+    loopback, deploy, and serve until Ctrl-C / SIGTERM (then shut Serve down, bounded)."""
+    import ray
+
+    cfg, a = parse_args(argv)
+    Catalog.load(cfg.results)  # a wrong folder fails here, before Ray starts
+    token = os.environ.get(cfg.auth_token_env) or None
+    started = False
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address="127.0.0.1", log_to_driver=False)
+        else:
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                     _temp_dir=tempfile.mkdtemp(prefix="clsvc-ray-", dir="/tmp"))
+            started = True
+    if a.detach and started:
+        ray.shutdown()
+        raise ValueError("--detach needs a running cluster (RAY_ADDRESS); a local Ray ends with this process")
+    stop = threading.Event()
+    old = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        t0 = time.perf_counter()
+        start(cfg, token, timeout_s=a.ready_timeout)
+        cat = Catalog.load(cfg.results, verify=False)
+        log(f"serving {cfg.results}: experts {', '.join(e.task for e in cat.experts)}, router {cfg.router_kind} "
+            f"(ready in {time.perf_counter() - t0:.1f} s)")
+        log(f"gRPC cl.v1.ContinualLearning on port {cfg.grpc_port} (Serve's gRPC proxy listens on all interfaces; "
+            f"{'a shared token is required' if token else f'no token: set {cfg.auth_token_env} to require one'})")
+        log(f"  clsvc predict --address 127.0.0.1:{cfg.grpc_port} --image IMG.png --question '...'")
+        if a.detach:
+            return 0
+        log("Ctrl-C stops it")
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if not a.detach:
+            log("stopping Serve ...")
+            _bounded(serve.shutdown, 60)
+            if started:
+                _bounded(ray.shutdown, 60)
+    return 0
+
+
+def _bounded(fn: Any, timeout: float) -> None:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(timeout)
