@@ -205,3 +205,13 @@ def remove_lora(mllm: MLLM) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     mllm.peft = None
+
+
+def set_input_casting(mllm: MLLM, enabled: bool) -> None:
+    """peft casts a LoRA layer's input to the adapter weights' dtype (float32 adapters on a bf16 base: an
+    fp32 copy of every activation). Under ``torch.autocast`` that copy is wasted: autocast casts back
+    to bf16 for the matmul. Turn it off when training with ``TrainCfg.autocast`` (adapters added later
+    get peft's default, on)."""
+    for module in mllm.model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled

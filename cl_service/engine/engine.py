@@ -172,24 +172,42 @@ class Engine:
         n = max_new_tokens or self.max_new_tokens
         keys = [self._multi_key(a) for a in adapters]
         self._trim_multi({k for k in keys if k is not None})
-        counts = [len(s.images) for s in samples]
-        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         out: list[str] = []
+        for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
+            with self.mllm.adapters_disabled(), self.multi.rows(ck):
+                out += self.mllm.generate(chunk, n, len(chunk), image_features=feats)
+        return out
+
+    def _mixed_chunks(self, samples: Sequence[Sample], keys: list[str | None], vision_states: torch.Tensor | None):
+        """``(samples, adapter keys, image features)`` per batch of ``batch_size`` rows."""
+        counts = [len(s.images) for s in samples]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
         for i in range(0, len(samples), self.batch_size):
             chunk, ck = list(samples[i:i + self.batch_size]), keys[i:i + self.batch_size]
             image_keys = [k for k, c in zip(ck, counts[i:i + self.batch_size]) for _ in range(c)]
             vs = None if vision_states is None else vision_states[starts[i]:starts[i + len(chunk)]]
-
             feats: Any
             if vs is not None and not any(self.multi.is_vision(k) for k in ck):
                 feats = self.multi.image_features(None, image_keys, vs)  # no image decoding at all
             else:
                 def feats(pixels: torch.Tensor, image_keys=image_keys, vs=vs) -> torch.Tensor:
                     return self.multi.image_features(pixels, image_keys, vs)
+            yield chunk, ck, feats
 
+    @torch.no_grad()
+    def _last_logits_mixed(self, samples: Sequence[Sample], adapters: Sequence[str | None],
+                           vision_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits after each prompt ``[B, V]`` (float32, CPU), row ``i`` through ``adapters[i]``."""
+        keys = [self._multi_key(a) for a in adapters]
+        out = []
+        for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
             with self.mllm.adapters_disabled(), self.multi.rows(ck):
-                out += self.mllm.generate(chunk, n, len(chunk), image_features=feats)
-        return out
+                batch = self.mllm.collate(chunk, train=False, pixels=not torch.is_tensor(feats))
+                res = self.mllm.model(inputs_embeds=self.mllm.embed(batch, image_features=feats),
+                                      attention_mask=batch["attention_mask"].to(self.mllm.device),
+                                      position_ids=batch["position_ids"].to(self.mllm.device), logits_to_keep=1)
+                out.append(res.logits[:, -1].float().cpu())
+        return torch.cat(out)
 
     def route_mllm(self, samples: Sequence[Sample], router: str, pool: Pool,
                    vision_states: torch.Tensor | None = None) -> list[Route]:
@@ -201,7 +219,20 @@ class Engine:
         if not samples:
             return []
         items = [router_sample(pool, s, None) for s in samples]
-        if self.fused_lora or vision_states is not None:
+        fused = self.fused_lora or vision_states is not None
+        ids = torch.tensor([self._letter_ids[L] for L in pool.letters])
+        if fused and self.router_max_new_tokens == 1:
+            # One letter: a single prefill gives the output token and the fallback logits at once.
+            logits = self._last_logits_mixed(items, [router] * len(items), vision_states)
+            raws = [t.strip() for t in self.mllm.tokenizer.batch_decode(logits.argmax(-1)[:, None],
+                                                                       skip_special_tokens=True)]
+            routes = []
+            for raw, row in zip(raws, logits):
+                e = parse_choice(raw, pool)
+                routes.append(Route(e, raw, False) if e is not None
+                              else Route(pool.experts[int(row[ids].argmax())], raw, True))
+            return routes
+        if fused:
             raws = self.answer_mixed(items, [router] * len(items), self.router_max_new_tokens, vision_states)
         else:
             raws = self._run(router, lambda: self.mllm.generate(items, self.router_max_new_tokens, self.batch_size))
@@ -213,8 +244,9 @@ class Engine:
             if e is None:
                 bad.append(i)
         if bad:
-            ids = torch.tensor([self._letter_ids[L] for L in pool.letters])
-            logits = self._run(router, lambda: self._first_logits([items[i] for i in bad]))
+            todo = [items[i] for i in bad]
+            logits = (self._last_logits_mixed(todo, [router] * len(todo)) if fused
+                      else self._run(router, lambda: self._first_logits(todo)))
             for i, row in zip(bad, logits[:, ids]):
                 routes[i] = Route(pool.experts[int(row.argmax())], raws[i], True)
         return routes  # type: ignore[return-value]

@@ -79,3 +79,11 @@ PROFILES: Registry[ModelCfg] = Registry("model profile")
 #: a LoRA expert step (r16 decoder-only + projector, batch 16) ~0.55 s on 1 thread, so the default expert
 #: recipe (10 epochs of 300 samples = 190 steps) takes ~1.7-2 min; base build ~3.5 min uncontended.
 PROFILES.register("tiny", ModelCfg())
+
+#: LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px: 576 image tokens, layer -2; 2-layer GELU projector;
+#: Llama-7B decoder; 32064 vocabulary), bf16. For speed measurements only: built with random weights on
+#: the GPU (``build_mllm(..., device="cuda")``, see ``bench/``), never downloaded; weights do not change speed.
+PROFILES.register("llava-7b", ModelCfg(
+    name="llava-7b", image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+    vision_intermediate=4096, text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=32,
+    text_intermediate=11008, vocab_size=32064, max_length=2048, dtype="bfloat16"))

@@ -429,12 +429,28 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def build_mllm(cfg: ModelCfg, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> MLLM:
+def build_mllm(cfg: ModelCfg, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+               device: str | torch.device | None = None) -> MLLM:
     """A randomly initialised MLLM of shape ``cfg`` (deterministic in ``seed``; global RNG untouched).
-    Like :func:`load_mllm`, it comes frozen (no parameter requires grad) and in eval mode."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(llava_config(cfg, tokenizer))
+    Like :func:`load_mllm`, it comes frozen (no parameter requires grad) and in eval mode.
+
+    ``device`` (e.g. ``"cuda"``): build and initialise there, directly in ``cfg.dtype`` (a 7B model
+    initialises in seconds on a GPU instead of minutes in float32 on the CPU)."""
+    if device is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlavaForConditionalGeneration(llava_config(cfg, tokenizer))
+    else:
+        device = torch.device(device)
+        old = torch.get_default_dtype()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            torch.set_default_dtype(_dtype(cfg.dtype))
+            try:
+                with device:
+                    model = LlavaForConditionalGeneration(llava_config(cfg, tokenizer))
+            finally:
+                torch.set_default_dtype(old)
     model.to(_dtype(cfg.dtype))
     model.eval().requires_grad_(False)
     return MLLM(model, tokenizer, cfg)

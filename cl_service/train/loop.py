@@ -12,11 +12,12 @@ micro-batches without building them) or any re-iterable of ready batches (same o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 
@@ -45,6 +46,9 @@ class TrainCfg:
     """Gradient clipping by global norm (0 = off)."""
     seed: int = 0
     """Seeds data order and dropout."""
+    autocast: Literal["none", "bfloat16"] = "none"
+    """Run forward and loss under ``torch.autocast`` in this dtype (matmuls of float32 adapter weights
+    in bf16 on a bf16 base; the optimizer still updates float32 weights)."""
 
 
 @dataclass
@@ -119,6 +123,12 @@ def _epoch_iter(batches: Any, epoch: int, start: int) -> Iterator[Any]:
     return itertools.islice(iter(batches), start, None)
 
 
+def _autocast(cfg: TrainCfg, device: torch.device):
+    if cfg.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16}[cfg.autocast])
+
+
 def _schedule(cfg: TrainCfg, total: int) -> Callable[[int], float]:
     warm = math.ceil(cfg.warmup_ratio * total)
 
@@ -171,7 +181,9 @@ def train_steps(model: Any, batches: Iterable[Any] | Batches, params: Sequence[t
     state = state or TrainState()
     total = state.total_steps or total_steps(cfg, batches)
     state.total_steps = total
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # One fused kernel per step on the GPU (the default for-each path launches several per tensor group).
+    fused = all(p.is_cuda for p in params)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
     if state.optimizer is not None:
         opt.load_state_dict(state.optimizer)
@@ -193,7 +205,8 @@ def train_steps(model: Any, batches: Iterable[Any] | Batches, params: Sequence[t
             got = False
             for batch in _epoch_iter(batches, epoch, start):
                 got = True
-                loss = _loss(model, batch)
+                with _autocast(cfg, params[0].device):
+                    loss = _loss(model, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {state.step}")
                 (loss / cfg.grad_accum).backward()

@@ -98,6 +98,12 @@ def test_fused_engine_routes_like_peft(tiny_base, adapters, samples):
     assert fused.route_mllm(samples, adapters["e1"], pool) == ref
     assert fused.route_mllm(samples, adapters["e1"], pool, vision_states=fused.vision_states(samples)) == ref
     assert fused.answer(samples, adapters["e3"], 5) == Engine(tiny_base).answer(samples, adapters["e3"], 5)
+    # one-letter routers: one prefill gives the letter and, when it is no pool letter, the fallback
+    plain1, fused.router_max_new_tokens = Engine(tiny_base), 1
+    plain1.router_max_new_tokens = 1
+    ref1 = plain1.route_mllm(samples, adapters["e2"], pool)
+    assert fused.route_mllm(samples, adapters["e2"], pool, vision_states=fused.vision_states(samples)) == ref1
+    assert any(r.fallback for r in ref1) or len({r.expert for r in ref1}) > 1
 
 
 def test_bad_input(tiny_base, adapters, samples, tmp_path):
