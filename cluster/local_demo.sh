@@ -18,10 +18,12 @@ RAY=$ROOT/.venv/bin/ray
 # The base model is built once (outside the job, so its progress bar shows here) and reused.
 [ -n "${SKIP_BASE:-}" ] || $ROOT/.venv/bin/clsvc base build --profile tiny
 
-cleanup() { timeout 60 "$RAY" stop --force >/dev/null 2>&1 || true; }
+# Stop only this cluster's processes (`ray stop` would stop every Ray instance of the machine).
+cleanup() { timeout 60 "$PY" -m cl_service.on_ray.local stop --temp-dir "$TMP" --address "127.0.0.1:$PORT" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 timeout 120 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" --dashboard-host=127.0.0.1 \
-  --dashboard-port="$DASH" --temp-dir="$TMP" --disable-usage-stats >/dev/null
+  --dashboard-port="$DASH" --ray-client-server-port="${RAY_CLIENT_PORT:-10011}" --temp-dir="$TMP" \
+  --disable-usage-stats >/dev/null
 echo "Ray head on 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASH"
 timeout ${DEMO_TIMEOUT:-3600} "$RAY" job submit --address "http://127.0.0.1:$DASH" -- \
   bash -c "cd '$ROOT' && '$PY' workloads/run_stream.py --config '$CONFIG' --methods '$METHODS' --out '$OUT' ${EXTRA:-}"

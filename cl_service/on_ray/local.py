@@ -17,12 +17,11 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
-def ray_env(multi_node: bool = False) -> dict[str, str]:
-    """Environment for ``ray`` commands. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a single node on
-    loopback; a multi-node cluster needs it at 1 (Ray refuses extra nodes otherwise), and every node is
-    still pinned to 127.0.0.1 by ``--node-ip-address``."""
+def ray_env() -> dict[str, str]:
+    """Environment for ``ray`` commands: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps every address on
+    loopback (extra nodes join through :func:`add_node`)."""
     env = dict(os.environ)
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if multi_node else "0", "RAY_USAGE_STATS_ENABLED": "0",
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_AUTH_MODE": env.get("RAY_AUTH_MODE", "token")})
     return env
 
@@ -32,36 +31,77 @@ def _ray_bin() -> str:
     return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
 
 
-def _run(args: list[str], timeout: float, multi_node: bool = False) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(args, env=ray_env(multi_node), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(args, env=ray_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"`{' '.join(args)}` did not finish within {timeout:.0f} s") from None
 
 
 def start_head(temp_dir: str, num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
-               timeout: float = 120, multi_node: bool = False) -> str:
+               timeout: float = 120, client_port: int = 10001) -> str:
     """Start a head node on loopback; returns the GCS address. Raises on failure with Ray's output."""
     args = [_ray_bin(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={port}",
             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
-            "--disable-usage-stats"]
+            f"--ray-client-server-port={client_port}", "--disable-usage-stats"]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
-    res = _run(args, timeout, multi_node)
+    res = _run(args, timeout)
     if res.returncode != 0:
         raise RuntimeError(f"ray start --head failed:\n{res.stdout}\n{res.stderr}")
     return f"{LOOPBACK}:{port}"
 
 
 def add_node(address: str, num_cpus: int, timeout: float = 120) -> None:
-    """Join another node (same machine, loopback) to the cluster at ``address``."""
-    res = _run([_ray_bin(), "start", f"--address={address}", f"--node-ip-address={LOOPBACK}",
-                f"--num-cpus={num_cpus}", "--disable-usage-stats"], timeout, multi_node=True)
+    """Join another node (same machine, loopback) to the cluster at ``address`` with Ray's ``ray start``.
+
+    Ray's CLI refuses extra nodes while clustering is disabled — and disabling it
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) is what keeps every address on loopback: enabling it makes
+    Ray rewrite 127.0.0.1 to the machine's external address. So the node is started by ``ray start``
+    itself with only that one refusal lifted (:mod:`cl_service.on_ray._join`); everything else is Ray's
+    own code path, pinned to ``--node-ip-address=127.0.0.1``."""
+    res = _run([sys.executable, "-m", "cl_service.on_ray._join", f"--address={address}",
+                f"--node-ip-address={LOOPBACK}", f"--num-cpus={num_cpus}", "--disable-usage-stats"], timeout)
     if res.returncode != 0:
         raise RuntimeError(f"ray start --address failed:\n{res.stdout}\n{res.stderr}")
 
 
+def stop_cluster(temp_dir: str, address: str | None = None, timeout: float = 30) -> int:
+    """Stop only the Ray processes of the cluster started with ``temp_dir`` (and GCS ``address``) —
+    unlike ``ray stop``, which stops every Ray instance of the machine. Returns how many were signalled."""
+    import signal
+
+    marks = [str(temp_dir)] + ([f"--address={address}", f"--gcs-address={address}"] if address else [])
+    procs: dict[int, tuple[int, str]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(d.name)] = (ppid, cmd)
+    me = os.getpid()
+    roots = {pid for pid, (_, cmd) in procs.items() if pid != me and any(m in cmd for m in marks)}
+    victims, frontier = set(roots), set(roots)
+    while frontier:  # and their descendants (dashboard modules, agents, workers)
+        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier and pid not in victims and pid != me}
+        victims |= frontier
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in victims:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5)
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in victims):
+            time.sleep(0.2)
+    return len(victims)
+
+
 def stop(timeout: float = 60) -> None:
+    """``ray stop --force``: every Ray instance of this machine. Prefer :func:`stop_cluster`."""
     _run([_ray_bin(), "stop", "--force"], timeout)
 
 
@@ -84,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--temp-dir", default="/tmp/clsvc-ray")
     s.add_argument("--num-cpus", type=int, default=None)
     s.add_argument("--port", type=int, default=6379)
-    sub.add_parser("stop")
+    t = sub.add_parser("stop", help="stop the cluster started with --temp-dir (only its processes)")
+    t.add_argument("--temp-dir", default="/tmp/clsvc-ray")
+    t.add_argument("--address", default=None, help="its GCS address, e.g. 127.0.0.1:6379")
     a = p.parse_args(argv)
     if a.cmd == "start":
         print(start_head(a.temp_dir, a.num_cpus, a.port))
     else:
-        stop()
+        print(f"stopped {stop_cluster(a.temp_dir, a.address)} process(es)")
     return 0
 
 
