@@ -159,6 +159,22 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(a: argparse.Namespace) -> int:
+    from cl_service.sweep.space import expand, load_base, load_space
+
+    space = load_space(a.space)  # validate before starting Ray
+    trials = expand(space, load_base(a.config, a.overrides))
+    if a.dry_run:
+        for t in trials:
+            print(f"{t.index + 1:3d} {t.id} {t.label()}")
+        print(f"{len(trials)} trial(s)")
+        return 0
+    from cl_service.on_ray.tune import run_sweep
+
+    run_sweep(a.config, a.space, a.out, a.overrides, log=lambda m: print(m, flush=True))
+    return 0
+
+
 def _cmd_report(a: argparse.Namespace) -> int:
     from cl_service.run import summary_table
 
@@ -282,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None)
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("sweep", help="Ray Tune sweep of a run's config keys (LoRA rank, router data, lr, ...)",
+                       description="Same options as workloads/sweep_lora.py. Each trial is a CL run with Ray Train "
+                                   "workers inside; ASHA stops weak trials after a stage; rerun with the same "
+                                   "--out to finish only the missing trials.")
+    s.add_argument("--config", required=True, help="RunCfg YAML, the base of every trial")
+    s.add_argument("--space", required=True, help="SPACE.yaml (see cl_service/sweep/space.py)")
+    s.add_argument("--out", default=None, help="sweep folder (default: the config's out + '-sweep')")
+    s.add_argument("--dry-run", action="store_true", help="list the trials and exit")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_sweep)
 
     s = sub.add_parser("serve", help="serve a run's experts and router over gRPC (Ray Serve, local Ray on loopback)",
                        description="Same options as workloads/serve_experts.py. Uses RAY_ADDRESS if set, else starts "
