@@ -172,7 +172,7 @@ def _tune(todo: list[TrialSpec], space: Space, base: dict[str, Any], out: Path, 
             continue
         reached = int((res.metrics or {}).get("training_iteration", 0))
         if 0 < reached < stages:
-            mark_stopped(out, by_id[tid], f"ASHA stopped it after stage {reached}")
+            mark_stopped(out, by_id[tid], f"ASHA stopped it after stage {reached}", stages=reached)
 
 
 def _ensure_ray(log: Log) -> bool:

@@ -107,10 +107,13 @@ def run_trial(spec: TrialSpec, base: dict[str, Any], sweep_dir: str | Path, trai
     return rec
 
 
-def mark_stopped(sweep_dir: str | Path, spec: TrialSpec, reason: str) -> dict[str, Any]:
-    """Record a trial the scheduler stopped early (its progress so far is kept)."""
+def mark_stopped(sweep_dir: str | Path, spec: TrialSpec, reason: str, stages: int | None = None) -> dict[str, Any]:
+    """Record a trial the scheduler stopped early after ``stages`` reported stages (its progress is kept)."""
     tdir = trial_dir(sweep_dir, spec.id)
     progress = read_json(tdir / PROGRESS) or []
+    if stages is not None and len(progress) > stages:  # only what the scheduler saw
+        progress = progress[:stages]
+        atomic_write_text(tdir / PROGRESS, json.dumps(progress, indent=2))
     last = progress[-1] if progress else {}
     rec = {"id": spec.id, "state": "stopped", "stages": len(progress), "stop_reason": reason,
            "MFT": None, "MFN": None, "BWT": None, "MAA": None, "router_acc": last.get("router_acc"),
