@@ -73,6 +73,12 @@ class ReplayCfg:
 
 
 @dataclass(frozen=True)
+class OLoraCfg:
+    lambda_orth: float = 0.5
+    """``olora``: weight of the orthogonality penalty between a new task's LoRA A block and earlier ones."""
+
+
+@dataclass(frozen=True)
 class EvalCfg:
     batch_size: int = 64
     max_new_tokens: int = 8
@@ -112,6 +118,7 @@ class RunCfg:
     expert: ExpertCfg = field(default_factory=ExpertCfg)
     router: RouterCfg = field(default_factory=RouterCfg)
     replay: ReplayCfg = field(default_factory=ReplayCfg)
+    olora: OLoraCfg = field(default_factory=OLoraCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     ray: RayCfg = field(default_factory=RayCfg)
 

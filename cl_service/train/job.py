@@ -46,6 +46,7 @@ class TrainJob:
     router_pool: Pool | None = None
     description: str = ""
     seed: int = 0
+    orth_lambda: float = 0.0   # kind "olora" with init_adapter: grow it by one block, orthogonality penalty
 
     def key(self) -> str:
         """Hash of everything that determines the published adapter (not the output folder)."""

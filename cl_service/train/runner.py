@@ -36,13 +36,15 @@ _hf_logging.disable_progress_bar()  # one bar per adapter load floods job logs
 class _LossModule(torch.nn.Module):
     """``forward(batch) -> loss`` around an MLLM, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, mllm: MLLM) -> None:
+    def __init__(self, mllm: MLLM, penalty: Callable[[], torch.Tensor] | None = None) -> None:
         super().__init__()
         self.net = mllm.model
         object.__setattr__(self, "_mllm", mllm)  # not a submodule: its params are already under ``net``
+        self._penalty = penalty
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._mllm.loss(batch)
+        loss = self._mllm.loss(batch)
+        return loss if self._penalty is None else loss + self._penalty()
 
 
 def adapter_id(job: TrainJob) -> str:
@@ -85,7 +87,15 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
     """Train the job's adapter and (rank 0) publish it to ``job.out_dir``. Returns the final state."""
     t0 = time.perf_counter()
     mllm = load_mllm(job.base_path)
-    if job.init_adapter:
+    penalty = None
+    if job.kind == "olora" and job.init_adapter:
+        from cl_service.adapters.olora import grow_lora
+
+        if job.train.weight_decay:
+            raise ValueError("olora needs weight_decay=0 (decay would move the frozen blocks of earlier tasks)")
+        params, orth = grow_lora(mllm, job.init_adapter, job.lora, ADAPTER_NAME, seed=job.seed)
+        penalty = lambda: job.orth_lambda * orth()  # noqa: E731
+    elif job.init_adapter:
         params = load_adapter(mllm, job.init_adapter, ADAPTER_NAME, trainable=True)
     else:
         params = attach_lora(mllm, job.lora, ADAPTER_NAME, seed=job.seed)
@@ -105,9 +115,9 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
             log(f"{job.name}: resuming from step {resumed_from}")
     samples = _rank_share(load_parts(job), rank, world_size)
     batches = Batches(samples, lambda b: mllm.collate(b, train=True), job.train.batch_size, seed=job.train.seed + job.seed)
-    model: Any = mllm
+    model: Any = mllm if penalty is None else _LossModule(mllm, penalty)
     if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(_LossModule(mllm), broadcast_buffers=False)
+        model = torch.nn.parallel.DistributedDataParallel(_LossModule(mllm, penalty), broadcast_buffers=False)
 
     def on_step(st: TrainState) -> None:
         if fail_at_step and st.step == fail_at_step:

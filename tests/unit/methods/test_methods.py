@@ -59,7 +59,7 @@ def test_adapters_hold_only_adapter_weights_and_finite_losses(run):
 
     folders = [p.parent for p in (run["out"] / "adapters").rglob("adapter.json")]
     kinds = {json.loads((f / "adapter.json").read_text())["kind"] for f in folders}
-    assert kinds == {"expert", "router", "sequential", "joint"}
+    assert kinds == {"expert", "router", "sequential", "joint", "olora"}
     for f in folders:
         log = json.loads((f / "train_log.json").read_text())
         assert log["steps"] == 3 and all(math.isfinite(x) for x in log["losses"])
@@ -130,17 +130,41 @@ def test_run_killed_mid_stage_resumes_with_same_metrics(run, tmp_path, tiny_base
 
 
 def test_identical_jobs_train_once(run):
-    """lora_ft / lora_ft_replay stage 0 train exactly the first expert's weights: trained once, cloned."""
+    """lora_ft / lora_ft_replay / olora stage 0 train exactly the first expert's weights: trained once, cloned."""
     from cl_service.adapters.registry import read_adapter
 
     ads = run["out"] / "adapters"
     expert = read_adapter(ads / "experts" / "RS")
-    for name in ("lora_ft", "lora_ft_replay"):
+    for name in ("lora_ft", "lora_ft_replay", "olora"):
         clone = read_adapter(ads / name / "stage-0-RS")
         assert clone["files"]["adapter_model.safetensors"] == expert["files"]["adapter_model.safetensors"]
         assert clone["id"] != expert["id"] and clone["kind"] == "sequential"
         assert clone["cloned_from"] == expert["id"]
-    assert sum("published without training" in line for line in run["logs"]) == 2
+    assert sum("published without training" in line for line in run["logs"]) == 3
     # stage 1 differs (lora_ft continues from stage 0 on Med; the Med expert starts from the base)
     assert read_adapter(ads / "lora_ft" / "stage-1-Med")["files"]["adapter_model.safetensors"] != \
         read_adapter(ads / "experts" / "Med")["files"]["adapter_model.safetensors"]
+
+
+def test_olora_grows_one_orthogonal_block_per_task_and_keeps_old_blocks(run):
+    """Stage 1 of olora: rank doubles, the stage-0 block is copied unchanged, the new block is trained."""
+    from safetensors.torch import load_file
+
+    ads = run["out"] / "adapters" / "olora"
+    s0, s1 = load_file(str(ads / "stage-0-RS" / "adapter_model.safetensors")), \
+        load_file(str(ads / "stage-1-Med" / "adapter_model.safetensors"))
+    c0 = json.loads((ads / "stage-0-RS" / "adapter_config.json").read_text())
+    c1 = json.loads((ads / "stage-1-Med" / "adapter_config.json").read_text())
+    r = c0["r"]
+    assert c1["r"] == 2 * r and c1["lora_alpha"] / c1["r"] == c0["lora_alpha"] / c0["r"]
+    assert set(s0) == set(s1)
+    changed_new = False
+    for k, v in s0.items():
+        if ".lora_A." in k:
+            assert torch.equal(s1[k][:r], v)
+            changed_new |= not torch.equal(s1[k][r:], torch.zeros_like(s1[k][r:]))
+        elif ".lora_B." in k:
+            assert torch.equal(s1[k][:, :r], v)
+        else:  # the projector copy is the first task's, frozen
+            assert torch.equal(s1[k], v)
+    assert changed_new
