@@ -50,3 +50,22 @@ def test_two_trial_sweep_with_ray_train_inside_tune_then_resume(ray_local, tmp_p
     assert any("2 already done, 0 to run" in line for line in logs)
     assert [t["state"] for t in again["trials"]] == [t["state"] for t in trials]
     assert {t["id"]: (out / "trials" / t["id"] / "trial.json").stat().st_mtime_ns for t in trials} == before
+
+
+def test_max_concurrent_trials_come_from_the_resources():
+    from cl_service.config import load_run_cfg
+    from cl_service.on_ray.tune import concurrency
+    from cl_service.sweep.space import parse_space
+
+    space = parse_space({"space": {"expert.lora.rank": [2, 4]}})
+    one = load_run_cfg(None, ["ray.num_workers=1", "ray.cpus_per_worker=1"])
+    assert concurrency(one, space, {"CPU": 2.0})[0] == 2
+    assert concurrency(load_run_cfg(None, ["ray.num_workers=2", "ray.cpus_per_worker=1"]), space, {"CPU": 8.0})[0] == 4
+    gpu = load_run_cfg(None, ["ray.num_workers=2", "ray.use_gpu=true", "ray.cpus_per_worker=1"])
+    assert concurrency(gpu, space, {"CPU": 64.0, "GPU": 8.0})[0] == 4  # GPUs bound it
+    assert concurrency(one, space, {"CPU": 0.5})[0] == 1  # never zero
+    capped = parse_space({"space": {"expert.lora.rank": [2, 4]}, "sweep": {"max_concurrent_trials": 1}})
+    assert concurrency(one, capped, {"CPU": 16.0})[0] == 1
+    inproc = load_run_cfg(None, ["ray.num_workers=0"])
+    n, per = concurrency(inproc, space, {"CPU": 2.0})
+    assert n == 2 and per == {"cpu": 1.0}  # training runs in the trial process: it reserves a CPU
