@@ -114,3 +114,26 @@ def test_bad_input(tiny_base, adapters, samples, tmp_path):
     with pytest.raises(AdapterError):
         eng.answer_mixed(samples[:1], [str(tmp_path)])
     assert eng.answer_mixed([], []) == []
+
+
+def test_delta_paths_equal_per_row_reference():
+    """The three LoRA-update paths (uniform, gather, one-hot) equal a per-row loop, float32."""
+    torch.manual_seed(0)
+    S, r, d_in, d_out, B = 4, 3, 10, 6, 5
+    ml = MultiLoRA.__new__(MultiLoRA)
+    ml._rank = r
+    A, Bt = torch.randn(S * r, d_in), torch.randn(S * r, d_out)
+    idx = torch.tensor([0, 3, 1, 3, 2])
+    oh = torch.zeros(B, S)
+    oh[torch.arange(B), idx] = 1
+    ml._idx, ml._uniform, ml._onehot = idx, None, oh.repeat_interleave(r, 1).unsqueeze(1)
+
+    def ref(x, rows):
+        return torch.stack([x[b] @ A.view(S, r, d_in)[rows[b]].T @ Bt.view(S, r, d_out)[rows[b]] for b in range(B)])
+
+    for L in (1, 4):  # one-hot (decode, B >= S) and gather (prefill)
+        x = torch.randn(B, L, d_in)
+        torch.testing.assert_close(ml.delta(x, A, Bt), ref(x, idx))
+    ml._uniform = 2
+    x = torch.randn(B, 4, d_in)
+    torch.testing.assert_close(ml.delta(x, A, Bt), ref(x, [2] * B))

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels (.whl: slimmed Ray 2.60 + deps, DeepSpeed 0.19.8), check the
+# GPU fast paths against the plain ones (tests/gpu), then run one benchmark suite; results under $OUT.
+#   bash bench/device.sh train    # H100: matmul rate + every single-GPU training variant (~5 min)
+#   bash bench/device.sh serve    # H100: two-stage serving (~4 min)
+#   bash bench/device.sh x2       # 2 GPUs: 1 GPU vs DDP vs two experts at once
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 DS_BUILD_OPS=0 \
+  TORCH_EXTENSIONS_DIR=/tmp/torch-ext
+OUT=${OUT:-bench/results/local}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "WHEEL INSTALL FAILED"
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+for m in ("transformers", "peft", "ray", "deepspeed", "aiohttp", "packaging", "protobuf", "pydantic"):
+    try:
+        mod = importlib.import_module(m if m != "protobuf" else "google.protobuf")
+        print(m, getattr(mod, "__version__", "?"))
+    except Exception as e:  # report, do not stop: the suite says what it could not run
+        print(m, "MISSING", type(e).__name__, str(e)[:200])
+PY
+case "${1:-train}" in
+  train)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    timeout 440 python3 -m bench.train --suite h100 --timeout 140 --out "$OUT/train_h100.json" ;;
+  serve)
+    timeout 560 python3 -m bench.serve --out "$OUT/serve.json" ${SERVE_ARGS:-} ;;
+  x2)
+    timeout 560 python3 -m bench.train --suite x2 --timeout 240 --out "$OUT/train_x2.json" ;;
+  *) echo "unknown suite $1"; exit 2 ;;
+esac

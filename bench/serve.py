@@ -1,0 +1,265 @@
+"""Two-stage serving throughput and latency at LLaVA-1.5-7B shapes through :class:`cl_service.engine.Engine`.
+
+Nine expert adapters plus the router adapter (random weights, rank ``--rank`` on ``--targets``, each with
+its own projector copy); requests of one 336 px image + ~60 question tokens. Per batch of requests:
+CLIP once (:meth:`Engine.vision_states`), stage one = the MLLM router's one letter (one prefill through the
+router adapter, :meth:`Engine.route_mllm`) or the prototype router (pooled base features,
+:class:`cl_service.routers.prototype.PrototypeRouter`), stage two = 16 greedy tokens from each request's
+expert, all experts of the batch in one batched pass (:meth:`Engine.answer_mixed`).
+
+    python -m bench.serve                          # H100: everything, one process (~4 min)
+    python -m bench.serve --profile tiny --device cpu --batch 4 --batches 1 --duration 3   # CPU smoke
+
+Figures (``$OUT/serve.json``): closed-loop requests/s end to end (router decides; routing forced to
+round-robin over the 9 experts; forced to one expert), stage two alone mixed vs single, the same
+through peft one adapter at a time (on-machine anchors), p50/p99 latency at a fixed arrival rate with
+dynamic batching, and a bf16 agreement check of the stacked multi-adapter path against peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.common import POOL, Timer, build, gpu_info, out_dir, pct, profile, requests, write_json  # noqa: E402
+from cl_service.adapters.lora import LoraCfg, attach_lora, remove_lora, save_adapter  # noqa: E402
+from cl_service.adapters.registry import finalize_adapter  # noqa: E402
+from cl_service.engine.engine import Engine  # noqa: E402
+from cl_service.routers.prototype import PrototypeRouter  # noqa: E402
+
+
+def make_adapters(mllm, root: Path, rank: int, targets: tuple[str, ...]) -> tuple[dict[str, str], str]:
+    """Nine experts + a router, saved and registered like trained ones (random non-zero LoRA B)."""
+    dirs = {}
+    for i, name in enumerate([*POOL.experts, "router"]):
+        params = attach_lora(mllm, LoraCfg(rank=rank, alpha=2.0 * rank, dropout=0.0, targets=targets), "x", seed=i)
+        g = torch.Generator(device=mllm.device).manual_seed(i)
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.01)
+        folder = save_adapter(mllm, root / name, "x")
+        finalize_adapter(folder, id=f"expert:{name}", kind="expert", task=name, description=name, base="random",
+                         job_key=name)
+        remove_lora(mllm)
+        dirs[name] = str(folder)
+    router = dirs.pop("router")
+    return dirs, router
+
+
+class _SharedVision:
+    """What a router sees as its engine, with the batch's CLIP states already computed."""
+
+    def __init__(self, engine: Engine, vs: torch.Tensor) -> None:
+        self.engine, self.vs = engine, vs
+
+    def features(self, samples):
+        return self.engine.features(samples, self.vs)
+
+
+class TwoStage:
+    def __init__(self, engine: Engine, experts: dict[str, str], router: str, proto: PrototypeRouter) -> None:
+        self.engine, self.experts, self.router, self.proto = engine, experts, router, proto
+        self.pool = ThreadPoolExecutor(8)
+
+    def vision(self, samples) -> torch.Tensor:
+        # Decoding images is CPU work a server does per request; threads overlap it (PIL drops the GIL).
+        mllm = self.engine.mllm
+        pix = list(self.pool.map(lambda s: mllm.preprocess_images(s.images, s.id), samples))
+        with torch.no_grad(), mllm.adapters_disabled():
+            return mllm.vision_states(torch.cat(pix))
+
+    def __call__(self, samples, router: str = "mllm", force: list[str] | None = None) -> tuple[list[str], list[str]]:
+        vs = self.vision(samples)
+        if router == "mllm":
+            chosen = [r.expert for r in self.engine.route_mllm(samples, self.router, POOL, vision_states=vs)]
+        else:
+            chosen = [r.expert for r in PrototypeRouter(self.proto.experts, self.proto.means,
+                                                        _SharedVision(self.engine, vs)).route(samples)]
+        experts = force or chosen
+        return self.engine.answer_mixed(samples, [self.experts[e] for e in experts], vision_states=vs), chosen
+
+
+def closed_loop(fn, reqs: list, batch: int, batches: int, cuda: bool) -> dict[str, Any]:
+    """Requests/s over ``batches`` full batches after one warm-up batch."""
+    fn(reqs[:batch], 0)
+    times = []
+    for b in range(batches):
+        with Timer(cuda) as t:
+            fn(reqs[b * batch:(b + 1) * batch], b * batch)
+        times.append(t.s)
+    return {"req_per_s": batch * batches / sum(times), "batch": batch, "batch_s": [round(x, 3) for x in times]}
+
+
+def fixed_rate(two: TwoStage, reqs: list, rate: float, duration: float, max_batch: int, router: str,
+               cuda: bool) -> dict[str, Any]:
+    """Requests arrive every ``1/rate`` s; each loop serves all that have arrived (up to ``max_batch``)."""
+    n = int(rate * duration)
+    arrivals = [i / rate for i in range(n)]
+    lat, sizes = [], []
+    t0 = time.perf_counter()
+    i = 0
+    while i < n:
+        now = time.perf_counter() - t0
+        if arrivals[i] > now:
+            time.sleep(arrivals[i] - now)
+            continue
+        j = i
+        while j < n and j - i < max_batch and arrivals[j] <= now:
+            j += 1
+        two([reqs[k % len(reqs)] for k in range(i, j)], router)
+        if cuda:
+            torch.cuda.synchronize()
+        done = time.perf_counter() - t0
+        lat += [done - arrivals[k] for k in range(i, j)]
+        sizes.append(j - i)
+        i = j
+    served = time.perf_counter() - t0
+    return {"rate": rate, "requests": n, "p50_s": pct(lat, 50), "p90_s": pct(lat, 90), "p99_s": pct(lat, 99),
+            "mean_batch": statistics.mean(sizes), "achieved_req_per_s": n / served}
+
+
+def agreement(engine: Engine, experts: dict[str, str], reqs: list) -> dict[str, Any]:
+    """Last-position logits of one mixed batch vs peft with each row's adapter alone (bf16 tolerance)."""
+    names = list(experts)[:4]
+    rows = reqs[:len(names)]
+    mixed = engine._last_logits_mixed(rows, [experts[n] for n in names])
+    plain = Engine(engine.mllm)
+    ref = torch.cat([plain._run(experts[n], lambda r=r: plain._first_logits([r])) for n, r in zip(names, rows)])
+    remove_lora(engine.mllm)
+    rel = ((mixed - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist()
+    return {"rel_err_per_row": rel, "max_rel_err": max(rel),
+            "top1_agree": int((mixed.argmax(-1) == ref.argmax(-1)).sum()), "rows": len(names)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default="llava-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--targets", default="q,v", help="decoder Linears of every adapter, e.g. q,v or q,k,v,o,gate,up,down")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=16.0, help="arrival rate for the latency run (req/s)")
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--words", type=int, default=54, help="question words (~60 tokens)")
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out = Path(args.out) if args.out else out_dir() / "serve.json"
+    cuda = args.device == "cuda"
+    res: dict[str, Any] = {"machine": gpu_info(), "args": vars(args)}
+
+    def save() -> None:
+        write_json(out, res)
+
+    t0 = time.perf_counter()
+    mcfg = profile(args.profile, **({"dtype": "float32"} if not cuda else {}))
+    mllm = build(mcfg, args.device)
+    root = Path(tempfile.mkdtemp(prefix="clsvc-bench-adapters-"))
+    experts, router = make_adapters(mllm, root, args.rank, tuple(args.targets.split(",")))
+    res["setup_s"] = time.perf_counter() - t0
+    engine = Engine(mllm, fused_lora=True)
+    engine.batch_size, engine.max_new_tokens, engine.router_max_new_tokens = args.batch, 16, 1
+    reqs = requests(args.batch * (args.batches + 1), mcfg.image_size, n_words=args.words)
+    tok = mllm.tokenizer
+    from cl_service.models.mllm import prompt_text
+    from cl_service.routers.prompt import router_prompt
+    res["prompt_tokens"] = {"expert": 1 + mllm.tokens_per_image + len(tok(prompt_text(reqs[0].question)).input_ids),
+                            "router": 1 + mllm.tokens_per_image + len(tok(prompt_text(router_prompt(POOL, reqs[0].question))).input_ids)}
+    per_task = {e: requests(4, mcfg.image_size, n_words=args.words, seed=10 + i) for i, e in enumerate(POOL.experts)}
+    proto = PrototypeRouter.fit(engine, per_task)
+    two = TwoStage(engine, experts, router, proto)
+    names = list(experts)
+    rr = lambda k, n: [names[(k + i) % len(names)] for i in range(n)]  # noqa: E731
+
+    runs: dict[str, Any] = {}
+    res["closed_loop"] = runs
+    chosen_log: list[str] = []
+
+    def e2e(router_kind: str, force: str | None):
+        def fn(batch, k):
+            f = None if force is None else (rr(k, len(batch)) if force == "mixed" else [names[0]] * len(batch))
+            _, chosen = two(batch, router_kind, f)
+            chosen_log.extend(chosen)
+        return fn
+
+    for key, rk, force in [("e2e_mllm_router", "mllm", None), ("e2e_proto_router", "proto", None),
+                           ("e2e_mllm_forced_mixed9", "mllm", "mixed"), ("e2e_mllm_forced_single", "mllm", "single")]:
+        chosen_log.clear()
+        runs[key] = closed_loop(e2e(rk, force), reqs, args.batch, args.batches, cuda)
+        runs[key]["distinct_experts_chosen_by_router"] = len(set(chosen_log))
+        print(f"{key:28s} {runs[key]['req_per_s']:7.2f} req/s", flush=True)
+        save()
+
+    vs_all = {}
+
+    def stage2(mode: str):
+        def fn(batch, k):
+            if k not in vs_all:
+                vs_all[k] = two.vision(batch)
+            ex = rr(k, len(batch)) if mode == "mixed" else [names[0]] * len(batch)
+            engine.answer_mixed(batch, [experts[e] for e in ex], vision_states=vs_all[k])
+        return fn
+
+    for mode in ("mixed9", "single"):
+        runs[f"answer_only_{mode}"] = closed_loop(stage2("mixed" if mode == "mixed9" else "single"), reqs,
+                                                   args.batch, args.batches, cuda)
+        print(f"answer_only_{mode:16s} {runs[f'answer_only_{mode}']['req_per_s']:7.2f} req/s", flush=True)
+    runs["mixed_over_single_answer_only"] = runs["answer_only_mixed9"]["req_per_s"] / runs["answer_only_single"]["req_per_s"]
+    runs["mixed_over_single_e2e"] = runs["e2e_mllm_forced_mixed9"]["req_per_s"] / runs["e2e_mllm_forced_single"]["req_per_s"]
+    save()
+
+    lat = {}
+    res["fixed_rate"] = lat
+    for rk in ("mllm", "proto"):
+        lat[rk] = fixed_rate(two, reqs, args.rate, args.duration, args.batch, rk, cuda)
+        print(f"fixed rate {args.rate} req/s, {rk:5s} router: p50 {lat[rk]['p50_s']:.3f} s p99 {lat[rk]['p99_s']:.3f} s "
+              f"(mean batch {lat[rk]['mean_batch']:.1f})", flush=True)
+        save()
+
+    if not args.skip_peft:
+        # On-machine anchors: peft, the adapter switched with set_adapter, one group of rows at a time.
+        plain = Engine(mllm)
+        plain.batch_size, plain.max_new_tokens = args.batch, 16
+        batch = reqs[:args.batch]
+        plain.answer(batch[:2], experts[names[0]])  # load + warm
+        with Timer(cuda) as t:
+            plain.answer(batch, experts[names[0]])
+        runs["peft_answer_only_single"] = {"req_per_s": len(batch) / t.s}
+        ex = rr(0, len(batch))
+        for e in names:
+            plain._activate(experts[e])  # load all nine before timing
+        with Timer(cuda) as t:
+            for e in names:
+                idx = [i for i, x in enumerate(ex) if x == e]
+                plain.answer([batch[i] for i in idx], experts[e])
+        runs["peft_answer_only_mixed9_grouped"] = {"req_per_s": len(batch) / t.s}
+        print(f"peft single {runs['peft_answer_only_single']['req_per_s']:.2f} req/s, "
+              f"peft 9 experts grouped {runs['peft_answer_only_mixed9_grouped']['req_per_s']:.2f} req/s", flush=True)
+        remove_lora(mllm)
+        save()
+
+    res["agreement_vs_peft"] = agreement(engine, experts, reqs)
+    print(f"agreement vs peft: max rel err {res['agreement_vs_peft']['max_rel_err']:.2e}, top-1 "
+          f"{res['agreement_vs_peft']['top1_agree']}/{res['agreement_vs_peft']['rows']}", flush=True)
+    if cuda:
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    res["total_s"] = time.perf_counter() - t0
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""GPU fast paths agree with the plain implementation within bf16 tolerance (skipped without a GPU).
+
+Run on the device by ``bench/device.sh``; the same code is unit-tested on the CPU in float32
+(``tests/unit/engine/test_multilora.py``, ``tests/unit/train``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300),
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+BF16_REL = 2e-2  # bf16 operands: errors between 1e-3 and 1e-2 relative
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_multilora_paths_agree_bf16():
+    """Uniform, gather (prefill) and one-hot (decode) LoRA updates == a float64 per-row reference."""
+    from cl_service.engine.multilora import MultiLoRA
+
+    torch.manual_seed(0)
+    S, r, d_in, d_out, B = 5, 16, 256, 384, 12
+    ml = MultiLoRA.__new__(MultiLoRA)
+    ml._rank = r
+    A = torch.randn(S * r, d_in, device="cuda", dtype=torch.bfloat16) / d_in ** 0.5
+    Bt = torch.randn(S * r, d_out, device="cuda", dtype=torch.bfloat16) / r ** 0.5
+    A[:r] = 0
+    Bt[:r] = 0
+    idx = torch.randint(0, S, (B,), device="cuda")
+    oh = torch.zeros(B, S, device="cuda", dtype=torch.bfloat16)
+    oh[torch.arange(B), idx] = 1
+    ml._idx, ml._uniform, ml._onehot = idx, None, oh.repeat_interleave(r, 1).unsqueeze(1)
+    for L in (1, 7):  # L == 1 and B >= S: one-hot path; L > 1: gather path
+        x = torch.randn(B, L, d_in, device="cuda", dtype=torch.bfloat16)
+        got = ml.delta(x, A, Bt)
+        ref = torch.stack([x[b].double() @ A.double().view(S, r, d_in)[idx[b]].T @ Bt.double().view(S, r, d_out)[idx[b]]
+                           for b in range(B)])
+        assert _rel(got, ref) < BF16_REL, L
+    ml._uniform = 3
+    x = torch.randn(B, 7, d_in, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ A.double()[3 * r:4 * r].T @ Bt.double()[3 * r:4 * r]
+    assert _rel(ml.delta(x, A, Bt), ref) < BF16_REL
+
+
+def test_mixed_logits_match_peft_bf16(tiny_base, tmp_path):
+    """A mixed batch through the stacked adapters vs peft one adapter at a time, bf16 on the GPU."""
+    from cl_service.adapters.lora import LoraCfg, attach_lora, remove_lora, save_adapter
+    from cl_service.adapters.registry import finalize_adapter
+    from cl_service.data.synth import BENCHMARKS
+    from cl_service.engine.engine import Engine
+    from cl_service.models.mllm import load_mllm
+
+    mllm = load_mllm(tiny_base, dtype="bfloat16", device="cuda")
+    folders = []
+    for i in range(3):
+        params = attach_lora(mllm, LoraCfg(rank=8, alpha=16.0, dropout=0.0), "x", seed=i)
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.2)
+        folders.append(str(save_adapter(mllm, tmp_path / f"a{i}", "x")))
+        finalize_adapter(folders[-1], id=f"a{i}", kind="expert", task="t", description="", base="b", job_key="k")
+        remove_lora(mllm)
+    samples = list(BENCHMARKS.get("dcl-mini").generate("test", 2, 0))[:6]
+    plan = [folders[0], None, folders[1], folders[2], folders[0], folders[1]]
+    eng = Engine(mllm)
+    mixed = eng._last_logits_mixed(samples, plan)
+    ref = torch.cat([eng._run(f, lambda s=s: eng._first_logits([s])) for f, s in zip(plan, samples)])
+    assert _rel(mixed, ref) < BF16_REL
+    assert (mixed.argmax(-1) == ref.argmax(-1)).float().mean() >= 5 / 6
+
+
+def test_autocast_training_matches_plain_bf16(tiny_base):
+    """The training fast path (autocast, no fp32 input copies, fused AdamW) computes the same loss and
+    adapter gradients as the plain path (peft's fp32 LoRA matmuls) within bf16 tolerance."""
+    from cl_service.adapters.lora import LoraCfg, attach_lora, set_input_casting
+    from cl_service.data.synth import BENCHMARKS
+    from cl_service.models.mllm import load_mllm
+
+    samples = list(BENCHMARKS.get("dcl-mini").generate("train", 2, 0))[:8]
+    out = {}
+    for fast in (False, True):
+        mllm = load_mllm(tiny_base, dtype="bfloat16", device="cuda")
+        params = attach_lora(mllm, LoraCfg(rank=8, alpha=16.0, dropout=0.0), "job", seed=0)
+        with torch.no_grad():  # B != 0 so that A gets gradients too
+            for n, p in mllm.model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p) * 0.05)
+        assert all(p.dtype == torch.float32 for n, p in mllm.model.named_parameters() if "lora_" in n)
+        batch = mllm.collate(samples, train=True)
+        if fast:
+            set_input_casting(mllm, False)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = mllm.loss(batch)
+        else:
+            loss = mllm.loss(batch)
+        loss.backward()
+        out[fast] = (loss.detach().float(), torch.cat([p.grad.flatten().float() for p in params]))
+    assert abs(float(out[True][0] - out[False][0])) / abs(float(out[False][0])) < 1e-2
+    assert _rel(out[True][1], out[False][1]) < 5e-2
