@@ -444,7 +444,10 @@ def serve_main(argv: Sequence[str] | None = None, log=print) -> int:
         ray.shutdown()
         raise ValueError("--detach needs a running cluster (RAY_ADDRESS); a local Ray ends with this process")
     stop = threading.Event()
-    old = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Ctrl-C should stop us anyway.
+    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)} \
+        if main_thread else {}
     try:
         t0 = time.perf_counter()
         start(cfg, token, timeout_s=a.ready_timeout)
@@ -462,7 +465,8 @@ def serve_main(argv: Sequence[str] | None = None, log=print) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if not a.detach:
             log("stopping Serve ...")
             _bounded(serve.shutdown, 60)
