@@ -35,6 +35,8 @@ def run(cfg: RunCfg, log=print) -> dict:
     from cl_service.run import LocalTrainer, run_stream
 
     if cfg.ray.num_workers == 0:
+        if cfg.ray.strategy != "ddp":
+            raise ValueError(f"ray.strategy={cfg.ray.strategy} needs Ray Train workers (ray.num_workers >= 1)")
         return run_stream(cfg, LocalTrainer(), log=log)
     import ray
 

@@ -60,7 +60,8 @@ def _train_fn(config: dict[str, Any]) -> None:
         run_train_job(job, rank=rank, world_size=world, resume=mine, on_checkpoint=on_checkpoint,
                       checkpoint_every=int(config["checkpoint_every"]),
                       fail_at_step=fail_at if ckpt is None else 0,
-                      log=(lambda m: print(m, flush=True)) if rank == 0 else None)
+                      log=(lambda m: print(m, flush=True)) if rank == 0 else None,
+                      strategy=config.get("strategy", "ddp"))
 
 
 def _scaling(cfg: RayCfg) -> ScalingConfig:
@@ -73,7 +74,8 @@ def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str,
 
     key = hashlib.sha256("".join(j.key() + j.out_dir for j in jobs).encode()).hexdigest()[:12]
     name = (jobs[0].name.replace("/", "_") + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")) + "-" + key
-    config = {"jobs": jobs, "checkpoint_every": cfg.checkpoint_every, "threads": max(1, int(cfg.cpus_per_worker))}
+    config = {"jobs": jobs, "checkpoint_every": cfg.checkpoint_every, "threads": max(1, int(cfg.cpus_per_worker)),
+              "strategy": cfg.strategy}
     return TorchTrainer(
         _train_fn,
         train_loop_config=config,
@@ -89,9 +91,6 @@ class RayTrainer:
     """Trainer backend of :func:`cl_service.run.run_stream` on a Ray cluster."""
 
     def __init__(self, cfg: RayCfg, storage: str, env: dict[str, str] | None = None) -> None:
-        if cfg.strategy != "ddp":
-            # Said plainly rather than silently training with DDP.
-            raise ValueError(f"ray.strategy={cfg.strategy!r} is not implemented yet; use ray.strategy=ddp")
         self.cfg = cfg
         self.storage = str(Path(storage).resolve()) if "://" not in storage else storage
         self.env = env or {}

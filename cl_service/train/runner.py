@@ -83,8 +83,13 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
                   on_checkpoint: Callable[[int, float, Callable[[str], None]], None] | None = None,
                   checkpoint_every: int = 0, fail_at_step: int = 0,
                   log: Callable[[str], None] | None = None,
-                  on_done: Callable[[MLLM], None] | None = None) -> TrainState:
-    """Train the job's adapter and (rank 0) publish it to ``job.out_dir``. Returns the final state."""
+                  on_done: Callable[[MLLM], None] | None = None, strategy: str = "ddp") -> TrainState:
+    """Train the job's adapter and (rank 0) publish it to ``job.out_dir``. Returns the final state.
+
+    ``strategy``: ``ddp`` (DistributedDataParallel when ``world_size > 1``) or ``deepspeed`` (ZeRO-2,
+    :mod:`cl_service.train.zero`; needs an initialised process group)."""
+    if strategy not in ("ddp", "deepspeed"):
+        raise ValueError(f"unknown strategy {strategy!r}; known: ddp, deepspeed")
     t0 = time.perf_counter()
     mllm = load_mllm(job.base_path)
     penalty = None
@@ -130,7 +135,12 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         if log and (st.step % 20 == 0 or st.step == st.total_steps):
             log(f"{job.name}: step {st.step}/{st.total_steps} loss {st.losses[-1]:.4f}")
 
-    state = train_steps(model, batches, params, job.train, state, on_step)
+    if strategy == "deepspeed":
+        from cl_service.train.zero import train_steps_zero
+
+        state = train_steps_zero(_LossModule(mllm, penalty), batches, params, job.train, state, on_step)
+    else:
+        state = train_steps(model, batches, params, job.train, state, on_step)
     if rank == 0:
         stage = publish_dir(job.out_dir)
         save_adapter(mllm, stage, ADAPTER_NAME)

@@ -35,3 +35,19 @@ def test_two_gloo_workers_train_and_a_killed_worker_resumes_from_checkpoint(ray_
     assert log["resumed_from_step"] == 2  # not from step 0
     assert log["steps"] == 6 and len(log["losses"]) == 6
     assert all(l == l and l < 1e4 for l in log["losses"])  # finite
+
+
+def test_deepspeed_zero2_trains_on_two_gloo_workers_and_resumes(ray_local, tmp_path, tiny_base, dcl_shards):
+    """ray.strategy=deepspeed: ZeRO-2 over 2 gloo workers; a killed worker resumes from its checkpoint."""
+    from cl_service.on_ray.train import RayTrainer
+
+    job = _job(tmp_path, tiny_base, dcl_shards, name="expert/RS", steps=4)
+    cfg = RayCfg(num_workers=2, cpus_per_worker=1, max_failures=2, checkpoint_every=2, timeout_s=300,
+                 strategy="deepspeed")
+    RayTrainer(cfg, str(tmp_path / "storage"), env={"CLSVC_FAIL_AT_STEP": "3"}).fit([job])
+    meta = read_adapter(job.out_dir, job.key())
+    assert meta["id"] == "expert:RS"
+    log = json.loads(open(f"{job.out_dir}/train_log.json").read())
+    assert log["world_size"] == 2 and log["resumed_from_step"] == 2
+    assert log["steps"] == 4 and all(l == l and l < 1e4 for l in log["losses"])
+    assert log["losses"][0] != log["losses"][-1]  # it trained
