@@ -8,21 +8,18 @@ one-line message, never a traceback.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from cl_service.adapters.registry import AdapterError, AdapterRegistry, read_adapter
-from cl_service.data.images import BadImage, validate_image
+from cl_service.adapters.registry import AdapterError
 from cl_service.data.schema import Sample
-from cl_service.routers.prompt import Pool
+from cl_service.serve.catalog import Catalog, ExpertEntry, Limits, RequestError, parse_predict
 from cl_service.serve.proto import load as load_proto
 
 log = logging.getLogger(__name__)
@@ -32,117 +29,65 @@ MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_IMAGES = 16
 MAX_NEW_TOKENS_LIMIT = 256
 
-
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class ExpertEntry:
-    id: str
-    task: str
-    description: str
-    version: int
-    path: Path
+__all__ = ["ContinualLearningServicer", "ExpertEntry", "RequestError", "RunModel", "build_server", "serve_local"]
 
 
 class RunModel:
-    """What a finished run offers for serving: experts in stream order, the latest MLLM router, the engine."""
+    """What a run offers for serving (a :class:`Catalog` snapshot, swapped by :meth:`reload`) and the engine."""
 
     def __init__(self, run_dir: str | Path, engine: Any = None) -> None:
         self.run_dir = Path(run_dir)
-        resolved = json.loads((self.run_dir / "config.resolved.json").read_text())
-        self.tasks: list[str] = list(resolved["tasks"])
-        cfg = resolved.get("config", {})
-        adapters = AdapterRegistry(self.run_dir / "adapters").scan()
-        self.experts: list[ExpertEntry] = []
-        for t in self.tasks:
-            info = adapters.get(f"expert:{t}")
-            if info is not None:
-                read_adapter(info.path)  # checksums verified once at start
-                self.experts.append(ExpertEntry(info.id, info.task, info.description, info.version, info.path))
-        if not self.experts:
-            raise AdapterError(f"run {self.run_dir} holds no complete expert adapter")
-        self.router_dir: Path | None = None
-        self.pool: Pool | None = None
-        known = [e.task for e in self.experts]
-        for i in range(len(self.tasks) - 1, 0, -1):
-            d = self.run_dir / "adapters" / "router" / f"stage-{i}-{self.tasks[i]}"
-            seen = self.tasks[: i + 1]
-            if (d / "adapter.json").is_file() and all(t in known for t in seen):
-                read_adapter(d)
-                self.router_dir = d
-                by = {e.task: e for e in self.experts}
-                self.pool = Pool(tuple(seen), tuple(by[t].description for t in seen))
-                break
+        self.catalog = Catalog.load(self.run_dir)
         if engine is None:
             from cl_service.engine.engine import Engine
 
-            engine = Engine(resolved["base"])
-            engine.max_new_tokens = int(cfg.get("eval", {}).get("max_new_tokens", engine.max_new_tokens))
-            engine.router_max_new_tokens = int(cfg.get("router", {}).get("max_new_tokens",
-                                                                          engine.router_max_new_tokens))
+            engine = Engine(self.catalog.resolved["base"])
+            engine.max_new_tokens = int(self.catalog.run_setting("eval", "max_new_tokens", engine.max_new_tokens))
+            engine.router_max_new_tokens = int(self.catalog.run_setting("router", "max_new_tokens",
+                                                                        engine.router_max_new_tokens))
         self.engine = engine
         self.lock = threading.Lock()  # one generate at a time on the shared model
 
+    @property
+    def experts(self) -> tuple[ExpertEntry, ...]:
+        return self.catalog.experts
+
+    @property
+    def router_dir(self) -> Path | None:
+        return self.catalog.router_dir
+
+    @property
+    def pool(self):
+        return self.catalog.pool
+
     def find(self, name: str) -> ExpertEntry:
-        for e in self.experts:
-            if name in (e.task, e.id):
-                return e
-        raise RequestError(grpc.StatusCode.NOT_FOUND,
-                           f"unknown expert {name!r}; known experts: {', '.join(e.task for e in self.experts)}")
+        return self.catalog.find(name)
+
+    def reload(self) -> bool:
+        """Swap in the run's newly published experts/router; True when anything changed."""
+        new = Catalog.load(self.run_dir)
+        changed = new.fingerprint != self.catalog.fingerprint
+        self.catalog = new
+        return changed
 
 
 class ContinualLearningServicer(pb2_grpc.ContinualLearningServicer):
     def __init__(self, run_dir: str | Path, engine: Any = None, *, max_image_bytes: int = MAX_IMAGE_BYTES,
                  max_images: int = MAX_IMAGES, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT) -> None:
         self.model = RunModel(run_dir, engine)
+        self.limits = Limits(max_image_bytes=max_image_bytes, max_images=max_images,
+                             max_new_tokens=max_new_tokens_limit)
         self.max_image_bytes = max_image_bytes
         self.max_images = max_images
-        self.max_new_tokens_limit = max_new_tokens_limit
 
-    # ------------------------------------------------------------------ validation
     def _sample(self, request) -> Sample:
-        bad = grpc.StatusCode.INVALID_ARGUMENT
-        if not request.images:
-            raise RequestError(bad, "images: at least one image (PNG or JPEG bytes) is required")
-        if len(request.images) > self.max_images:
-            raise RequestError(bad, f"images: {len(request.images)} given, at most {self.max_images} allowed")
-        images = []
-        for i, data in enumerate(request.images):
-            if not data:
-                raise RequestError(bad, f"images[{i}]: empty bytes")
-            if len(data) > self.max_image_bytes:
-                raise RequestError(bad, f"images[{i}]: {len(data)} bytes, over the limit of {self.max_image_bytes}")
-            try:
-                images.append(validate_image(bytes(data)))
-            except BadImage as e:
-                raise RequestError(bad, f"images[{i}]: not a decodable image ({e})") from None
-            except Exception as e:  # noqa: BLE001 - PIL raises many kinds
-                raise RequestError(bad, f"images[{i}]: not a decodable image ({type(e).__name__})") from None
-        if not request.question.strip():
-            raise RequestError(bad, "question: must not be empty")
-        return Sample(task="serve", split="test", id="request", images=images, question=request.question,
-                      answers=[""], scorer="exact")
-
-    def _max_new_tokens(self, request) -> int | None:
-        if not request.HasField("max_new_tokens"):
-            return None
-        n = request.max_new_tokens
-        if not 1 <= n <= self.max_new_tokens_limit:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"max_new_tokens: {n} is outside [1, {self.max_new_tokens_limit}]")
-        return n
+        return parse_predict(request, self.limits)[0]
 
     # ------------------------------------------------------------------ handlers
     def predict(self, request) -> "pb2.PredictResponse":
         """The Predict logic without gRPC plumbing; raises :class:`RequestError`."""
         t0 = time.perf_counter()
-        sample = self._sample(request)
-        n = self._max_new_tokens(request)
+        sample, n = parse_predict(request, self.limits)  # shared with the Ray Serve ingress
         m = self.model
         route_ms = 0.0
         with m.lock:
