@@ -6,6 +6,7 @@ names, kept in an LRU cache, and reloaded when the folder's content changes (a r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict
 from pathlib import Path
@@ -288,6 +289,15 @@ class Engine:
         makes the stored answer the one a fresh pass would give."""
         if self.memo is None:
             self.memo = {}
+
+    @contextlib.contextmanager
+    def memo_off(self):
+        """Compute everything afresh inside the block (e.g. to time routing honestly)."""
+        memo, self.memo = self.memo, None
+        try:
+            yield
+        finally:
+            self.memo = memo
 
     def _memoised(self, kind: tuple, samples: Sequence[Sample], compute) -> list:
         if self.memo is None:

@@ -116,7 +116,12 @@ class _FeatureRouted:
 
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
         router = self.router(ctx)  # fit (once per stage) outside the per-request routing time
-        return _two_stage(ctx, lambda _ctx, s: router.route(s), samples)
+
+        def route(_ctx, s):
+            with ctx.engine.memo_off():  # features afresh: the reported time per request is the real cost
+                return router.route(s)
+
+        return _two_stage(ctx, route, samples)
 
 
 @METHODS.register("mrlora_proto")
