@@ -52,7 +52,6 @@ def _engine(base: str, run: Catalog, threads: int, max_loaded: int = 16):
 
     torch.set_num_threads(max(1, threads))
     engine = Engine(base, max_loaded=max_loaded)
-    engine.batch_size = max(engine.batch_size, 1)
     engine.max_new_tokens = int(run.run_setting("eval", "max_new_tokens", engine.max_new_tokens))
     engine.router_max_new_tokens = int(run.run_setting("router", "max_new_tokens", engine.router_max_new_tokens))
     return engine
@@ -66,7 +65,7 @@ def _set_batching(method: Any, stage: StageCfg) -> None:
 @serve.deployment(name="Router")
 class Router:
     """Stage one: choose an expert for each request. Kind ``mllm`` (base + the run's router LoRA, lettered
-    pool prompt) or ``prototype`` (nearest mean of pooled base features, fitted on the run's training data)."""
+    pool prompt), or ``prototype`` / ``ridge`` (the feature router the run saved under ``routers/<kind>/``)."""
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = from_dict(ServeCfg, cfg)
@@ -187,6 +186,7 @@ class Ingress:
         self.limits = Limits(**asdict(self.cfg.limits))
         self.token_sha256 = token_sha256
         self.catalog = Catalog.load(self.cfg.results)
+        self._last_seen = Catalog.load(self.cfg.results, verify=False).fingerprint
         self.reloads = 0
         self._watch_s = self.cfg.watch_s
         self._stop = threading.Event()
@@ -198,10 +198,13 @@ class Ingress:
     def reload(self) -> bool:
         """Swap in a new catalog if the run published anything; True when it changed."""
         with self._lock:
-            cheap = Catalog.load(self.cfg.results, verify=False)
-            if cheap.fingerprint == self.catalog.fingerprint:
+            cheap = Catalog.load(self.cfg.results, verify=False).fingerprint  # adapter.json files only
+            if cheap == self._last_seen:
                 return False
+            self._last_seen = cheap
             new = Catalog.load(self.cfg.results)  # checksums verified before anyone is routed to it
+            if new.fingerprint == self.catalog.fingerprint:
+                return False
             old = self.catalog
             self.catalog = new  # one reference swap: requests in flight keep the old snapshot
             self.reloads += 1
