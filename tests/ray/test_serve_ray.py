@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.timeout(240)
 
 TOKEN = "test-secret-token"
-RUN_OVERRIDES = ["methods=[mrlora]", "expert.train.max_steps=2", "expert.train.batch_size=4",
+RUN_OVERRIDES = ["methods=[mrlora,mrlora_proto]", "expert.train.max_steps=2", "expert.train.batch_size=4",
                  "router.train.max_steps=2", "router.samples_per_task=4", "expert.lora.rank=4", "router.lora.rank=4",
                  "eval.max_new_tokens=3", "ray.num_workers=0"]
 
@@ -74,7 +74,7 @@ def app(ray_local, tmp_path_factory, tiny_base, dcl_shards):
         "router.num_cpus=0.2", "expert.num_cpus=0.2", "ingress_num_cpus=0.05",
         "router.batch_wait_ms=20", "expert.batch_wait_ms=20", "limits.max_image_bytes=200000"])
     clserve.start(cfg, token=TOKEN, timeout_s=150)
-    client = Client(f"127.0.0.1:{port}", token=TOKEN)
+    client = Client(f"127.0.0.1:{port}", token=TOKEN, application=cfg.app_name)
     client.wait_ready(30)
     yield {"out": out, "cfg": cfg, "client": client, "port": port, "shards": dcl_shards, "base": tiny_base}
     client.close()
@@ -87,8 +87,8 @@ def _samples(shards, task):
     return list(ShardDataset(shards).iter_samples(task, "test"))
 
 
-def _offline(out: Path, stage: str, task: str) -> dict[str, dict]:
-    lines = (out / "predictions" / "mrlora" / stage / f"{task}.jsonl").read_text().splitlines()
+def _offline(out: Path, stage: str, task: str, method: str = "mrlora") -> dict[str, dict]:
+    lines = (out / "predictions" / method / stage / f"{task}.jsonl").read_text().splitlines()
     return {r["question_id"]: r for r in map(json.loads, lines)}
 
 
@@ -127,6 +127,28 @@ def test_live_answers_equal_offline_evaluation_and_batch(app):
         assert r.router.kind == "mllm" and r.latency.total_ms >= r.latency.answer_ms > 0
     sizes = serve.get_deployment_handle("Expert", app["cfg"].app_name).batch_sizes.remote().result(timeout_s=30)
     assert max(sizes) > 1  # requests of different clients shared a forward pass
+
+
+def test_prototype_router_kind_serves_the_runs_saved_router(app):
+    """A second app with ``router_kind=prototype``: routes equal the offline mrlora_proto evaluation's."""
+    from ray import serve
+
+    from cl_service.on_ray import serve as clserve
+    from cl_service.serve.client import Client
+
+    cfg = clserve.override(app["cfg"], app_name="clsvc-proto", route_prefix="/clsvc-proto", router_kind="prototype")
+    serve.run_many([serve.RunTarget(target=clserve.build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    try:
+        clserve.wait_running(cfg.app_name, 120)
+        items = [(t, s) for t in ("RS", "Med") for s in _samples(app["shards"], t)[:3]]
+        with Client(f"127.0.0.1:{app['port']}", application=cfg.app_name) as c:  # this app has no token
+            for t, s in items:
+                r = c.predict(s.images, s.question, timeout=60)
+                ref = _offline(app["out"], "stage-1-Med", t, "mrlora_proto")[s.id]
+                assert (r.answer, r.expert, r.router.kind) == (ref["text"], ref["metadata"]["expert"], "prototype")
+    finally:
+        serve.delete(cfg.app_name)
 
 
 def test_named_expert_skips_routing(app):
@@ -171,7 +193,7 @@ def test_shared_token_is_required(app):
 
     s = _samples(app["shards"], "RS")[0]
     for token in (None, "wrong"):
-        with Client(f"127.0.0.1:{app['port']}", token=token) as c:
+        with Client(f"127.0.0.1:{app['port']}", token=token, application=app["cfg"].app_name) as c:
             with pytest.raises(grpc.RpcError) as ei:
                 c.predict(s.images, s.question, timeout=30)
             assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in ei.value.details()
@@ -180,7 +202,8 @@ def test_shared_token_is_required(app):
             assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert c.health() == "SERVING"  # probes need no token
     with Client(f"127.0.0.1:{app['port']}") as c:
-        r = c.stub.ListExperts(pb2.ListExpertsRequest(), metadata=[("x-clsvc-token", TOKEN)], timeout=30)
+        r = c.stub.ListExperts(pb2.ListExpertsRequest(), timeout=30,
+                               metadata=[("x-clsvc-token", TOKEN), ("application", app["cfg"].app_name)])
         assert len(r.experts) == 2
 
 
@@ -189,16 +212,17 @@ def test_hot_add_publishes_the_next_task_without_downtime(app):
     c = app["client"]
     rs, ad = _samples(app["shards"], "RS"), _samples(app["shards"], "AD")
     errors: list[str] = []
+    spans: list[tuple[float, float]] = []  # (start, end) of every successful request
     done = threading.Event()
-    served = [0]
 
     def traffic():
         i = 0
         while not done.is_set():
             s = rs[i % len(rs)]
+            t0 = time.monotonic()
             try:
-                c.predict(s.images, s.question, timeout=60)
-                served[0] += 1
+                c.predict(s.images, s.question, timeout=90)
+                spans.append((t0, time.monotonic()))
             except grpc.RpcError as e:
                 errors.append(f"{e.code()}: {e.details()}")
             i += 1
@@ -206,20 +230,25 @@ def test_hot_add_publishes_the_next_task_without_downtime(app):
     threads = [threading.Thread(target=traffic) for _ in range(2)]
     for t in threads:
         t.start()
+    live = None
     try:
         _run(app["out"], app["base"], app["shards"])  # resumes: trains AD + the stage-2 router, publishes them
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and [e.task for e in c.list_experts().experts] != ["RS", "Med", "AD"]:
+        while time.monotonic() < deadline:
+            if [e.task for e in c.list_experts().experts] == ["RS", "Med", "AD"]:
+                live = time.monotonic()
+                break
             time.sleep(0.25)
-        before = served[0]
-        time.sleep(1.0)
+        time.sleep(0.5)
     finally:
         done.set()
         for t in threads:
-            t.join(timeout=90)
-    assert [e.task for e in c.list_experts().experts] == ["RS", "Med", "AD"]
+            t.join(timeout=120)
+    assert live is not None, "AD was not published to the running app within 60 s"
     assert not errors, errors[:3]
-    assert served[0] > before > 0  # served during the whole switch
+    assert spans and not any(t.is_alive() for t in threads)
+    # requests in flight when the new catalog went live finished fine
+    assert any(start < live < end for start, end in spans)
     offline = _offline(app["out"], "stage-2-AD", "AD")
     for s in ad:
         r = c.predict(s.images, s.question, timeout=60)
