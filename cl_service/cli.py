@@ -171,7 +171,8 @@ def _cmd_sweep(a: argparse.Namespace) -> int:
         return 0
     from cl_service.on_ray.tune import run_sweep
 
-    run_sweep(a.config, a.space, a.out, a.overrides, log=lambda m: print(m, flush=True))
+    run_sweep(a.config, a.space, a.out, a.overrides, log=lambda m: print(m, flush=True),
+              command=" ".join(["clsvc", *sys.argv[1:]]))
     return 0
 
 

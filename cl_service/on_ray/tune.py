@@ -103,7 +103,7 @@ class _Progress(Callback):
 
 
 def run_sweep(config: str | Path | None, space_path: str | Path, out: str | Path | None = None,
-              overrides: Sequence[str] = (), log: Log = print) -> dict[str, Any]:
+              overrides: Sequence[str] = (), log: Log = print, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep on the connected/local Ray cluster; writes sweep.csv/json and report.md."""
     from cl_service.models.store import ensure_base
     from cl_service.run import prepare_dataset
@@ -124,16 +124,17 @@ def run_sweep(config: str | Path | None, space_path: str | Path, out: str | Path
     todo = pending_trials(out, trials)
     log(f"[sweep] {len(trials)} trial(s) over {', '.join(space.swept_keys())}; {len(trials) - len(todo)} already "
         f"done, {len(todo)} to run; {stages} stages each; out {out}")
-    started = _ensure_ray(log)
-    try:
-        if todo:
+    if todo:
+        started = _ensure_ray(log)
+        try:
             n, per = concurrency(base_cfg, space, ray.cluster_resources())
             _tune(todo, space, base, out, data_path, base_path, stages, n, per, log)
-    finally:
-        if started:
-            ray.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
     wall = time.time() - t0
-    result = write_sweep_report(out, space, trials, stages, wall_s=wall)
+    result = write_sweep_report(out, space, trials, stages, wall_s=wall if todo else None,
+                                command=command if todo else None)
     log(f"[sweep] wall time {wall:.0f} s; report {out / 'report.md'}")
     return result
 
@@ -199,7 +200,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
-    run_sweep(a.config, a.space, a.out, a.overrides, log=lambda m: print(m, flush=True))
+    run_sweep(a.config, a.space, a.out, a.overrides, log=lambda m: print(m, flush=True),
+              command=" ".join(["python", *sys.argv]))
     return 0
 
 

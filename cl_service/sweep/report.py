@@ -92,7 +92,7 @@ def _plot_vs(path: Path, rows: list[dict[str, Any]], x_key: str, fields: list[tu
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     drawn = False
-    for field, label in fields:
+    for idx, (field, label) in enumerate(fields):
         xs, ms, ss = [], [], []
         for (x,), vals, seeds in sorted(_group(rows, [x_key], field), key=lambda g: g[0]):
             if not vals:
@@ -103,9 +103,9 @@ def _plot_vs(path: Path, rows: list[dict[str, Any]], x_key: str, fields: list[tu
             seed_means = [statistics.fmean(v) for v in per_seed.values()]
             m, sd = _mean_std(seed_means)
             xs.append(x), ms.append(m), ss.append(sd)
-            ax.scatter([x] * len(vals), vals, s=12, alpha=0.35)
+            ax.scatter([x] * len(vals), vals, s=12, alpha=0.35, color=f"C{idx}")
         if xs:
-            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=4, label=label)
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=4, label=label, color=f"C{idx}")
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -114,7 +114,7 @@ def _plot_vs(path: Path, rows: list[dict[str, Any]], x_key: str, fields: list[tu
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -149,6 +149,10 @@ def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], s
                        wall_s: float | None = None, command: str | None = None) -> dict[str, Any]:
     """Write sweep.json, sweep.csv, report.md and the plots; returns the sweep.json content."""
     out = Path(out)
+    if wall_s is None or command is None:  # a relaunch that ran nothing keeps the last real launch's figures
+        prev = read_json(out / "sweep.json") or {}
+        wall_s = prev.get("wall_s") if wall_s is None else wall_s
+        command = prev.get("command") if command is None else command
     rows = trial_rows(out, trials, stages)
     keys = list(trials[0].params) if trials else []
     swept = [k for k in space.swept_keys() if k in keys]
@@ -164,7 +168,7 @@ def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], s
     for r in rows:
         states[r["state"]] = states.get(r["state"], 0) + 1
     result = {"stages": stages, "metric": s.metric, "mode": s.mode, "swept": swept, "states": states,
-              "wall_s": wall_s, "best": best and {k: v for k, v in best.items() if not k.startswith("_")},
+              "wall_s": wall_s, "command": command, "best": best and {k: v for k, v in best.items() if not k.startswith("_")},
               "asha": s.asha and {"grace_period": s.asha.grace_period, "reduction_factor": s.asha.reduction_factor},
               "asha_decisions": decisions,
               "trials": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
@@ -173,8 +177,13 @@ def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], s
 
     plots = []
     if RANK_KEY in keys:
-        p = _plot_vs(out / "mft_vs_rank.png", done, RANK_KEY, [("MFT", "MFT (completed trials)")], "MFT (%)",
-                     "Final mean accuracy vs expert LoRA rank")
+        # Trials stopped early have no MFT: also plot the metric after the deepest stage every trial reached.
+        common = min((r["stages"] for r in rows), default=0)
+        fields = [("MFT", "MFT (completed trials)")]
+        if 0 < common < stages:
+            fields.append((f"acc_seen@{common}", f"mean acc. over seen tasks after stage {common} (all trials)"))
+        p = _plot_vs(out / "mft_vs_rank.png", rows, RANK_KEY, fields, "accuracy (%)",
+                     "Final mean accuracy (MFT) vs expert LoRA rank")
         plots += [p] if p else []
     if SAMPLES_KEY in keys:
         fields = [(f"router_acc@{k}", f"after stage {k} ({k} experts)") for k in range(2, stages + 1)
@@ -191,7 +200,7 @@ def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], s
            + (f"ASHA (grace {s.asha.grace_period} stages, reduction factor {s.asha.reduction_factor:g})"
               if s.asha else "FIFO (no early stopping)") + ".",
            "States: " + ", ".join(f"{k} {v}" for k, v in states.items())
-           + (f"; wall time of the last launch {wall_s:.0f} s ({wall_s / 60:.1f} min)." if wall_s else "."), ""]
+           + (f"; wall time of the (last) launch that ran trials {wall_s:.0f} s ({wall_s / 60:.1f} min)." if wall_s else "."), ""]
     if best:
         md += ["## Best configuration", "",
                f"Trial {best['trial']} (`{best['id']}`): " + ", ".join(f"`{k}={_cell(best[k])}`" for k in keys)
@@ -219,13 +228,17 @@ def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], s
                format_table([*[k.split(".")[-1] for k in swept], "seeds", "MFT"], agg, markdown=True), ""]
     if SAMPLES_KEY in keys:
         tab = []
-        for (x,), vals, _ in sorted(_group(rows, [SAMPLES_KEY], f"router_acc@{min(2, stages)}"), key=lambda g: g[0]):
-            fin = [r[f"router_acc@{stages}"] for r in rows if r[SAMPLES_KEY] == x and r.get(f"router_acc@{stages}") is not None]
-            tab.append([x, _fmt(statistics.fmean(vals)) if vals else None, len(vals),
-                        _fmt(statistics.fmean(fin)) if fin else None, len(fin)])
-        md += ["### Router accuracy by samples per task", "",
-               format_table(["samples/task", "after stage 2 (mean)", "trials", f"after stage {stages} (mean)",
-                             "trials"], tab, markdown=True), ""]
+        for (x,), _, _ in sorted(_group(rows, [SAMPLES_KEY], "seed"), key=lambda g: g[0]):
+            cells = []
+            for k in range(2, stages + 1):
+                vals = [r[f"router_acc@{k}"] for r in rows if r[SAMPLES_KEY] == x and r.get(f"router_acc@{k}") is not None]
+                cells.append(f"{statistics.fmean(vals):.2f} (n={len(vals)})" if vals else None)
+            tab.append([x, *cells])
+        md += ["### Router accuracy (mean over seen tasks) by samples per task, after each stage", "",
+               "Mean over the trials that reached the stage; the router never sees the experts, so trials that "
+               "differ only in the expert config share the same router (trained once, from the cache).", "",
+               format_table(["samples/task", *[f"stage {k} ({k} experts)" for k in range(2, stages + 1)]], tab,
+                            markdown=True), ""]
     if decisions:
         md += ["## ASHA decisions", "",
                f"At each rung (stage) a trial continues only if its `{s.metric}` is in the top "
