@@ -30,9 +30,10 @@ PY
 case "${1:-train}" in
   train)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-    timeout 440 python3 -m bench.train --suite h100 --timeout 140 --out "$OUT/train_h100.json" ;;
+    timeout 440 python3 -m bench.train --suite h100 --timeout 140 --out "$OUT/train_h100.json" ${TRAIN_ARGS:-} ;;
   serve)
-    timeout 560 python3 -m bench.serve --out "$OUT/serve.json" ${SERVE_ARGS:-} ;;
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    timeout 480 python3 -m bench.serve --out "$OUT/serve.json" ${SERVE_ARGS:-} ;;
   x2)
     timeout 560 python3 -m bench.train --suite x2 --timeout 240 --out "$OUT/train_x2.json" ;;
   *) echo "unknown suite $1"; exit 2 ;;

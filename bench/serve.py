@@ -152,7 +152,8 @@ def main() -> None:
     ap.add_argument("--targets", default="q,v", help="decoder Linears of every adapter, e.g. q,v or q,k,v,o,gate,up,down")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--rate", type=float, default=16.0, help="arrival rate for the latency run (req/s)")
+    ap.add_argument("--rate", default="10,16", help="arrival rates for the latency runs (req/s, comma-separated)")
+    ap.add_argument("--big-batch", type=int, default=96, help="also time end to end at this batch (0: skip)")
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--words", type=int, default=54, help="question words (~60 tokens)")
     ap.add_argument("--skip-peft", action="store_true")
@@ -173,7 +174,7 @@ def main() -> None:
     res["setup_s"] = time.perf_counter() - t0
     engine = Engine(mllm, fused_lora=True)
     engine.batch_size, engine.max_new_tokens, engine.router_max_new_tokens = args.batch, 16, 1
-    reqs = requests(args.batch * (args.batches + 1), mcfg.image_size, n_words=args.words)
+    reqs = requests(max(args.batch, args.big_batch) * (args.batches + 1), mcfg.image_size, n_words=args.words)
     tok = mllm.tokenizer
     from cl_service.models.mllm import prompt_text
     from cl_service.routers.prompt import router_prompt
@@ -204,6 +205,16 @@ def main() -> None:
         print(f"{key:28s} {runs[key]['req_per_s']:7.2f} req/s", flush=True)
         save()
 
+    if args.big_batch:
+        engine.batch_size = args.big_batch
+        for key, rk in [("e2e_mllm_router_big_batch", "mllm"), ("e2e_proto_router_big_batch", "proto")]:
+            runs[key] = closed_loop(e2e(rk, None), reqs, args.big_batch, args.batches, cuda)
+            print(f"{key:28s} {runs[key]['req_per_s']:7.2f} req/s (batch {args.big_batch})", flush=True)
+            save()
+        engine.batch_size = args.batch
+        if cuda:
+            torch.cuda.empty_cache()
+
     vs_all = {}
 
     def stage2(mode: str):
@@ -224,11 +235,14 @@ def main() -> None:
 
     lat = {}
     res["fixed_rate"] = lat
-    for rk in ("mllm", "proto"):
-        lat[rk] = fixed_rate(two, reqs, args.rate, args.duration, args.batch, rk, cuda)
-        print(f"fixed rate {args.rate} req/s, {rk:5s} router: p50 {lat[rk]['p50_s']:.3f} s p99 {lat[rk]['p99_s']:.3f} s "
-              f"(mean batch {lat[rk]['mean_batch']:.1f})", flush=True)
-        save()
+    for rate in [float(x) for x in str(args.rate).split(",")]:
+        for rk in ("mllm", "proto"):
+            key = f"{rk}@{rate:g}"
+            lat[key] = fixed_rate(two, reqs, rate, args.duration, args.batch, rk, cuda)
+            print(f"fixed rate {rate:g} req/s, {rk:5s} router: p50 {lat[key]['p50_s']:.3f} s p99 {lat[key]['p99_s']:.3f} s "
+                  f"(mean batch {lat[key]['mean_batch']:.1f}, served {lat[key]['achieved_req_per_s']:.1f} req/s)",
+                  flush=True)
+            save()
 
     if not args.skip_peft:
         # On-machine anchors: peft, the adapter switched with set_adapter, one group of rows at a time.

@@ -114,11 +114,16 @@ def _result(cfg, mllm, params, times: list[float], losses: list[float], world: i
             "losses": [round(x, 5) for x in losses[:4]], "cfg": cfg}
 
 
+def _device(name: str) -> torch.device:
+    d = torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+
+
 def train_worker(cfg: dict[str, Any], rank: int = 0, world: int = 1, device: torch.device | None = None
                  ) -> dict[str, Any]:
     """Build, then time ``warmup + steps`` optimizer steps of :func:`train_steps`. DDP when ``world > 1``
     (torch.distributed already initialised, as in a Ray Train worker)."""
-    device = device or torch.device(cfg["device"])
+    device = device or _device(cfg["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -149,7 +154,7 @@ def deepspeed_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
                  "WORLD_SIZE": "1"}.items():
         os.environ.setdefault(k, v)
-    device = torch.device(cfg["device"])
+    device = _device(cfg["device"])
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
@@ -273,6 +278,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="per variant (suite mode)")
+    ap.add_argument("--only", default=None, help="comma-separated variants instead of the suite's list")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out) if args.out else out_dir() / f"train_{args.suite or args.variant}.json"
@@ -283,7 +289,7 @@ def main() -> None:
     if args.device == "cuda":
         res["matmul_tflops"] = matmul_tflops()
         torch.cuda.empty_cache()
-    todo = list(SUITES[args.suite])
+    todo = args.only.split(",") if args.only else list(SUITES[args.suite])
     while todo:
         name = todo.pop(0)
         part = out.with_name(f".{out.stem}-{name}.json")
@@ -312,7 +318,8 @@ def _print_row(name: str, r: dict[str, Any], peak: float | None) -> None:
     if "error" in r:
         print(f"{name:18s} ERROR {r['error']}\n{r.get('log_tail', '')[-1500:]}", flush=True)
         return
-    mfu = f" MFU {100 * r['tflops_per_s'] / peak:.1f}%" if peak and "tflops_per_s" in r else ""
+    per_gpu = r.get("world_size", 1)
+    mfu = f" MFU {100 * r['tflops_per_s'] / per_gpu / peak:.1f}%/GPU" if peak and "tflops_per_s" in r else ""
     mem = f" peak {r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") else ""
     print(f"{name:18s} {r['tokens_per_s']:9.0f} tok/s{mfu}{mem} ({r['seconds']:.0f} s)", flush=True)
 

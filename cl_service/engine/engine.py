@@ -206,7 +206,8 @@ class Engine:
                 batch = self.mllm.collate(chunk, train=False, pixels=not torch.is_tensor(feats))
                 res = self.mllm.model(inputs_embeds=self.mllm.embed(batch, image_features=feats),
                                       attention_mask=batch["attention_mask"].to(self.mllm.device),
-                                      position_ids=batch["position_ids"].to(self.mllm.device), logits_to_keep=1)
+                                      position_ids=batch["position_ids"].to(self.mllm.device), logits_to_keep=1,
+                                      use_cache=False)
                 out.append(res.logits[:, -1].float().cpu())
         return torch.cat(out)
 

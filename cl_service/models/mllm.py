@@ -22,6 +22,7 @@ padding (training) and left padding (generation) give the same positions to the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -35,11 +36,13 @@ from PIL import Image, UnidentifiedImageError
 from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
+    DynamicCache,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerBase,
 )
+from transformers.cache_utils import DynamicLayer
 
 from cl_service._atomic import replace_dir
 from cl_service.data.schema import Sample
@@ -104,6 +107,8 @@ class MLLM:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.peft = None  # peft.PeftModel, set by attach_lora/load_adapter
+        #: generation keeps the KV cache in buffers sized for the whole answer (no copy of the cache per token)
+        self.preallocate_kv = True
         c = model.config
         self.image_token_id = int(c.image_token_index)
         self.image_size = int(c.vision_config.image_size)
@@ -295,8 +300,9 @@ class MLLM:
         batch = self.collate(samples, train=False, pixels=need_pixels)
         mask = batch["attention_mask"].to(self.device)
         pos = batch["position_ids"].to(self.device)
+        cache = _growing_cache(mask.shape[1] + max_new_tokens) if self.preallocate_kv else None
         res = self.model(inputs_embeds=self.embed(batch, vision_states, image_features), attention_mask=mask,
-                         position_ids=pos, use_cache=True, logits_to_keep=1)
+                         position_ids=pos, use_cache=True, logits_to_keep=1, past_key_values=cache)
         B = len(samples)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         tokens: list[torch.Tensor] = []
@@ -423,6 +429,43 @@ class MLLM:
         (tmp / MODEL_CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         replace_dir(tmp, path)
         return path
+
+
+class _GrowingLayer(DynamicLayer):
+    """A KV-cache layer whose keys/values live in one buffer sized for the whole generation: a new token
+    writes one slot, where ``DynamicLayer`` concatenates (copies the whole cache) every step."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self._n = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            B, H, _, D = key_states.shape
+            size = max(self.capacity, n)
+            self._k = key_states.new_empty(B, H, size, D)
+            self._v = value_states.new_empty(B, H, size, value_states.shape[-1])
+        if self._n + n > self._k.shape[-2]:  # longer than planned: grow (copy) once
+            grow = lambda t: torch.cat([t, t.new_empty(*t.shape[:2], self._n + n, t.shape[-1])], dim=-2)  # noqa: E731
+            self._k, self._v = grow(self._k), grow(self._v)
+        self._k[:, :, self._n:self._n + n] = key_states
+        self._v[:, :, self._n:self._n + n] = value_states
+        self._n += n
+        self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+        return self.keys, self.values
+
+
+def _growing_cache(capacity: int) -> DynamicCache | None:
+    """A ``DynamicCache`` of :class:`_GrowingLayer` (None, i.e. the model's default, if this transformers
+    version builds its cache layers differently)."""
+    cache = DynamicCache()
+    if getattr(cache, "layer_class_to_replicate", None) is not DynamicLayer:
+        return None
+    cache.layer_class_to_replicate = functools.partial(_GrowingLayer, capacity)
+    return cache
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

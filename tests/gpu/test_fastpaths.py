@@ -55,7 +55,7 @@ def test_mixed_logits_match_peft_bf16(tiny_base, tmp_path):
     from cl_service.engine.engine import Engine
     from cl_service.models.mllm import load_mllm
 
-    mllm = load_mllm(tiny_base, dtype="bfloat16", device="cuda")
+    mllm = load_mllm(tiny_base, dtype="float32", device="cuda")
     folders = []
     for i in range(3):
         params = attach_lora(mllm, LoraCfg(rank=8, alpha=16.0, dropout=0.0), "x", seed=i)
@@ -67,10 +67,18 @@ def test_mixed_logits_match_peft_bf16(tiny_base, tmp_path):
         remove_lora(mllm)
     samples = list(BENCHMARKS.get("dcl-mini").generate("test", 2, 0))[:6]
     plan = [folders[0], None, folders[1], folders[2], folders[0], folders[1]]
+
+    def peft_logits(eng):
+        return torch.cat([eng._run(f, lambda s=s: eng._first_logits([s])) for f, s in zip(plan, samples)])
+
+    ref = peft_logits(Engine(mllm))  # float32 reference
+    remove_lora(mllm)
+    mllm.model.to(torch.bfloat16)
     eng = Engine(mllm)
     mixed = eng._last_logits_mixed(samples, plan)
-    ref = torch.cat([eng._run(f, lambda s=s: eng._first_logits([s])) for f, s in zip(plan, samples)])
-    assert _rel(mixed, ref) < BF16_REL
+    peft_bf16 = peft_logits(eng)
+    # The stacked path is as close to the float32 reference as peft itself is in bf16.
+    assert _rel(mixed, ref) < max(2 * _rel(peft_bf16, ref), BF16_REL), (_rel(mixed, ref), _rel(peft_bf16, ref))
     assert (mixed.argmax(-1) == ref.argmax(-1)).float().mean() >= 5 / 6
 
 

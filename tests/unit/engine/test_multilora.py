@@ -137,3 +137,14 @@ def test_delta_paths_equal_per_row_reference():
     ml._uniform = 2
     x = torch.randn(B, 4, d_in)
     torch.testing.assert_close(ml.delta(x, A, Bt), ref(x, [2] * B))
+
+
+def test_preallocated_kv_cache_generates_like_dynamic(tiny_base, samples):
+    """Generation with the KV cache in preallocated buffers == transformers' growing (torch.cat) cache."""
+    from cl_service.models.mllm import _growing_cache
+
+    assert _growing_cache(8) is not None  # this transformers version takes the preallocated layers
+    m = load_mllm(tiny_base)
+    fast = m.generate(samples, 7, 4)
+    m.preallocate_kv = False
+    assert m.generate(samples, 7, 4) == fast
