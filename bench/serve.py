@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--words", type=int, default=54, help="question words (~60 tokens)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--fuse-norms", action="store_true", help="MLLM.fuse_norms(): compiled RMSNorm kernels")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out) if args.out else out_dir() / "serve.json"
@@ -180,6 +181,17 @@ def main() -> None:
     from cl_service.routers.prompt import router_prompt
     res["prompt_tokens"] = {"expert": 1 + mllm.tokens_per_image + len(tok(prompt_text(reqs[0].question)).input_ids),
                             "router": 1 + mllm.tokens_per_image + len(tok(prompt_text(router_prompt(POOL, reqs[0].question))).input_ids)}
+    if args.fuse_norms:
+        probe = reqs[:8]
+        ref = engine._last_logits_mixed(probe, [None] * len(probe))
+        t1 = time.perf_counter()
+        res["fused_norms"] = mllm.fuse_norms()
+        got = engine._last_logits_mixed(probe, [None] * len(probe))  # compiles
+        res["fuse_norms_compile_s"] = time.perf_counter() - t1
+        res["fuse_norms_rel_err"] = float((got - ref).norm() / ref.norm())
+        print(f"fused {res['fused_norms']} norms: rel err {res['fuse_norms_rel_err']:.2e}, "
+              f"{res['fuse_norms_compile_s']:.0f} s", flush=True)
+        save()
     per_task = {e: requests(4, mcfg.image_size, n_words=args.words, seed=10 + i) for i, e in enumerate(POOL.experts)}
     proto = PrototypeRouter.fit(engine, per_task)
     two = TwoStage(engine, experts, router, proto)
