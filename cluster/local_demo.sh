@@ -8,6 +8,7 @@ CONFIG=${CONFIG:-workloads/configs/dcl_mini.yaml}
 OUT=${OUT:-runs/dcl-mini}
 METHODS=${METHODS:-mrlora,mrlora_proto,lora_ft,lora_ft_replay,oracle,zero_shot}
 EXTRA=${EXTRA:-}   # extra key=value overrides of the run config
+# Ports: the Ray client server must sit outside the worker port range (10002-19999 by default).
 PORT=${RAY_PORT:-6381}
 DASH=${RAY_DASHBOARD_PORT:-8266}
 TMP=${RAY_TMP:-/tmp/clsvc-demo-ray}
@@ -22,7 +23,7 @@ RAY=$ROOT/.venv/bin/ray
 cleanup() { timeout 60 "$PY" -m cl_service.on_ray.local stop --temp-dir "$TMP" --address "127.0.0.1:$PORT" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 timeout 120 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" --dashboard-host=127.0.0.1 \
-  --dashboard-port="$DASH" --ray-client-server-port="${RAY_CLIENT_PORT:-10011}" --temp-dir="$TMP" \
+  --dashboard-port="$DASH" --ray-client-server-port="${RAY_CLIENT_PORT:-23011}" --temp-dir="$TMP" \
   --disable-usage-stats >/dev/null
 echo "Ray head on 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASH"
 timeout ${DEMO_TIMEOUT:-3600} "$RAY" job submit --address "http://127.0.0.1:$DASH" -- \
