@@ -104,11 +104,15 @@ def _rel(p: Path, out: Path) -> str:
         return str(p)
 
 
-def _load_stage_record(path: Path, out: Path) -> dict[str, Any] | None:
-    """A finished evaluation record, if its adapters are unchanged since it was written."""
+def _load_stage_record(path: Path, out: Path, tasks: list[str]) -> dict[str, Any] | None:
+    """A finished evaluation record, if it evaluated the same task list (a stream extended with more tasks
+    re-evaluates its finished stages on the new ones; their adapters are reused) and its adapters are
+    unchanged since it was written."""
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
+    if rec.get("tasks", tasks) != tasks or len(rec.get("row", [])) != len(tasks):
+        return None
     for folder, digest in rec.get("adapters", {}).items():
         if _adapter_digest(out / folder) != digest:
             return None
@@ -206,7 +210,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
         for name, m in methods.items():
             ctx = ctxs[name]
             rec_path = _stage_record_path(out, name, i, task)
-            rec = _load_stage_record(rec_path, out)
+            rec = _load_stage_record(rec_path, out, tasks)
             if rec is None:
                 t1 = time.perf_counter()
                 ctx.extra["router_stats"] = {"seconds": 0.0, "requests": 0}
@@ -226,7 +230,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
                                                "fallback": a.fallback})
                             for s, a in zip(tests[t], answers)])
                 rs = ctx.extra["router_stats"]
-                rec = {"method": name, "stage": i, "task": task, "row": row, "router_accuracy": routed,
+                rec = {"method": name, "stage": i, "task": task, "tasks": tasks, "row": row, "router_accuracy": routed,
                        "router_seconds": rs["seconds"], "router_requests": rs["requests"], "fallbacks": fallbacks,
                        "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
                        "adapters": {_rel(p, out): _adapter_digest(p) for p in engine.used_adapters()}}

@@ -54,6 +54,7 @@ class TrainJob:
         d.pop("out_dir")
         d.pop("name")
         d["dataset"] = _dataset_fingerprint(self.dataset)
+        d["init_adapter"] = _init_fingerprint(self.init_adapter)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def weights_key(self) -> str:
@@ -63,10 +64,24 @@ class TrainJob:
         for k in ("out_dir", "name", "kind", "description"):
             d.pop(k)
         d["dataset"] = _dataset_fingerprint(self.dataset)
+        d["init_adapter"] = _init_fingerprint(self.init_adapter)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def replace(self, **kw) -> "TrainJob":
         return dataclasses.replace(self, **kw)
+
+
+def _init_fingerprint(path: str | None) -> Any:
+    """The adapter a job starts from, by content (its files' checksums) rather than by path, so a results
+    folder that was moved or copied still recognises its finished stages; the path while it does not exist."""
+    if path is None:
+        return None
+    from cl_service.adapters.registry import AdapterError, read_adapter
+
+    try:
+        return read_adapter(path, verify=False)["files"]
+    except (AdapterError, OSError, ValueError, KeyError):
+        return path
 
 
 def _dataset_fingerprint(path: str) -> str:

@@ -168,3 +168,21 @@ def test_olora_grows_one_orthogonal_block_per_task_and_keeps_old_blocks(run):
         else:  # the projector copy is the first task's, frozen
             assert torch.equal(s1[k], v)
     assert changed_new
+
+
+def test_extending_the_stream_reuses_adapters_and_reevaluates_on_the_new_task(run, tmp_path, tiny_base, dcl_shards):
+    """Resuming with a longer data.tasks list: finished stages keep their adapters (nothing retrained) but are
+    evaluated again on the new task, so the matrix is square and its old entries are unchanged."""
+    out = tmp_path / "longer"
+    shutil.copytree(run["out"], out)
+    logs: list[str] = []
+    methods = ["oracle", "lora_ft", "zero_shot"]
+    again = run_stream(_cfg(out, tiny_base, dcl_shards, ["data.tasks=[RS,Med,AD]", f"methods=[{','.join(methods)}]"]),
+                       LocalTrainer(), log=logs.append)
+    trained = [line for line in logs if "trained" in line and "already" not in line]
+    assert len(trained) == 1 and trained[0].startswith("[stage 3/3 AD]"), trained
+    for name in methods:
+        new, old = again["methods"][name]["matrix"], run["metrics"]["methods"][name]["matrix"]
+        assert len(new) == 3 and all(len(r) == 3 for r in new)
+        assert [r[:2] for r in new[:2]] == old, name
+        assert all(math.isfinite(v) for v in new[0] + new[1])  # stages 1-2 now scored on AD too
