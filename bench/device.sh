@@ -4,6 +4,8 @@
 #   bash bench/device.sh train    # H100: matmul rate + every single-GPU training variant (~5 min)
 #   bash bench/device.sh serve    # H100: two-stage serving (~4 min)
 #   bash bench/device.sh x2       # 2 GPUs: 1 GPU vs DDP vs two experts at once
+#   bash bench/device.sh serve_ray  # H100: two-stage serving through Ray Serve's gRPC proxy (~7 min)
+#   bash bench/device.sh prefill    # H100: where a serving batch spends its time; prefill fast paths (~3 min)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 DS_BUILD_OPS=0 \
@@ -34,6 +36,10 @@ case "${1:-train}" in
   serve)
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
     timeout 480 python3 -m bench.serve --out "$OUT/serve.json" ${SERVE_ARGS:-} ;;
+  serve_ray)
+    timeout 560 python3 -m bench.serve_ray --out "$OUT/serve_ray.json" ${SERVE_ARGS:-} ;;
+  prefill)
+    timeout 400 python3 -m bench.prefill --out "$OUT/prefill.json" ${PREFILL_ARGS:-} ;;
   x2)
     timeout 560 python3 -m bench.train --suite x2 --timeout 240 --out "$OUT/train_x2.json" ;;
   *) echo "unknown suite $1"; exit 2 ;;

@@ -51,7 +51,8 @@ def make_adapters(mllm, root: Path, rank: int, targets: tuple[str, ...]) -> tupl
             for p in params:
                 p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.01)
         folder = save_adapter(mllm, root / name, "x")
-        finalize_adapter(folder, id=f"expert:{name}", kind="expert", task=name, description=name, base="random",
+        desc = POOL.descriptions[i] if i < len(POOL.experts) else name  # what the router prompt lists
+        finalize_adapter(folder, id=f"expert:{name}", kind="expert", task=name, description=desc, base="random",
                          job_key=name)
         remove_lora(mllm)
         dirs[name] = str(folder)

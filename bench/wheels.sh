@@ -2,7 +2,7 @@
 # Build .whl/ (git-ignored via .git/info/exclude), the wheels bench/device.sh installs on the GPU machine,
 # which has no Ray or DeepSpeed and no network: Ray 2.60 slimmed under the 64 MiB carry limit (jars,
 # rllib, llm and *.js.map removed; RECORD rewritten), its small dependencies, DeepSpeed 0.19.8 without ops.
-# About 51 MB. Then: run(command="bash bench/device.sh train", carry=[".whl"]).
+# About 61 MB (grpcio + tools: the Serve benchmark generates the cl.v1 stubs there). Then: run(command="bash bench/device.sh train", carry=[".whl"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.whl/' >> .git/info/exclude; }
@@ -14,7 +14,7 @@ for p in pydantic==2.14.3 pydantic-core==2.50.4 typing-inspection annotated-type
          python-dotenv watchfiles websockets jsonschema jsonschema-specifications referencing rpds-py opencensus \
          opencensus-context opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions \
          opentelemetry-exporter-prometheus googleapis-common-protos aiohttp-cors colorful mmh3 smart-open tensorboardx \
-         grpcio-reflection tzdata msgpack click hjson py-cpuinfo ninja nvidia-ml-py einops prometheus-client; do
+         grpcio==1.85.1 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 tzdata msgpack click hjson py-cpuinfo ninja nvidia-ml-py einops prometheus-client; do
   python3 -m pip download $P -d .whl "$p"
 done
 DS_BUILD_OPS=0 python3 -m pip wheel --no-deps -w .whl deepspeed==0.19.8

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,11 +36,12 @@ class Engine:
         base: a local checkpoint folder (or an already loaded :class:`MLLM`).
         cfg: a ``RunCfg`` (``eval.batch_size``, ``eval.max_new_tokens``, ``router.max_new_tokens``) or None.
         max_loaded: adapters kept in memory at once (least recently used ones are dropped).
+        device: where a base loaded from a folder goes (e.g. ``"cuda"``); None = where it loads (CPU).
     """
 
     def __init__(self, base: str | Path | MLLM, cfg: Any = None, max_loaded: int = 32,
-                 fused_lora: bool = False) -> None:
-        self.mllm = base if isinstance(base, MLLM) else load_mllm(base)
+                 fused_lora: bool = False, device: str | None = None) -> None:
+        self.mllm = base if isinstance(base, MLLM) else load_mllm(base, device=device)
         #: answer/route_mllm through the stacked multi-adapter path (:mod:`cl_service.engine.multilora`)
         #: instead of peft's per-adapter modules; answer_mixed always uses it.
         self.fused_lora = fused_lora
@@ -53,6 +56,7 @@ class Engine:
         self._used: set[str] = set()
         self._n = 0
         self.memo: dict | None = None  # see enable_memo
+        self._decoders: ThreadPoolExecutor | None = None
         tok = self.mllm.tokenizer
         self._letter_ids = {L: tok(" " + L, add_special_tokens=False).input_ids[0] for L in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
@@ -153,7 +157,13 @@ class Engine:
         """Base CLIP states of the samples' images ``[N_img, k, vision_hidden]``, computed once and
         reusable by :meth:`route_mllm`, :meth:`features` and :meth:`answer_mixed` for the same samples
         (valid for adapters without vision LoRA; others recompute their own)."""
-        pixels = torch.cat([self.mllm.preprocess_images(s.images, s.id) for s in samples])
+        if len(samples) > 1:  # PIL decodes without the GIL: threads overlap a batch's images
+            if self._decoders is None:
+                self._decoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="clsvc-img")
+            pixels = torch.cat(list(self._decoders.map(lambda s: self.mllm.preprocess_images(s.images, s.id),
+                                                       samples)))
+        else:
+            pixels = torch.cat([self.mllm.preprocess_images(s.images, s.id) for s in samples])
         with torch.no_grad(), self.mllm.adapters_disabled():
             return self.mllm.vision_states(pixels)
 

@@ -39,19 +39,23 @@ from cl_service._cfgload import apply_overrides, from_dict, to_dict
 from cl_service.adapters.registry import AdapterError
 from cl_service.serve.catalog import Catalog, Limits, RequestError, parse_predict
 from cl_service.serve.config import ServeCfg, StageCfg, load_serve_cfg
+from cl_service.serve.states import pack_states, unpack_states
 from cl_service.serve import grpc_api  # module reference: cloudpickle re-imports it (and the stubs) in replicas
 
 log = logging.getLogger("cl_service.serve")
 SERVICE_NAME = grpc_api.pb2.DESCRIPTOR.services_by_name["ContinualLearning"].full_name
 
 
-def _engine(base: str, run: Catalog, threads: int, max_loaded: int = 16):
+def _engine(base: str, run: Catalog, stage: StageCfg, max_loaded: int = 16):
     import torch
 
     from cl_service.engine.engine import Engine
 
-    torch.set_num_threads(max(1, threads))
-    engine = Engine(base, max_loaded=max_loaded)
+    torch.set_num_threads(max(1, stage.torch_threads))
+    # Ray sets CUDA_VISIBLE_DEVICES to the replica's (possibly shared) GPU.
+    device = "cuda" if stage.num_gpus > 0 and torch.cuda.is_available() else None
+    engine = Engine(base, max_loaded=max_loaded, device=device)
+    engine.batch_size = max(engine.batch_size, stage.max_batch_size)  # a Serve batch is one engine pass
     engine.max_new_tokens = int(run.run_setting("eval", "max_new_tokens", engine.max_new_tokens))
     engine.router_max_new_tokens = int(run.run_setting("router", "max_new_tokens", engine.router_max_new_tokens))
     return engine
@@ -71,7 +75,7 @@ class Router:
         self.cfg = from_dict(ServeCfg, cfg)
         run = Catalog.load(self.cfg.results, verify=False)
         self.run = run
-        self.engine = _engine(run.resolved["base"], run, self.cfg.router.torch_threads, self.cfg.max_loaded_adapters)
+        self.engine = _engine(run.resolved["base"], run, self.cfg.router, self.cfg.max_loaded_adapters)
         self._prototypes: dict[tuple[str, ...], Any] = {}
         _set_batching(self.route_batch, self.cfg.router)
 
@@ -87,21 +91,29 @@ class Router:
         from cl_service.routers.prompt import Pool
 
         samples = [it[0] for it in items]
-        per_sample = [None] * len(items)
+        per_sample: list = [None] * len(items)  # what travels to the Expert (through the ingress)
+        on_device: list = [None] * len(items)   # the same states, on the model's device
+        vs_all = None
         if self.cfg.share_vision_states:  # CLIP once per request, for both stages
-            vs = self.engine.vision_states(samples)
-            per_sample = list(vs.split([len(s.images) for s in samples]))
+            vs_all = self.engine.vision_states(samples)
+            on_device = list(vs_all.split([len(s.images) for s in samples]))
+            per_sample = [pack_states(v) for v in on_device]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (_, router_dir, experts, descs) in enumerate(items):
             groups[(router_dir, experts, descs)].append(i)  # a hot add mid-batch: two pools, two calls
         out: list = [None] * len(items)
         for (router_dir, experts, descs), idx in groups.items():
             group = [samples[i] for i in idx]
+            vs = None
+            if vs_all is not None:  # this group's states, still on the model's device
+                vs = vs_all if len(idx) == len(items) else torch_cat([on_device[i] for i in idx])
             if self.cfg.router_kind == "mllm":
-                vs = torch_cat([per_sample[i] for i in idx])
                 routes = self.engine.route_mllm(group, router_dir, Pool(experts, descs), vision_states=vs)
             else:
-                routes = self._feature_router(router_dir, experts).route(group)
+                router = self._feature_router(router_dir, experts)
+                if vs is not None and router.kind == "prototype":  # pooled features over the shared states
+                    router = type(router)(router.experts, router.means, _SharedVision(self.engine, vs))
+                routes = router.route(group)
             for i, r in zip(idx, routes):
                 out[i] = (r, per_sample[i])
         return out
@@ -128,6 +140,16 @@ class Router:
         return self._prototypes[key]
 
 
+class _SharedVision:
+    """The engine as a feature router sees it, with the batch's CLIP states already computed."""
+
+    def __init__(self, engine: Any, vision_states: Any) -> None:
+        self.engine, self.vision_states = engine, vision_states
+
+    def features(self, samples):
+        return self.engine.features(samples, self.vision_states)
+
+
 def torch_cat(parts: list) -> Any:
     """Concatenate per-sample tensors, or None when any is missing."""
     if not parts or any(p is None for p in parts):
@@ -137,6 +159,7 @@ def torch_cat(parts: list) -> Any:
     return torch.cat(parts)
 
 
+
 @serve.deployment(name="Expert")
 class Expert:
     """Stage two: answer with base + the chosen expert. One batch holds rows for any mix of experts."""
@@ -144,7 +167,7 @@ class Expert:
     def __init__(self, cfg: dict) -> None:
         self.cfg = from_dict(ServeCfg, cfg)
         run = Catalog.load(self.cfg.results, verify=False)
-        self.engine = _engine(run.resolved["base"], run, self.cfg.expert.torch_threads, self.cfg.max_loaded_adapters)
+        self.engine = _engine(run.resolved["base"], run, self.cfg.expert, self.cfg.max_loaded_adapters)
         _set_batching(self.answer_batch, self.cfg.expert)
         self.batches: list[int] = []  # sizes of the batches run (for tests and the load test)
 
@@ -166,7 +189,8 @@ class Expert:
         out = [""] * len(items)
         for n, idx in by_len.items():
             texts = self.engine.answer_mixed([items[i][0] for i in idx], [items[i][1] for i in idx], n,
-                                             vision_states=torch_cat([items[i][3] for i in idx]))
+                                             vision_states=unpack_states([items[i][3] for i in idx],
+                                                                         self.engine.mllm.device))
             for i, t in zip(idx, texts):
                 out[i] = t
         return out
@@ -338,13 +362,17 @@ def build(cfg: ServeCfg, token: str | None = None) -> Any:
     reaches the replicas)."""
     d = to_dict(cfg)
     Catalog.load(cfg.results)  # fail here, with a clear message, rather than in a replica
-    router = Router.options(num_replicas=cfg.router.replicas, ray_actor_options={"num_cpus": cfg.router.num_cpus},
+    router = Router.options(num_replicas=cfg.router.replicas, ray_actor_options=_resources(cfg.router),
                             max_ongoing_requests=max(16, 4 * cfg.router.max_batch_size)).bind(d)
-    expert = Expert.options(num_replicas=cfg.expert.replicas, ray_actor_options={"num_cpus": cfg.expert.num_cpus},
+    expert = Expert.options(num_replicas=cfg.expert.replicas, ray_actor_options=_resources(cfg.expert),
                             max_ongoing_requests=max(16, 4 * cfg.expert.max_batch_size)).bind(d)
     sha = hashlib.sha256(token.encode()).hexdigest() if token else None
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=256,
                            user_config={"watch_s": cfg.watch_s}).bind(router, expert, d, sha)
+
+
+def _resources(stage: StageCfg) -> dict:
+    return {"num_cpus": stage.num_cpus, **({"num_gpus": stage.num_gpus} if stage.num_gpus > 0 else {})}
 
 
 def build_app(args: dict) -> Any:

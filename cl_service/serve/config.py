@@ -17,8 +17,12 @@ class StageCfg:
     """Replica count; each holds its own copy of the base model."""
     num_cpus: float = 0.5
     """CPUs reserved per replica (fractional, so the app fits next to other work on small machines)."""
+    num_gpus: float = 0.0
+    """GPUs reserved per replica; > 0 puts the replica's model on its GPU (fractional: Router and Expert
+    replicas can share one GPU, e.g. 0.5 each). 0 = CPU."""
     max_batch_size: int = 8
-    """``@serve.batch``: requests (for any mix of experts) gathered into one call."""
+    """``@serve.batch``: requests (for any mix of experts) gathered into one call (also the engine's batch
+    size; on a GPU, 64 or more keeps it busy)."""
     batch_wait_ms: float = 5.0
     """``@serve.batch``: how long a batch waits for more requests before it runs."""
     torch_threads: int = 1
