@@ -83,10 +83,15 @@ def stop_cluster(temp_dir: str, address: str | None = None, timeout: float = 30)
             continue
         procs[int(d.name)] = (ppid, cmd)
     me = os.getpid()
-    roots = {pid for pid, (_, cmd) in procs.items() if pid != me and any(m in cmd for m in marks)}
+    spared = {me}  # this process and its ancestors (e.g. `timeout 60 python -m ... stop --temp-dir T`, whose
+    pid = me       # command line names the temp dir too: killing it would kill this stop half-way)
+    while pid in procs and procs[pid][0] not in spared and procs[pid][0] > 1:
+        pid = procs[pid][0]
+        spared.add(pid)
+    roots = {pid for pid, (_, cmd) in procs.items() if pid not in spared and any(m in cmd for m in marks)}
     victims, frontier = set(roots), set(roots)
     while frontier:  # and their descendants (dashboard modules, agents, workers)
-        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier and pid not in victims and pid != me}
+        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier and pid not in victims and pid not in spared}
         victims |= frontier
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in victims:
