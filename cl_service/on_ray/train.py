@@ -10,6 +10,7 @@ the adapter and the optimizer/scheduler state and reports it; a restarted worker
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,8 +61,15 @@ def _train_fn(config: dict[str, Any]) -> None:
         run_train_job(job, rank=rank, world_size=world, resume=mine, on_checkpoint=on_checkpoint,
                       checkpoint_every=int(config["checkpoint_every"]),
                       fail_at_step=fail_at if ckpt is None else 0,
-                      log=(lambda m: print(m, flush=True)) if rank == 0 else None,
+                      log=_say if rank == 0 else None,
                       strategy=config.get("strategy", "ddp"))
+
+
+def _say(message: str) -> None:
+    """One progress line in the job log. Not ``print``: Ray Train patches the workers' ``print`` to tee into
+    its logger as well, which printed every line twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def _scaling(cfg: RayCfg) -> ScalingConfig:

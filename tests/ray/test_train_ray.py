@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,10 @@ def test_two_gloo_workers_train_and_a_killed_worker_resumes_from_checkpoint(ray_
     assert log["resumed_from_step"] == 2  # not from step 0
     assert log["steps"] == 6 and len(log["losses"]) == 6
     assert all(l == l and l < 1e4 for l in log["losses"])  # finite
+    # Progress reaches the worker logs (which Ray forwards to the job log) once per line, not twice.
+    logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
+    text = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*") if f.suffix in (".out", ".err"))
+    assert text.count("expert/Med: step 2/2 loss") == 1
 
 
 def test_deepspeed_zero2_trains_on_two_gloo_workers_and_resumes(ray_local, tmp_path, tiny_base, dcl_shards):
