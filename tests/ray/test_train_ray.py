@@ -19,6 +19,11 @@ def _job(tmp_path, tiny_base, dcl_shards, name="expert/RS", steps=6):
                     description="rs", seed=0)
 
 
+def _worker_log_count(ray, line: str) -> int:
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return sum(f.read_text(errors="replace").count(line) for f in logs.glob("worker-*") if f.suffix in (".out", ".err"))
+
+
 def test_two_gloo_workers_train_and_a_killed_worker_resumes_from_checkpoint(ray_local, tmp_path, tiny_base, dcl_shards):
     from cl_service.on_ray.train import RayTrainer
 
@@ -27,6 +32,7 @@ def test_two_gloo_workers_train_and_a_killed_worker_resumes_from_checkpoint(ray_
     cfg = RayCfg(num_workers=2, cpus_per_worker=1, max_failures=2, checkpoint_every=2, timeout_s=300)
     # The first attempt dies at step 3 (after the step-2 checkpoint); FailureConfig restarts the group.
     trainer = RayTrainer(cfg, str(tmp_path / "storage"), env={"CLSVC_FAIL_AT_STEP": "3"})
+    before = _worker_log_count(ray_local, "expert/Med: step 2/2 loss")  # the Ray session is shared by tests
     trainer.fit([job, other])  # one worker group for both jobs, in order
     assert read_adapter(other.out_dir, other.key())["id"] == "expert:Med"
     meta = read_adapter(job.out_dir, job.key())
@@ -37,9 +43,7 @@ def test_two_gloo_workers_train_and_a_killed_worker_resumes_from_checkpoint(ray_
     assert log["steps"] == 6 and len(log["losses"]) == 6
     assert all(l == l and l < 1e4 for l in log["losses"])  # finite
     # Progress reaches the worker logs (which Ray forwards to the job log) once per line, not twice.
-    logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
-    text = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*") if f.suffix in (".out", ".err"))
-    assert text.count("expert/Med: step 2/2 loss") == 1
+    assert _worker_log_count(ray_local, "expert/Med: step 2/2 loss") - before == 1
 
 
 def test_deepspeed_zero2_trains_on_two_gloo_workers_and_resumes(ray_local, tmp_path, tiny_base, dcl_shards):
