@@ -141,3 +141,15 @@ class Timer:
 
 def out_dir() -> Path:
     return Path(os.environ.get("OUT") or "bench/results/local")
+
+
+def start(args: Any, name: str) -> tuple[Path, dict[str, Any]]:
+    """Where a benchmark's JSON goes (``--out`` or ``$OUT/name``) and its result dict, machine and args first."""
+    out = Path(args.out) if args.out else out_dir() / name
+    return out, {"machine": gpu_info(), "args": vars(args)}
+
+
+def bench_model(name: str, device: str) -> tuple[ModelCfg, MLLM]:
+    """Profile ``name`` with random weights on ``device`` (float32 on CPU, where bf16 matmuls are slow)."""
+    cfg = profile(name, **({"dtype": "float32"} if device == "cpu" else {}))
+    return cfg, build(cfg, device)

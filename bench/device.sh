@@ -5,7 +5,6 @@
 #   bash bench/device.sh serve    # H100: two-stage serving (~4 min)
 #   bash bench/device.sh x2       # 2 GPUs: 1 GPU vs DDP vs two experts at once
 #   bash bench/device.sh serve_ray  # H100: two-stage serving through Ray Serve's gRPC proxy (~7 min)
-#   bash bench/device.sh prefill    # H100: where a serving batch spends its time; prefill fast paths (~3 min)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 DS_BUILD_OPS=0 \
@@ -38,8 +37,6 @@ case "${1:-train}" in
     timeout 480 python3 -m bench.serve --out "$OUT/serve.json" ${SERVE_ARGS:-} ;;
   serve_ray)
     timeout 560 python3 -m bench.serve_ray --out "$OUT/serve_ray.json" ${SERVE_ARGS:-} ;;
-  prefill)
-    timeout 400 python3 -m bench.prefill --out "$OUT/prefill.json" ${PREFILL_ARGS:-} ;;
   x2)
     timeout 560 python3 -m bench.train --suite x2 --timeout 240 --out "$OUT/train_x2.json" ;;
   *) echo "unknown suite $1"; exit 2 ;;

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import POOL, Timer, build, gpu_info, out_dir, pct, profile, requests, write_json  # noqa: E402
+from bench.common import POOL, Timer, bench_model, pct, requests, start, write_json  # noqa: E402
 from cl_service.adapters.lora import LoraCfg, attach_lora, remove_lora, save_adapter  # noqa: E402
 from cl_service.adapters.registry import finalize_adapter  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
@@ -161,16 +161,14 @@ def main() -> None:
     ap.add_argument("--fuse-norms", action="store_true", help="MLLM.fuse_norms(): compiled RMSNorm kernels")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    out = Path(args.out) if args.out else out_dir() / "serve.json"
+    out, res = start(args, "serve.json")
     cuda = args.device == "cuda"
-    res: dict[str, Any] = {"machine": gpu_info(), "args": vars(args)}
 
     def save() -> None:
         write_json(out, res)
 
     t0 = time.perf_counter()
-    mcfg = profile(args.profile, **({"dtype": "float32"} if not cuda else {}))
-    mllm = build(mcfg, args.device)
+    mcfg, mllm = bench_model(args.profile, args.device)
     root = Path(tempfile.mkdtemp(prefix="clsvc-bench-adapters-"))
     experts, router = make_adapters(mllm, root, args.rank, tuple(args.targets.split(",")))
     res["setup_s"] = time.perf_counter() - t0

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import POOL, build, gpu_info, out_dir, pct, profile, requests, write_json  # noqa: E402
+from bench.common import POOL, bench_model, pct, requests, start, write_json  # noqa: E402
 from bench.serve import make_adapters  # noqa: E402
 from cl_service.adapters.registry import finalize_adapter  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
@@ -218,16 +218,14 @@ def main() -> None:
     ap.add_argument("--deploy-timeout", type=float, default=300.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    out = Path(args.out) if args.out else out_dir() / "serve_ray.json"
+    out, res = start(args, "serve_ray.json")
     cuda = args.device == "cuda"
-    res: dict[str, Any] = {"machine": gpu_info(), "args": vars(args)}
 
     def save() -> None:
         write_json(out, res)
 
     t0 = time.perf_counter()
-    mcfg = profile(args.profile, **({"dtype": "float32"} if not cuda else {}))
-    mllm = build(mcfg, args.device)
+    mcfg, mllm = bench_model(args.profile, args.device)
     root = Path(args.work or tempfile.mkdtemp(prefix="clsvc-serve-ray-")) / "run"
     root.mkdir(parents=True)
     run = make_run(mllm, root, args.rank, tuple(args.targets.split(",")), args.words)

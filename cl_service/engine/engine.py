@@ -157,13 +157,12 @@ class Engine:
         """Base CLIP states of the samples' images ``[N_img, k, vision_hidden]``, computed once and
         reusable by :meth:`route_mllm`, :meth:`features` and :meth:`answer_mixed` for the same samples
         (valid for adapters without vision LoRA; others recompute their own)."""
-        if len(samples) > 1:  # PIL decodes without the GIL: threads overlap a batch's images
-            if self._decoders is None:
-                self._decoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="clsvc-img")
-            pixels = torch.cat(list(self._decoders.map(lambda s: self.mllm.preprocess_images(s.images, s.id),
-                                                       samples)))
-        else:
-            pixels = torch.cat([self.mllm.preprocess_images(s.images, s.id) for s in samples])
+        def decode(s: Sample) -> torch.Tensor:
+            return self.mllm.preprocess_images(s.images, s.id)
+
+        if len(samples) > 1 and self._decoders is None:  # PIL decodes without the GIL: threads overlap images
+            self._decoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="clsvc-img")
+        pixels = torch.cat(list(self._decoders.map(decode, samples)) if len(samples) > 1 else [decode(samples[0])])
         with torch.no_grad(), self.mllm.adapters_disabled():
             return self.mllm.vision_states(pixels)
 

@@ -159,7 +159,6 @@ def torch_cat(parts: list) -> Any:
     return torch.cat(parts)
 
 
-
 @serve.deployment(name="Expert")
 class Expert:
     """Stage two: answer with base + the chosen expert. One batch holds rows for any mix of experts."""
