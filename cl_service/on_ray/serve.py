@@ -1,8 +1,12 @@
 """Ray Serve application: a gRPC ingress, a Router deployment and Expert replicas over one frozen base.
 
     Ingress (cl.v1 + grpc.health.v1 through Serve's gRPC proxy)
-      -> Router.route    @serve.batch: requests of many clients routed in one generate (MLLM router LoRA)
-      -> Expert.answer   @serve.batch: rows for different experts answered in one call (engine LRU of adapters)
+      -> Router.route    batched: requests of many clients routed in one generate (MLLM router LoRA)
+      -> Expert.answer   batched: rows for different experts answered in one call (engine LRU of adapters)
+
+Both model deployments batch with :class:`~cl_service.serve.batcher.Batcher`, which gathers a batch when the
+model is free; Serve's ``@serve.batch`` forms batches while the model is busy, so a loaded replica ran small
+batches one after another.
 
 Experts are addressed by id through the adapter registry (:class:`~cl_service.serve.catalog.Catalog`); the
 ingress turns ids into adapter folders, Router/Expert replicas load them into their engine's adapter cache
@@ -37,6 +41,7 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 
 from cl_service._cfgload import apply_overrides, from_dict, to_dict
 from cl_service.adapters.registry import AdapterError
+from cl_service.serve.batcher import Batcher
 from cl_service.serve.catalog import Catalog, Limits, RequestError, parse_predict
 from cl_service.serve.config import ServeCfg, StageCfg, load_serve_cfg
 from cl_service.serve.states import pack_states, unpack_states
@@ -47,6 +52,9 @@ SERVICE_NAME = grpc_api.pb2.DESCRIPTOR.services_by_name["ContinualLearning"].ful
 
 
 def _engine(base: str, run: Catalog, stage: StageCfg, max_loaded: int = 16):
+    # Batches of varying size and length fragment a fixed-segment CUDA cache (two 7B replicas sharing an
+    # H100 ran out with 15 GB reserved but unallocated); read when CUDA is first used in this process.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     from cl_service.engine.engine import Engine
@@ -61,9 +69,13 @@ def _engine(base: str, run: Catalog, stage: StageCfg, max_loaded: int = 16):
     return engine
 
 
-def _set_batching(method: Any, stage: StageCfg) -> None:
-    method.set_max_batch_size(stage.max_batch_size)
-    method.set_batch_wait_timeout_s(stage.batch_wait_ms / 1000.0)
+def _batcher(fn: Any, stage: StageCfg) -> Batcher:
+    """Batches gathered when the model is free (not ``@serve.batch``: see :mod:`cl_service.serve.batcher`);
+    the model runs in a worker thread so the replica keeps accepting requests meanwhile."""
+    async def run(items: list) -> list:
+        return await asyncio.to_thread(fn, items)
+
+    return Batcher(run, stage.max_batch_size, stage.batch_wait_ms / 1000.0)
 
 
 @serve.deployment(name="Router")
@@ -77,14 +89,14 @@ class Router:
         self.run = run
         self.engine = _engine(run.resolved["base"], run, self.cfg.router, self.cfg.max_loaded_adapters)
         self._prototypes: dict[tuple[str, ...], Any] = {}
-        _set_batching(self.route_batch, self.cfg.router)
+        self.batcher = _batcher(self._route, self.cfg.router)
 
     async def route(self, sample, router_dir: str | None, experts: tuple[str, ...], descriptions: tuple[str, ...]):
-        return await self.route_batch((sample, router_dir, experts, descriptions))
+        return await self.batcher.submit((sample, router_dir, experts, descriptions))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def route_batch(self, items: list[tuple]) -> list:
-        return await asyncio.to_thread(self._route, items)
+    def batch_log(self) -> list[tuple[float, float, int]]:
+        """``(start, end, size)`` of the last 1000 batches (``time.time()``)."""
+        return list(self.batcher.log)
 
     def _route(self, items: list[tuple]) -> list[tuple]:
         """``[(sample, router_dir, experts, descriptions)] -> [(Route, vision_states of the sample or None)]``."""
@@ -167,17 +179,10 @@ class Expert:
         self.cfg = from_dict(ServeCfg, cfg)
         run = Catalog.load(self.cfg.results, verify=False)
         self.engine = _engine(run.resolved["base"], run, self.cfg.expert, self.cfg.max_loaded_adapters)
-        _set_batching(self.answer_batch, self.cfg.expert)
-        self.batches: list[int] = []  # sizes of the batches run (for tests and the load test)
+        self.batcher = _batcher(self._answer, self.cfg.expert)
 
     async def answer(self, sample, adapter: str, max_new_tokens: int | None, vision_states: Any = None) -> str:
-        return await self.answer_batch((sample, adapter, max_new_tokens, vision_states))
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def answer_batch(self, items: list[tuple]) -> list[str]:
-        self.batches.append(len(items))
-        del self.batches[:-1000]
-        return await asyncio.to_thread(self._answer, items)
+        return await self.batcher.submit((sample, adapter, max_new_tokens, vision_states))
 
     def _answer(self, items: list[tuple]) -> list[str]:
         """Rows for different experts share each forward pass (``Engine.answer_mixed``); one call per
@@ -195,7 +200,11 @@ class Expert:
         return out
 
     def batch_sizes(self) -> list[int]:
-        return list(self.batches)
+        return [n for _, _, n in self.batcher.log]
+
+    def batch_log(self) -> list[tuple[float, float, int]]:
+        """``(start, end, size)`` of the last 1000 batches (``time.time()``)."""
+        return list(self.batcher.log)
 
 
 @serve.deployment(name="Ingress")

@@ -21,10 +21,11 @@ class StageCfg:
     """GPUs reserved per replica; > 0 puts the replica's model on its GPU (fractional: Router and Expert
     replicas can share one GPU, e.g. 0.5 each). 0 = CPU."""
     max_batch_size: int = 8
-    """``@serve.batch``: requests (for any mix of experts) gathered into one call (also the engine's batch
+    """Requests (for any mix of experts) gathered into one call (also the engine's batch
     size; on a GPU, 64 or more keeps it busy)."""
     batch_wait_ms: float = 5.0
-    """``@serve.batch``: how long a batch waits for more requests before it runs."""
+    """How long a request that finds the model free waits for more requests before its batch runs (requests
+    that arrive while the model is busy join the next batch without waiting)."""
     torch_threads: int = 1
     """``torch.set_num_threads`` inside each replica."""
 
