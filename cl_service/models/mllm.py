@@ -312,9 +312,10 @@ class MLLM:
         batch = self.collate(samples, train=False, pixels=need_pixels)
         mask = batch["attention_mask"].to(self.device)
         pos = batch["position_ids"].to(self.device)
-        cache = _growing_cache(mask.shape[1] + max_new_tokens) if self.preallocate_kv else None
+        use_cache = max_new_tokens > 1  # one token (the router's letter) needs no KV cache: ~27 GB at 7B x 64
+        cache = _growing_cache(mask.shape[1] + max_new_tokens) if self.preallocate_kv and use_cache else None
         res = self.model(inputs_embeds=self.embed(batch, vision_states, image_features), attention_mask=mask,
-                         position_ids=pos, use_cache=True, logits_to_keep=1, past_key_values=cache)
+                         position_ids=pos, use_cache=use_cache, logits_to_keep=1, past_key_values=cache)
         B = len(samples)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         tokens: list[torch.Tensor] = []
@@ -355,7 +356,7 @@ class MLLM:
                 mask = batch["attention_mask"].to(self.device)
                 h = self.model.model.language_model(
                     inputs_embeds=self.embed(batch, vision_states), attention_mask=mask,
-                    position_ids=batch["position_ids"].to(self.device)).last_hidden_state
+                    position_ids=batch["position_ids"].to(self.device), use_cache=False).last_hidden_state
                 m = mask.unsqueeze(-1).to(h.dtype)
                 feats.append(((h * m).sum(1) / m.sum(1)).float().cpu())
             return torch.cat(feats)
@@ -379,7 +380,7 @@ class MLLM:
                 vs = self.vision_states(batch["pixel_values"])
                 h = self.model.model.language_model(
                     inputs_embeds=self.embed(batch, vs), attention_mask=mask,
-                    position_ids=batch["position_ids"].to(self.device)).last_hidden_state
+                    position_ids=batch["position_ids"].to(self.device), use_cache=False).last_hidden_state
                 text = (mask.bool() & (ids != self.image_token_id) & (ids != self.bos_id)).unsqueeze(-1).to(h.dtype)
                 pooled = (h * text).sum(1) / text.sum(1).clamp(min=1)
                 per_image = vs.mean(1)  # [N_img, H_vision]
@@ -410,7 +411,7 @@ class MLLM:
                 vs = self.vision_states(batch["pixel_values"])
                 h = self.model.model.language_model(
                     inputs_embeds=self.embed(batch, vs), attention_mask=mask,
-                    position_ids=batch["position_ids"].to(self.device)).last_hidden_state
+                    position_ids=batch["position_ids"].to(self.device), use_cache=False).last_hidden_state
                 text = (mask.bool() & (ids != self.image_token_id) & (ids != self.bos_id)).unsqueeze(-1).to(h.dtype)
                 pooled = (h * text).sum(1) / text.sum(1).clamp(min=1)
                 per_image = vs.mean(1)  # [N_img, H_vision]
