@@ -187,6 +187,38 @@ class Load:
             c.close()
 
 
+def _stages(handles: dict[str, Any], t_from: float, t_to: float) -> dict[str, Any]:
+    """Per deployment, over the batches that started in ``[t_from, t_to)``: mean batch size and the fraction of
+    the window the replica spent computing (busy ~1: that stage limits throughput; both low: the requests
+    are held up between them)."""
+    out: dict[str, Any] = {}
+    for name, h in handles.items():
+        rows = [b for b in h.batch_log.remote().result(timeout_s=60) if t_from <= b[0] < t_to]
+        key = name.lower()
+        out[f"{key}_batches"] = len(rows)
+        out[f"{key}_mean_batch"] = statistics.mean(b[2] for b in rows) if rows else None
+        out[f"{key}_busy"] = sum(min(b[1], t_to) - b[0] for b in rows) / (t_to - t_from)
+        out[f"{key}_mean_batch_s"] = statistics.mean(b[1] - b[0] for b in rows) if rows else None
+    return out
+
+
+def _stage_line(d: dict[str, Any]) -> str:
+    def f(x: Any, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+    return ", ".join(f"{k} batch {f(d[f'{k}_mean_batch'], '.1f')} ({f(d[f'{k}_mean_batch_s'], '.2f')} s), "
+                     f"busy {f(d[f'{k}_busy'], '.0%')}" for k in ("router", "expert"))
+
+
+def _probe_warnings(temp_dir: str) -> int:
+    """How many times Serve's request router gave up waiting for a replica's queue length (it then backs off
+    before sending): counted in the session's logs."""
+    n = 0
+    for f in Path(temp_dir).glob("session_latest/logs/**/*"):
+        if f.is_file() and f.suffix in (".log", ".err", ".out"):
+            n += f.read_text(errors="replace").count("Failed to get queue length")
+    return n
+
+
 def _log_tail(temp_dir: str, out: Path) -> None:
     """The replicas' logs (the last 4 kB of each serve/worker log with an error) into one file under $OUT."""
     parts = []
@@ -269,31 +301,34 @@ def main() -> None:
         t1 = time.perf_counter()
         load.burst(2 * args.batch)  # full batches in both replicas once (allocations, kernels)
         r["warm_burst_s"] = time.perf_counter() - t1
-        expert = serve.get_deployment_handle("Expert", app_name=cfg.app_name)
-        n0 = len(expert.batch_sizes.remote().result(timeout_s=60))
+        handles = {st: serve.get_deployment_handle(st, app_name=cfg.app_name) for st in ("Router", "Expert")}
+        probes0 = _probe_warnings(tmp)
+        t_from = time.time() + args.warm
         r["closed_loop"] = load.closed_loop(args.clients, args.seconds, args.warm)
-        sizes = expert.batch_sizes.remote().result(timeout_s=60)[n0:]
-        r["closed_loop"]["expert_mean_batch"] = statistics.mean(sizes) if sizes else None
         c = r["closed_loop"]
+        c.update(_stages(handles, t_from, t_from + args.seconds))
+        c["queue_probe_timeouts"] = _probe_warnings(tmp) - probes0
         print(f"[{kind}] closed loop {args.clients} clients: {c['req_per_s']:.2f} req/s, p50 {c['p50_s']:.2f} s, "
-              f"expert batch {c['expert_mean_batch']}, errors {c['errors']}, exact singles "
-              f"{r['single_requests_equal_engine']}", flush=True)
+              f"{_stage_line(c)}, probe timeouts {c['queue_probe_timeouts']}, errors {c['errors']}, "
+              f"exact singles {r['single_requests_equal_engine']}", flush=True)
         save()
         for rate in [float(x) for x in args.rate.split(",")]:
             time.sleep(2.0)
-            n0 = len(expert.batch_sizes.remote().result(timeout_s=60))
+            probes0, t_from = _probe_warnings(tmp), time.time()
             f = load.fixed_rate(rate, args.duration)
-            sizes = expert.batch_sizes.remote().result(timeout_s=60)[n0:]
-            f["expert_mean_batch"] = statistics.mean(sizes) if sizes else None
+            f.update(_stages(handles, t_from, time.time()))
+            f["queue_probe_timeouts"] = _probe_warnings(tmp) - probes0
             r[f"fixed_rate@{rate:g}"] = f
             print(f"[{kind}] fixed rate {rate:g} req/s: p50 {f['p50_s']:.2f} s p90 {f['p90_s']:.2f} s "
-                  f"p99 {f['p99_s']:.2f} s (expert batch {f['expert_mean_batch']}, errors {f['errors']})",
-                  flush=True)
+                  f"p99 {f['p99_s']:.2f} s, {_stage_line(f)}, probe timeouts {f['queue_probe_timeouts']}, "
+                  f"errors {f['errors']}", flush=True)
             save()
         load.close()
         serve.delete(cfg.app_name)
-        if cuda:
-            time.sleep(3.0)  # the replicas' GPU memory goes back before the next app loads
+        if cuda:  # the replicas' GPU memory goes back before the next app loads
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and torch.cuda.mem_get_info()[0] < 0.9 * torch.cuda.mem_get_info()[1]:
+                time.sleep(1.0)
 
     grpc_port, http_port = _free_port(), _free_port()  # Serve's proxies start once, with the first app
     failed = []
