@@ -82,6 +82,9 @@ class OLoraCfg:
 class EvalCfg:
     batch_size: int = 64
     max_new_tokens: int = 8
+    threads: int = 0
+    """Torch threads of the evaluating process (the Ray job's driver, idle while workers train); 0 = every CPU
+    this process may use. A ``ray job submit`` driver otherwise inherits Ray's ``OMP_NUM_THREADS=1``."""
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,13 @@ def run(cfg: RunCfg, log=print) -> dict:
             raise ValueError(f"ray.strategy={cfg.ray.strategy} needs Ray Train workers (ray.num_workers >= 1)")
         return run_stream(cfg, LocalTrainer(), log=log)
     import ray
+    import torch
 
     from cl_service.on_ray.train import RayTrainer
+
+    # Evaluation runs here, between training runs (the workers are idle then). Ray starts a job's driver with
+    # OMP_NUM_THREADS=1, which left one of a 2-core machine's cores idle through every evaluation.
+    torch.set_num_threads(cfg.eval.threads or len(os.sched_getaffinity(0)))
 
     started = False
     if not ray.is_initialized():
