@@ -79,6 +79,14 @@ class OLoraCfg:
 
 
 @dataclass(frozen=True)
+class MoELoraCfg:
+    """``moelora``: LoRA experts per adapted Linear (each of ``expert.lora``'s rank), mixed per token by a
+    softmax gate; trained sequentially over the stream with ``expert.train``."""
+
+    experts: int = 4
+
+
+@dataclass(frozen=True)
 class EvalCfg:
     batch_size: int = 64
     max_new_tokens: int = 8
@@ -122,6 +130,7 @@ class RunCfg:
     router: RouterCfg = field(default_factory=RouterCfg)
     replay: ReplayCfg = field(default_factory=ReplayCfg)
     olora: OLoraCfg = field(default_factory=OLoraCfg)
+    moelora: MoELoraCfg = field(default_factory=MoELoraCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     ray: RayCfg = field(default_factory=RayCfg)
 

@@ -19,6 +19,7 @@ import torch
 from transformers.utils import logging as _hf_logging
 
 from cl_service.adapters.lora import delete_adapter, load_adapter, set_active
+from cl_service.adapters.moelora import is_moelora, moelora_active
 from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
 from cl_service.engine.multilora import MultiLoRA
@@ -57,6 +58,7 @@ class Engine:
         self._n = 0
         self.memo: dict | None = None  # see enable_memo
         self._decoders: ThreadPoolExecutor | None = None
+        self._moelora: OrderedDict[str, Any] = OrderedDict()  # loaded MoE-LoRAs by folder
         tok = self.mllm.tokenizer
         self._letter_ids = {L: tok(" " + L, add_special_tokens=False).input_ids[0] for L in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
@@ -143,6 +145,10 @@ class Engine:
         n = max_new_tokens or self.max_new_tokens
 
         def compute(todo: list[Sample]) -> list[str]:
+            if is_moelora(adapter):  # not a peft LoRA: its own token-gated experts, hooked in for the call
+                read_adapter(adapter)  # complete and checksums match, or AdapterError
+                with moelora_active(self.mllm, adapter, self._moelora):
+                    return self.mllm.generate(todo, n, self.batch_size)
             if self.fused_lora:
                 return self.answer_mixed(todo, [adapter] * len(todo), n)
             return self._run(adapter, lambda: self.mllm.generate(todo, n, self.batch_size))
@@ -180,6 +186,8 @@ class Engine:
         if not samples:
             return []
         n = max_new_tokens or self.max_new_tokens
+        if any(is_moelora(a) for a in adapters):
+            raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
         keys = [self._multi_key(a) for a in adapters]
         self._trim_multi({k for k in keys if k is not None})
         out: list[str] = []
@@ -208,6 +216,8 @@ class Engine:
     def _last_logits_mixed(self, samples: Sequence[Sample], adapters: Sequence[str | None],
                            vision_states: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits after each prompt ``[B, V]`` (float32, CPU), row ``i`` through ``adapters[i]``."""
+        if any(is_moelora(a) for a in adapters):
+            raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
         keys = [self._multi_key(a) for a in adapters]
         out = []
         for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):

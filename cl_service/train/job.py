@@ -47,6 +47,7 @@ class TrainJob:
     description: str = ""
     seed: int = 0
     orth_lambda: float = 0.0   # kind "olora" with init_adapter: grow it by one block, orthogonality penalty
+    moe_experts: int = 0       # kind "moelora": LoRA experts per Linear (token-gated), continued from init_adapter
 
     def key(self) -> str:
         """Hash of everything that determines the published adapter (not the output folder)."""

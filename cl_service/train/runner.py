@@ -100,6 +100,11 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
             raise ValueError("olora needs weight_decay=0 (decay would move the frozen blocks of earlier tasks)")
         params, orth = grow_lora(mllm, job.init_adapter, job.lora, ADAPTER_NAME, seed=job.seed)
         penalty = lambda: job.orth_lambda * orth()  # noqa: E731
+    elif job.kind == "moelora":
+        from cl_service.adapters.moelora import MoELoRASpec, attach_moelora
+
+        params = attach_moelora(mllm, MoELoRASpec.of(job.lora, job.moe_experts), seed=job.seed,
+                                init=job.init_adapter)
     elif job.init_adapter:
         params = load_adapter(mllm, job.init_adapter, ADAPTER_NAME, trainable=True)
     else:
@@ -143,7 +148,12 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         state = train_steps(model, batches, params, job.train, state, on_step)
     if rank == 0:
         stage = publish_dir(job.out_dir)
-        save_adapter(mllm, stage, ADAPTER_NAME)
+        if job.kind == "moelora":
+            from cl_service.adapters.moelora import save_moelora
+
+            save_moelora(mllm, stage)
+        else:
+            save_adapter(mllm, stage, ADAPTER_NAME)
         (stage / "train_log.json").write_text(json.dumps(
             {"job": job.name, "steps": state.step, "losses": state.losses, "samples": len(samples) * world_size,
              "world_size": world_size, "resumed_from_step": resumed_from,

@@ -59,13 +59,52 @@ def test_adapters_hold_only_adapter_weights_and_finite_losses(run):
 
     folders = [p.parent for p in (run["out"] / "adapters").rglob("adapter.json")]
     kinds = {json.loads((f / "adapter.json").read_text())["kind"] for f in folders}
-    assert kinds == {"expert", "router", "sequential", "joint", "olora"}
+    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora"}
     for f in folders:
         log = json.loads((f / "train_log.json").read_text())
         assert log["steps"] == 3 and all(math.isfinite(x) for x in log["losses"])
         with safe_open(str(f / "adapter_model.safetensors"), "pt") as st:
             keys = list(st.keys())
-        assert keys and all(("lora_" in k) or ("multi_modal_projector" in k) for k in keys), keys[:5]
+        if (f / "moelora_config.json").is_file():  # experts and gates of decoder Linears only
+            assert keys and all(".language_model." in k and k.rsplit(".", 1)[1] in ("A", "B", "gate")
+                                for k in keys), keys[:5]
+        else:
+            assert keys and all(("lora_" in k) or ("multi_modal_projector" in k) for k in keys), keys[:5]
+
+
+def test_moelora_continues_its_experts_stage_to_stage_and_reloads_to_identical_logits(run, tiny_base, dcl_shards):
+    from safetensors.torch import load_file
+
+    from cl_service.adapters.moelora import moelora_active, read_spec
+    from cl_service.data.shards import ShardDataset
+    from cl_service.engine import Engine
+    from cl_service.models.mllm import load_mllm
+
+    ads = run["out"] / "adapters" / "moelora"
+    s0, s1 = ads / "stage-0-RS", ads / "stage-1-Med"
+    spec = read_spec(s1)
+    assert read_spec(s0) == spec and spec.experts == 4 and spec.rank == 4
+    w0, w1 = load_file(str(s0 / "adapter_model.safetensors")), load_file(str(s1 / "adapter_model.safetensors"))
+    assert set(w0) == set(w1)
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # stage 1 trained on
+    k = next(k for k in w0 if k.endswith(".B"))
+    assert w0[k].shape[0] == 4 and w0[k].abs().sum() > 0  # four experts, trained away from B = 0
+    samples = ShardDataset(dcl_shards).samples("Med", "test")[:3]
+    mllm = load_mllm(tiny_base)
+    mllm.model.eval()
+    with torch.no_grad():
+        plain = mllm.forward(mllm.collate(samples, train=False)).logits
+        with moelora_active(mllm, s1):
+            a = mllm.forward(mllm.collate(samples, train=False)).logits
+        with moelora_active(mllm, s1):
+            b = mllm.forward(mllm.collate(samples, train=False)).logits
+        after = mllm.forward(mllm.collate(samples, train=False)).logits
+    assert torch.equal(a, b) and not torch.equal(a, plain)
+    assert torch.equal(after, plain)  # hooks removed on exit
+    engine = Engine(tiny_base)  # the engine answers through the same hooks, as the run evaluated it
+    assert engine.answer(samples, str(s1), 3) == engine.answer(samples, str(s1), 3)
+    with pytest.raises(ValueError, match="mixed batches"):
+        engine.answer_mixed(samples, [str(s1)] * len(samples), 3)
 
 
 def test_base_checkpoint_never_changes(run, tiny_base):

@@ -1,0 +1,212 @@
+"""MoE-LoRA (the CoIN benchmark's MoELoRA baseline): every adapted Linear holds ``E`` LoRA experts and a
+token gate; the update for token ``x`` is ``scale · Σ_e softmax(G x)_e · B_e A_e x``.
+
+Trained sequentially over the stream like ``lora_ft`` (all experts and gates shared by every task); the
+gate lets tokens of different tasks lean on different experts, which is how it is meant to forget less
+than one LoRA. It adapts the decoder Linears of ``LoraCfg.targets`` (rank ``LoraCfg.rank`` per expert,
+scale ``alpha / rank``); the projector and the CLIP tower stay frozen.
+
+The experts live in one module tree, :class:`MoELoRA`, registered on the model as ``mllm.model.moelora``
+(so optimizers and DDP see its parameters) and applied through forward hooks on the base Linears: active
+only inside :func:`moelora_active` or while attached for training. Saved layout: ``moelora_config.json``
++ ``adapter_model.safetensors`` (``<module path>.{A,B,gate}``), checksummed by the adapter registry like
+any adapter; :func:`is_moelora` tells the folders apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cl_service.adapters.lora import ADAPTER_WEIGHTS, _TEXT, LoraCfg
+from cl_service.models.mllm import MLLM
+
+MOELORA_CONFIG = "moelora_config.json"
+ATTR = "moelora"
+
+
+@dataclass(frozen=True)
+class MoELoRASpec:
+    """What a saved MoE-LoRA is: experts per Linear, their rank/alpha/dropout, and the adapted Linears."""
+
+    experts: int
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+
+    @classmethod
+    def of(cls, lora: LoraCfg, experts: int) -> "MoELoRASpec":
+        if experts < 1:
+            raise ValueError(f"moelora needs at least 1 expert per Linear, got {experts}")
+        unknown = sorted(set(lora.targets) - set(_TEXT))
+        if unknown or not lora.targets:
+            raise ValueError(f"unknown LoRA targets {unknown or '(none given)'}; known: {sorted(_TEXT)}")
+        return cls(int(experts), int(lora.rank), float(lora.alpha), float(lora.dropout), tuple(lora.targets))
+
+
+class _MoELinear(torch.nn.Module):
+    def __init__(self, d_in: int, d_out: int, spec: MoELoRASpec, gen: torch.Generator) -> None:
+        super().__init__()
+        E, r = spec.experts, spec.rank
+        bound = 1.0 / d_in ** 0.5  # A like nn.Linear's (kaiming-uniform) init, B zero: starts as the base
+        self.A = torch.nn.Parameter((torch.rand(E, r, d_in, generator=gen) * 2 - 1) * bound)
+        self.B = torch.nn.Parameter(torch.zeros(E, d_out, r))
+        self.gate = torch.nn.Parameter((torch.rand(E, d_in, generator=gen) * 2 - 1) * bound)
+        self.scale = spec.alpha / spec.rank
+        self.dropout = torch.nn.Dropout(spec.dropout)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.A.dtype)
+        g = torch.softmax(x @ self.gate.T, dim=-1)                       # [..., E]
+        h = torch.einsum("...i,eri->...er", self.dropout(x), self.A)     # [..., E, r]
+        y = torch.einsum("...er,eor->...eo", h * g.unsqueeze(-1), self.B)  # [..., E, out]
+        return self.scale * y.sum(-2)
+
+
+class MoELoRA(torch.nn.Module):
+    """The experts and gates of every adapted Linear (keys: the Linear's module path, dots as ``__``)."""
+
+    def __init__(self, mllm: MLLM, spec: MoELoRASpec, seed: int = 0) -> None:
+        super().__init__()
+        self.spec = spec
+        gen = torch.Generator().manual_seed(seed)
+        self.layers = torch.nn.ModuleDict()
+        self._targets: dict[str, torch.nn.Module] = {}
+        for name, lin in _target_linears(mllm, spec.targets):
+            self.layers[name.replace(".", "__")] = _MoELinear(lin.in_features, lin.out_features, spec, gen)
+            self._targets[name] = lin
+        if not self._targets:
+            raise ValueError(f"no decoder Linears match targets {spec.targets}")
+        self._hooks: list = []
+
+    def attach(self) -> None:
+        """Add the experts' updates to the base Linears' outputs (idempotent)."""
+        if self._hooks:
+            return
+        for name, lin in self._targets.items():
+            moe = self.layers[name.replace(".", "__")]
+            self._hooks.append(lin.register_forward_hook(lambda _m, args, out, moe=moe: out + moe.delta(args[0]).to(out.dtype)))
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{p}": getattr(self.layers[name.replace('.', '__')], p).detach().contiguous().cpu()
+                for name in self._targets for p in ("A", "B", "gate")}
+
+
+def _target_linears(mllm: MLLM, targets: tuple[str, ...]) -> Iterator[tuple[str, torch.nn.Linear]]:
+    """The decoder's base Linears of ``targets`` (inside peft wrappers when peft is attached)."""
+    suffixes = tuple("." + _TEXT[t] for t in targets)
+    for name, m in mllm.model.named_modules():
+        if "language_model" not in name or ".layers." not in name:
+            continue
+        if name.endswith(suffixes) and isinstance(m, torch.nn.Linear):
+            yield name, m
+        elif name.endswith(tuple(s + ".base_layer" for s in suffixes)) and isinstance(m, torch.nn.Linear):
+            yield name[: -len(".base_layer")], m
+
+
+def attach_moelora(mllm: MLLM, spec: MoELoRASpec, seed: int = 0, init: str | Path | None = None
+                   ) -> list[torch.nn.Parameter]:
+    """Register a fresh MoE-LoRA on the model (or one loaded from ``init``, to continue it), hooked in and the
+    only trainable part. Returns its parameters."""
+    if hasattr(mllm.model, ATTR):
+        raise ValueError("the model already holds a MoE-LoRA; detach_moelora first")
+    if init is not None:
+        saved = read_spec(init)
+        if saved != spec:
+            raise ValueError(f"{init}: saved MoE-LoRA {saved} differs from the requested {spec}")
+    for p in mllm.model.parameters():
+        p.requires_grad_(False)
+    moe = MoELoRA(mllm, spec, seed)
+    if init is not None:
+        _load_weights(moe, init)
+    moe.to(device=mllm.device)
+    setattr(mllm.model, ATTR, moe)  # a submodule: optimizers, DDP and .to() see it
+    moe.attach()
+    params = list(moe.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def detach_moelora(mllm: MLLM) -> None:
+    moe = getattr(mllm.model, ATTR, None)
+    if moe is not None:
+        moe.detach()
+        delattr(mllm.model, ATTR)
+
+
+def save_moelora(mllm: MLLM, path: str | Path) -> Path:
+    moe = getattr(mllm.model, ATTR, None)
+    if moe is None:
+        raise KeyError("the model holds no MoE-LoRA to save")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(moe.state(), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt", "kind": "moelora"})
+    (path / MOELORA_CONFIG).write_text(json.dumps(asdict(moe.spec), indent=2))
+    return path
+
+
+def is_moelora(path: str | Path | None) -> bool:
+    return path is not None and (Path(path) / MOELORA_CONFIG).is_file()
+
+
+def read_spec(path: str | Path) -> MoELoRASpec:
+    path = Path(path)
+    try:
+        d = json.loads((path / MOELORA_CONFIG).read_text())
+        return MoELoRASpec(int(d["experts"]), int(d["rank"]), float(d["alpha"]), float(d["dropout"]),
+                           tuple(d["targets"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} holds no readable MoE-LoRA ({MOELORA_CONFIG}): {e}") from e
+
+
+def _load_weights(moe: MoELoRA, path: str | Path) -> None:
+    saved = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    mine = moe.state()
+    if set(saved) != set(mine):
+        diff = sorted(set(saved) ^ set(mine))
+        raise ValueError(f"{path}: MoE-LoRA tensors do not match this model ({len(diff)} differ, e.g. {diff[0]})")
+    with torch.no_grad():
+        for key, t in saved.items():
+            name, _, p = key.rpartition(".")
+            target = getattr(moe.layers[name.replace(".", "__")], p)
+            if target.shape != t.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
+            target.copy_(t)
+
+
+@contextlib.contextmanager
+def moelora_active(mllm: MLLM, path: str | Path, cache: dict | None = None):
+    """Inside the block, forward passes run base + the saved MoE-LoRA at ``path`` (frozen; peft adapters
+    disabled). ``cache``: keeps loaded MoE-LoRAs by path for reuse."""
+    path = Path(path).resolve()
+    key = f"{path}@{(path / ADAPTER_WEIGHTS).stat().st_mtime_ns}"  # a republished folder loads afresh
+    moe = cache.get(key) if cache is not None else None
+    if moe is None:
+        moe = MoELoRA(mllm, read_spec(path))
+        _load_weights(moe, path)
+        moe.to(device=mllm.device).eval()
+        for p in moe.parameters():
+            p.requires_grad_(False)
+        if cache is not None:
+            cache[key] = moe
+            while len(cache) > 4:
+                cache.pop(next(iter(cache)))
+    with mllm.adapters_disabled():
+        moe.attach()
+        try:
+            yield moe
+        finally:
+            moe.detach()
