@@ -49,9 +49,15 @@ class TrainJob:
     orth_lambda: float = 0.0   # kind "olora" with init_adapter: grow it by one block, orthogonality penalty
     moe_experts: int = 0       # kind "moelora": LoRA experts per Linear (token-gated), continued from init_adapter
 
+    def _fields(self) -> dict:
+        d = to_dict(self)
+        if not d["moe_experts"]:  # fields added later hash only when set: older results keep their keys
+            d.pop("moe_experts")
+        return d
+
     def key(self) -> str:
         """Hash of everything that determines the published adapter (not the output folder)."""
-        d = to_dict(self)
+        d = self._fields()
         d.pop("out_dir")
         d.pop("name")
         d["dataset"] = _dataset_fingerprint(self.dataset)
@@ -61,7 +67,7 @@ class TrainJob:
     def weights_key(self) -> str:
         """Hash of what determines the trained weights only: jobs with equal ``weights_key`` train the
         same adapter (e.g. ``lora_ft`` stage 0 and the first task's expert) and are trained once."""
-        d = to_dict(self)
+        d = self._fields()
         for k in ("out_dir", "name", "kind", "description"):
             d.pop(k)
         d["dataset"] = _dataset_fingerprint(self.dataset)
