@@ -80,8 +80,8 @@ class OLoraCfg:
 
 @dataclass(frozen=True)
 class MoELoraCfg:
-    """``moelora``: LoRA experts per adapted Linear (each of ``expert.lora``'s rank), mixed per token by a
-    softmax gate; trained sequentially over the stream with ``expert.train``."""
+    """``moelora``: LoRA experts per adapted Linear, mixed per token by a softmax gate; ``expert.lora.rank`` is
+    split over them (rank r / experts each); trained sequentially over the stream with ``expert.train``."""
 
     experts: int = 4
 

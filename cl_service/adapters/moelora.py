@@ -1,10 +1,12 @@
-"""MoE-LoRA (the CoIN benchmark's MoELoRA baseline): every adapted Linear holds ``E`` LoRA experts and a
-token gate; the update for token ``x`` is ``scale · Σ_e softmax(G x)_e · B_e A_e x``.
+"""MoE-LoRA (the MoELoRA baseline of the MLLM-CL comparison): every adapted Linear holds ``E`` small LoRA
+experts and a token gate; the update for token ``x`` is ``scale · Σ_e softmax(G x)_e · B_e A_e x``. The rank
+is split: each expert has rank ``r / E`` of the configured ``r``, so the adapter has one LoRA's parameter
+count (plus the gates), with ``scale = alpha / r`` as for the whole LoRA.
 
 Trained sequentially over the stream like ``lora_ft`` (all experts and gates shared by every task); the
 gate lets tokens of different tasks lean on different experts, which is how it is meant to forget less
-than one LoRA. It adapts the decoder Linears of ``LoraCfg.targets`` (rank ``LoraCfg.rank`` per expert,
-scale ``alpha / rank``); the projector and the CLIP tower stay frozen.
+than one LoRA. It adapts the decoder Linears of ``LoraCfg.targets``; the projector and the CLIP tower stay
+frozen.
 
 The experts live in one module tree, :class:`MoELoRA`, registered on the model as ``mllm.model.moelora``
 (so optimizers and DDP see its parameters) and applied through forward hooks on the base Linears: active
@@ -33,7 +35,8 @@ ATTR = "moelora"
 
 @dataclass(frozen=True)
 class MoELoRASpec:
-    """What a saved MoE-LoRA is: experts per Linear, their rank/alpha/dropout, and the adapted Linears."""
+    """What a saved MoE-LoRA is: experts per Linear, the total rank ``rank`` (each expert has ``rank /
+    experts``), alpha, dropout, and the adapted Linears."""
 
     experts: int
     rank: int
@@ -41,10 +44,17 @@ class MoELoRASpec:
     dropout: float
     targets: tuple[str, ...]
 
+    @property
+    def expert_rank(self) -> int:
+        return self.rank // self.experts
+
     @classmethod
     def of(cls, lora: LoraCfg, experts: int) -> "MoELoRASpec":
         if experts < 1:
             raise ValueError(f"moelora needs at least 1 expert per Linear, got {experts}")
+        if lora.rank % experts:
+            raise ValueError(f"moelora splits the LoRA rank over its experts: rank {lora.rank} is not a multiple "
+                             f"of {experts} experts")
         unknown = sorted(set(lora.targets) - set(_TEXT))
         if unknown or not lora.targets:
             raise ValueError(f"unknown LoRA targets {unknown or '(none given)'}; known: {sorted(_TEXT)}")
@@ -54,12 +64,12 @@ class MoELoRASpec:
 class _MoELinear(torch.nn.Module):
     def __init__(self, d_in: int, d_out: int, spec: MoELoRASpec, gen: torch.Generator) -> None:
         super().__init__()
-        E, r = spec.experts, spec.rank
+        E, r = spec.experts, spec.expert_rank
         bound = 1.0 / d_in ** 0.5  # A like nn.Linear's (kaiming-uniform) init, B zero: starts as the base
         self.A = torch.nn.Parameter((torch.rand(E, r, d_in, generator=gen) * 2 - 1) * bound)
         self.B = torch.nn.Parameter(torch.zeros(E, d_out, r))
         self.gate = torch.nn.Parameter((torch.rand(E, d_in, generator=gen) * 2 - 1) * bound)
-        self.scale = spec.alpha / spec.rank
+        self.scale = spec.alpha / spec.rank  # the whole LoRA's scale (rank split over the experts)
         self.dropout = torch.nn.Dropout(spec.dropout)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""``moelora``: MoE-LoRA (the CoIN benchmark's MoELoRA) trained sequentially over the stream — every adapted
-decoder Linear holds ``moelora.experts`` LoRA experts mixed per token by a softmax gate
+"""``moelora``: MoE-LoRA trained sequentially over the stream — every adapted decoder Linear holds
+``moelora.experts`` LoRA experts of rank ``expert.lora.rank / experts``, mixed per token by a softmax gate
 (:mod:`cl_service.adapters.moelora`). Stage ``i`` continues stage ``i-1``'s MoE-LoRA on task ``i``; no task
 identity is used at training or test time. Its projector is the base's (frozen).
 """

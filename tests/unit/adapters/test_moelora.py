@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(120)
 CFG = ModelCfg(name="unit", image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, vision_heads=2,
                vision_intermediate=64, text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1,
                text_intermediate=128, vocab_size=400, max_length=160)
-SPEC = MoELoRASpec.of(LoraCfg(rank=4, alpha=8, dropout=0.0, targets=("q", "v", "down")), experts=3)
+SPEC = MoELoRASpec.of(LoraCfg(rank=6, alpha=12, dropout=0.0, targets=("q", "v", "down")), experts=3)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_a_fresh_moelora_is_the_base_and_only_it_trains(base, samples):
     params = attach_moelora(base, SPEC, seed=1)
     n_lin = 3 * CFG.text_layers
     assert len(params) == 3 * n_lin  # A, B, gate per adapted Linear
-    assert params[0].shape[0] == 3
+    assert params[0].shape[:2] == (3, 2)  # 3 experts of rank 6 / 3
     assert torch.equal(_logits(base, samples), before)  # B = 0
     losses = _train(base, params, samples)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
@@ -134,7 +134,7 @@ def test_mismatches_and_broken_folders_get_clear_errors(base, samples, tmp_path)
     with pytest.raises(ValueError, match="already holds a MoE-LoRA"):
         attach_moelora(base, SPEC)
     detach_moelora(base)
-    other = MoELoRASpec.of(LoraCfg(rank=4, alpha=8, dropout=0.0, targets=("q", "v", "down")), experts=2)
+    other = MoELoRASpec.of(LoraCfg(rank=6, alpha=12, dropout=0.0, targets=("q", "v", "down")), experts=2)
     with pytest.raises(ValueError, match="differs from the requested"):
         attach_moelora(base, other, init=tmp_path / "m")
     (tmp_path / "m" / MOELORA_CONFIG).write_text(json.dumps({**json.loads((tmp_path / "m" / MOELORA_CONFIG).read_text()),
@@ -147,6 +147,8 @@ def test_mismatches_and_broken_folders_get_clear_errors(base, samples, tmp_path)
         read_spec(tmp_path / "m")
     with pytest.raises(ValueError, match="at least 1 expert"):
         MoELoRASpec.of(LoraCfg(), experts=0)
+    with pytest.raises(ValueError, match="not a multiple of 4 experts"):
+        MoELoRASpec.of(LoraCfg(rank=6), experts=4)
     with pytest.raises(ValueError, match="unknown LoRA targets"):
         MoELoRASpec.of(LoraCfg(targets=("lm_head",)), experts=2)
     assert not (tmp_path / "nothing").exists() and not is_moelora(tmp_path / "nothing")
