@@ -16,6 +16,12 @@ def expert_dir(ctx: StageContext, task: str) -> Path:
     return ctx.run_dir / "adapters" / "experts" / task
 
 
+def stage_dir(ctx: StageContext, method: str, stage: int) -> Path:
+    """Where a method that keeps one adapter per stage (``lora_ft``, ``olora``, ``moelora``) publishes stage
+    ``stage``'s adapter."""
+    return ctx.run_dir / "adapters" / method / f"stage-{stage}-{ctx.tasks[stage]}"
+
+
 def expert_job(ctx: StageContext, task: str) -> TrainJob:
     cfg = ctx.cfg
     return TrainJob(

@@ -8,11 +8,8 @@ seeded choice per task, as a replay buffer would hold).
 from __future__ import annotations
 
 from cl_service.methods.base import METHODS, Answer, StageContext
+from cl_service.methods.common import stage_dir
 from cl_service.train.job import DataPart, TrainJob
-
-
-def _stage_dir(ctx: StageContext, name: str, stage: int):
-    return ctx.run_dir / "adapters" / name / f"stage-{stage}-{ctx.tasks[stage]}"
 
 
 class _Sequential:
@@ -25,9 +22,9 @@ class _Sequential:
         parts = [DataPart(task=ctx.task, limit=cfg.data.train_limit, seed=cfg.seed)]
         if self.replay:
             parts += [DataPart(task=t, limit=cfg.replay.samples_per_task, seed=cfg.seed + 1) for t in ctx.seen[:-1]]
-        init = str(_stage_dir(ctx, self.name, ctx.stage - 1)) if ctx.stage > 0 else None
+        init = str(stage_dir(ctx, self.name, ctx.stage - 1)) if ctx.stage > 0 else None
         return [TrainJob(name=f"{self.name}/stage-{ctx.stage}", kind="sequential", task=ctx.task,
-                         out_dir=str(_stage_dir(ctx, self.name, ctx.stage)), base_path=ctx.extra["base_path"],
+                         out_dir=str(stage_dir(ctx, self.name, ctx.stage)), base_path=ctx.extra["base_path"],
                          dataset=ctx.extra["dataset"], parts=tuple(parts), lora=cfg.expert.lora,
                          train=cfg.expert.train, init_adapter=init,
                          description=f"{self.name} after {ctx.task}", seed=cfg.seed)]
@@ -36,7 +33,7 @@ class _Sequential:
         return True
 
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
-        adapter = str(_stage_dir(ctx, self.name, ctx.stage))
+        adapter = str(stage_dir(ctx, self.name, ctx.stage))
         return [Answer(t) for t in ctx.engine.answer(samples, adapter)]
 
 

@@ -7,11 +7,8 @@ identity is used at training or test time. Its projector is the base's (frozen).
 from __future__ import annotations
 
 from cl_service.methods.base import METHODS, Answer, StageContext
+from cl_service.methods.common import stage_dir
 from cl_service.train.job import DataPart, TrainJob
-
-
-def _stage_dir(ctx: StageContext, stage: int):
-    return ctx.run_dir / "adapters" / "moelora" / f"stage-{stage}-{ctx.tasks[stage]}"
 
 
 @METHODS.register("moelora")
@@ -22,11 +19,11 @@ class MoELoRAMethod:
     def jobs(self, ctx: StageContext) -> list:
         cfg = ctx.cfg
         return [TrainJob(name=f"moelora/stage-{ctx.stage}", kind="moelora", task=ctx.task,
-                         out_dir=str(_stage_dir(ctx, ctx.stage)), base_path=ctx.extra["base_path"],
+                         out_dir=str(stage_dir(ctx, "moelora", ctx.stage)), base_path=ctx.extra["base_path"],
                          dataset=ctx.extra["dataset"],
                          parts=(DataPart(task=ctx.task, limit=cfg.data.train_limit, seed=cfg.seed),),
                          lora=cfg.expert.lora, train=cfg.expert.train,
-                         init_adapter=str(_stage_dir(ctx, ctx.stage - 1)) if ctx.stage > 0 else None,
+                         init_adapter=str(stage_dir(ctx, "moelora", ctx.stage - 1)) if ctx.stage > 0 else None,
                          description=f"moelora after {ctx.task}", seed=cfg.seed,
                          moe_experts=cfg.moelora.experts)]
 
@@ -34,4 +31,4 @@ class MoELoRAMethod:
         return True
 
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
-        return [Answer(t) for t in ctx.engine.answer(samples, str(_stage_dir(ctx, ctx.stage)))]
+        return [Answer(t) for t in ctx.engine.answer(samples, str(stage_dir(ctx, "moelora", ctx.stage)))]

@@ -8,11 +8,8 @@ weights, so the run trains it once). The block rank is ``expert.lora.rank``; the
 from __future__ import annotations
 
 from cl_service.methods.base import METHODS, Answer, StageContext
+from cl_service.methods.common import stage_dir
 from cl_service.train.job import DataPart, TrainJob
-
-
-def _stage_dir(ctx: StageContext, stage: int):
-    return ctx.run_dir / "adapters" / "olora" / f"stage-{stage}-{ctx.tasks[stage]}"
 
 
 @METHODS.register("olora")
@@ -24,11 +21,11 @@ class OLoRA:
         cfg = ctx.cfg
         first = ctx.stage == 0
         return [TrainJob(name=f"olora/stage-{ctx.stage}", kind="sequential" if first else "olora", task=ctx.task,
-                         out_dir=str(_stage_dir(ctx, ctx.stage)), base_path=ctx.extra["base_path"],
+                         out_dir=str(stage_dir(ctx, "olora", ctx.stage)), base_path=ctx.extra["base_path"],
                          dataset=ctx.extra["dataset"],
                          parts=(DataPart(task=ctx.task, limit=cfg.data.train_limit, seed=cfg.seed),),
                          lora=cfg.expert.lora, train=cfg.expert.train,
-                         init_adapter=None if first else str(_stage_dir(ctx, ctx.stage - 1)),
+                         init_adapter=None if first else str(stage_dir(ctx, "olora", ctx.stage - 1)),
                          description=f"olora after {ctx.task}", seed=cfg.seed,
                          orth_lambda=0.0 if first else cfg.olora.lambda_orth)]
 
@@ -36,4 +33,4 @@ class OLoRA:
         return True
 
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
-        return [Answer(t) for t in ctx.engine.answer(samples, str(_stage_dir(ctx, ctx.stage)))]
+        return [Answer(t) for t in ctx.engine.answer(samples, str(stage_dir(ctx, "olora", ctx.stage)))]

@@ -17,33 +17,15 @@ from cl_service.adapters.lora import (
     set_active,
     target_regex,
 )
-from cl_service.data.synth import BENCHMARKS
-from cl_service.models.config import ModelCfg
-from cl_service.models.mllm import build_mllm, prompt_text, target_text
-from cl_service.models.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
 
-CFG = ModelCfg(name="unit", image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, vision_heads=2,
-               vision_intermediate=64, text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1,
-               text_intermediate=128, vocab_size=400, max_length=160)
 LM_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-@pytest.fixture(scope="module")
-def samples():
-    return list(BENCHMARKS.get("dcl-mini").generate("train", 3, 0))
-
-
-@pytest.fixture(scope="module")
-def tok(samples):
-    torch.set_num_threads(1)
-    return train_tokenizer([prompt_text(s.question) + target_text(s.answer) for s in samples], CFG.vocab_size)
-
-
 @pytest.fixture
-def base(tok):
-    return build_mllm(CFG, tok, seed=0)
+def base(build):
+    return build()
 
 
 def _lora_modules(m) -> set[str]:
@@ -60,12 +42,12 @@ def _train(m, params, batch, steps=3):
     m.model.eval()
 
 
-def test_targets_only_language_model_linears(base):
+def test_targets_only_language_model_linears(base, unit_cfg):
     attach_lora(base, LoraCfg(), "e")
     mods = _lora_modules(base)
     assert mods and all(".language_model." in n for n in mods)
     assert {n.rsplit(".", 1)[1] for n in mods} == LM_LINEARS
-    assert len(mods) == 7 * CFG.text_layers
+    assert len(mods) == 7 * unit_cfg.text_layers
     assert not any("lm_head" in n or "multi_modal_projector" in n for n in mods)
 
 
@@ -103,7 +85,7 @@ def test_only_adapter_and_projector_change(base, samples, lora):
         assert torch.equal(base.forward(batch).logits, before_logits)  # the frozen base is untouched
 
 
-def test_saved_adapter_reloads_to_identical_logits(base, tok, samples, tmp_path):
+def test_saved_adapter_reloads_to_identical_logits(base, build, samples, tmp_path):
     batch = base.collate(samples[:6], train=True)
     _train(base, attach_lora(base, LoraCfg(vision=True), "task-a"), batch)
     with torch.no_grad():
@@ -111,7 +93,7 @@ def test_saved_adapter_reloads_to_identical_logits(base, tok, samples, tmp_path)
     save_adapter(base, tmp_path / "a", "task-a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
 
-    fresh = build_mllm(CFG, tok, seed=0)
+    fresh = build()
     assert load_adapter(fresh, tmp_path / "a", "x") == []  # frozen unless asked
     with torch.no_grad():
         assert torch.equal(fresh.forward(batch).logits, trained)
@@ -151,7 +133,7 @@ def test_several_experts_switch_and_delete(base, samples):
     assert adapter_names(base) == ["c"]
 
 
-def test_lora_seed_makes_init_deterministic(tok):
-    a, b = build_mllm(CFG, tok), build_mllm(CFG, tok)
+def test_lora_seed_makes_init_deterministic(build):
+    a, b = build(), build()
     pa, pb = attach_lora(a, LoraCfg(), "e", seed=3), attach_lora(b, LoraCfg(), "e", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(pa, pb))

@@ -17,33 +17,15 @@ from cl_service.adapters.moelora import (
     read_spec,
     save_moelora,
 )
-from cl_service.data.synth import BENCHMARKS
-from cl_service.models.config import ModelCfg
-from cl_service.models.mllm import build_mllm, prompt_text, target_text
-from cl_service.models.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.timeout(120)
 
-CFG = ModelCfg(name="unit", image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, vision_heads=2,
-               vision_intermediate=64, text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1,
-               text_intermediate=128, vocab_size=400, max_length=160)
 SPEC = MoELoRASpec.of(LoraCfg(rank=6, alpha=12, dropout=0.0, targets=("q", "v", "down")), experts=3)
 
 
-@pytest.fixture(scope="module")
-def samples():
-    return list(BENCHMARKS.get("dcl-mini").generate("train", 4, 0))
-
-
-@pytest.fixture(scope="module")
-def tok(samples):
-    torch.set_num_threads(1)
-    return train_tokenizer([prompt_text(s.question) + target_text(s.answer) for s in samples], CFG.vocab_size)
-
-
 @pytest.fixture
-def base(tok):
-    m = build_mllm(CFG, tok, seed=0)
+def base(build):
+    m = build()
     m.model.eval()
     return m
 
@@ -68,11 +50,18 @@ def _train(m, params, samples, steps=4):
     return losses
 
 
-def test_a_fresh_moelora_is_the_base_and_only_it_trains(base, samples):
+def _train_and_save(m, samples, path):
+    """Train a fresh MoE-LoRA on ``m`` a few steps, save it to ``path``; the trained logits."""
+    _train(m, attach_moelora(m, SPEC, seed=1), samples)
+    save_moelora(m, path)
+    return _logits(m, samples)
+
+
+def test_a_fresh_moelora_is_the_base_and_only_it_trains(base, samples, unit_cfg):
     before = _logits(base, samples)
     frozen = {n: p.detach().clone() for n, p in base.model.named_parameters()}
     params = attach_moelora(base, SPEC, seed=1)
-    n_lin = 3 * CFG.text_layers
+    n_lin = 3 * unit_cfg.text_layers
     assert len(params) == 3 * n_lin  # A, B, gate per adapted Linear
     assert params[0].shape[:2] == (3, 2)  # 3 experts of rank 6 / 3
     assert torch.equal(_logits(base, samples), before)  # B = 0
@@ -84,13 +73,10 @@ def test_a_fresh_moelora_is_the_base_and_only_it_trains(base, samples):
     assert not torch.equal(_logits(base, samples), before)
 
 
-def test_saved_moelora_reloads_to_identical_logits_and_the_hooks_leave_no_trace(base, samples, tmp_path, tok):
-    params = attach_moelora(base, SPEC, seed=1)
-    _train(base, params, samples)
-    trained = _logits(base, samples)
-    save_moelora(base, tmp_path / "m")
+def test_saved_moelora_reloads_to_identical_logits_and_the_hooks_leave_no_trace(base, samples, tmp_path, build):
+    trained = _train_and_save(base, samples, tmp_path / "m")
     assert is_moelora(tmp_path / "m") and read_spec(tmp_path / "m") == SPEC
-    fresh = build_mllm(CFG, tok, seed=0)
+    fresh = build()
     fresh.model.eval()
     plain = _logits(fresh, samples)
     cache: dict = {}
@@ -102,25 +88,19 @@ def test_saved_moelora_reloads_to_identical_logits_and_the_hooks_leave_no_trace(
     assert torch.equal(_logits(fresh, samples), plain)
 
 
-def test_continuing_a_saved_moelora_starts_from_its_weights(base, samples, tmp_path, tok):
-    params = attach_moelora(base, SPEC, seed=1)
-    _train(base, params, samples)
-    trained = _logits(base, samples)
-    save_moelora(base, tmp_path / "m")
-    other = build_mllm(CFG, tok, seed=0)
+def test_continuing_a_saved_moelora_starts_from_its_weights(base, samples, tmp_path, build):
+    trained = _train_and_save(base, samples, tmp_path / "m")
+    other = build()
     other.model.eval()
     attach_moelora(other, SPEC, seed=99, init=tmp_path / "m")
     assert torch.equal(_logits(other, samples), trained)
     detach_moelora(other)
-    assert torch.equal(_logits(other, samples), _logits(build_mllm(CFG, tok, seed=0), samples))
+    assert torch.equal(_logits(other, samples), _logits(build(), samples))
 
 
-def test_moelora_applies_over_a_model_that_also_holds_peft_adapters(base, samples, tmp_path, tok):
-    params = attach_moelora(base, SPEC, seed=1)
-    _train(base, params, samples)
-    trained = _logits(base, samples)
-    save_moelora(base, tmp_path / "m")
-    other = build_mllm(CFG, tok, seed=0)
+def test_moelora_applies_over_a_model_that_also_holds_peft_adapters(base, samples, tmp_path, build):
+    trained = _train_and_save(base, samples, tmp_path / "m")
+    other = build()
     other.model.eval()
     attach_lora(other, LoraCfg(rank=2), "peft-expert")  # the engine's model usually holds some
     with moelora_active(other, tmp_path / "m"):  # peft disabled inside: base + MoE-LoRA only
