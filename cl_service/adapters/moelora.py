@@ -21,7 +21,7 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -198,19 +198,24 @@ def _load_weights(moe: MoELoRA, path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def moelora_active(mllm: MLLM, path: str | Path, cache: dict | None = None):
+def moelora_active(mllm: MLLM, path: str | Path, cache: dict | None = None,
+                   verify: Callable[[Path], object] | None = None):
     """Inside the block, forward passes run base + the saved MoE-LoRA at ``path`` (frozen; peft adapters
-    disabled). ``cache``: keeps loaded MoE-LoRAs by path for reuse."""
+    disabled). ``cache``: keeps the last few loaded MoE-LoRAs for reuse. ``verify(path)``: called before a
+    load (not on a cache hit), e.g. the adapter registry's checksum check."""
     path = Path(path).resolve()
-    key = f"{path}@{(path / ADAPTER_WEIGHTS).stat().st_mtime_ns}"  # a republished folder loads afresh
-    moe = cache.get(key) if cache is not None else None
+    weights = path / ADAPTER_WEIGHTS
+    key = f"{path}@{weights.stat().st_mtime_ns}" if weights.is_file() else None  # republished: load afresh
+    moe = cache.get(key) if cache is not None and key is not None else None
     if moe is None:
+        if verify is not None:
+            verify(path)  # e.g. the registry's clear error for a missing or half-written adapter
         moe = MoELoRA(mllm, read_spec(path))
         _load_weights(moe, path)
         moe.to(device=mllm.device).eval()
         for p in moe.parameters():
             p.requires_grad_(False)
-        if cache is not None:
+        if cache is not None and key is not None:
             cache[key] = moe
             while len(cache) > 4:
                 cache.pop(next(iter(cache)))

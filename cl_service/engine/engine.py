@@ -58,7 +58,7 @@ class Engine:
         self._n = 0
         self.memo: dict | None = None  # see enable_memo
         self._decoders: ThreadPoolExecutor | None = None
-        self._moelora: OrderedDict[str, Any] = OrderedDict()  # loaded MoE-LoRAs by folder
+        self._moelora: dict[str, Any] = {}  # loaded MoE-LoRAs (see moelora_active)
         tok = self.mllm.tokenizer
         self._letter_ids = {L: tok(" " + L, add_special_tokens=False).input_ids[0] for L in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
@@ -117,6 +117,8 @@ class Engine:
             self.multi.drop(key)
             del self._multi_loaded[key]
         if key not in self._multi_loaded:
+            if is_moelora(key):
+                raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
             read_adapter(key)  # complete and checksums match, or AdapterError
             self.multi.load(key, key)
             self._multi_loaded[key] = digest
@@ -146,8 +148,7 @@ class Engine:
 
         def compute(todo: list[Sample]) -> list[str]:
             if is_moelora(adapter):  # not a peft LoRA: its own token-gated experts, hooked in for the call
-                read_adapter(adapter)  # complete and checksums match, or AdapterError
-                with moelora_active(self.mllm, adapter, self._moelora):
+                with moelora_active(self.mllm, adapter, self._moelora, verify=read_adapter):
                     return self.mllm.generate(todo, n, self.batch_size)
             if self.fused_lora:
                 return self.answer_mixed(todo, [adapter] * len(todo), n)
@@ -186,8 +187,6 @@ class Engine:
         if not samples:
             return []
         n = max_new_tokens or self.max_new_tokens
-        if any(is_moelora(a) for a in adapters):
-            raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
         keys = [self._multi_key(a) for a in adapters]
         self._trim_multi({k for k in keys if k is not None})
         out: list[str] = []
@@ -216,8 +215,6 @@ class Engine:
     def _last_logits_mixed(self, samples: Sequence[Sample], adapters: Sequence[str | None],
                            vision_states: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits after each prompt ``[B, V]`` (float32, CPU), row ``i`` through ``adapters[i]``."""
-        if any(is_moelora(a) for a in adapters):
-            raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
         keys = [self._multi_key(a) for a in adapters]
         out = []
         for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
