@@ -39,6 +39,31 @@ def test_collate_and_finite_loss(mllm, samples):
     assert torch.isfinite(loss) and loss.item() > 0
 
 
+def test_loss_on_label_positions_equals_transformers_full_loss(mllm, samples):
+    """``loss`` runs the output head only where a label is predicted; the number and its gradients are
+    transformers' own shifted causal-LM loss over the full logits."""
+    batch = mllm.collate(samples, train=True)
+    params = [p for p in mllm.model.parameters() if p.dtype.is_floating_point][:6] + [mllm.model.lm_head.weight]
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        ours = mllm.loss(batch)
+        g_ours = torch.autograd.grad(ours, params)
+        full = mllm.forward(batch).loss
+        g_full = torch.autograd.grad(full, params)
+    finally:
+        for p, rg in zip(params, before):
+            p.requires_grad_(rg)
+    assert all(g.abs().sum() > 0 for g in g_ours)
+    assert torch.allclose(ours, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ours, g_full):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    none = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    with pytest.raises(ValueError, match="no answer tokens"):
+        mllm.loss(none)
+
+
 def test_generate_is_deterministic_and_batched_like_single(mllm, samples):
     a = mllm.generate(samples, max_new_tokens=4, batch_size=6)
     b = mllm.generate(samples, max_new_tokens=4, batch_size=2)
