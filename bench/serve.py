@@ -38,6 +38,7 @@ from bench.common import POOL, Timer, bench_model, pct, requests, start, write_j
 from cl_service.adapters.lora import LoraCfg, attach_lora, remove_lora, save_adapter  # noqa: E402
 from cl_service.adapters.registry import finalize_adapter  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
+from cl_service.engine.pipeline import Pipeline  # noqa: E402
 from cl_service.routers.prototype import PrototypeRouter  # noqa: E402
 
 
@@ -82,15 +83,78 @@ class TwoStage:
         with torch.no_grad(), mllm.adapters_disabled():
             return mllm.vision_states(torch.cat(pix))
 
-    def __call__(self, samples, router: str = "mllm", force: list[str] | None = None) -> tuple[list[str], list[str]]:
+    def stage1(self, samples, router: str = "mllm") -> tuple[torch.Tensor, list[str]]:
+        """CLIP once for the batch, then the router's choice per request."""
         vs = self.vision(samples)
         if router == "mllm":
             chosen = [r.expert for r in self.engine.route_mllm(samples, self.router, POOL, vision_states=vs)]
         else:
             chosen = [r.expert for r in PrototypeRouter(self.proto.experts, self.proto.means,
                                                         _SharedVision(self.engine, vs)).route(samples)]
-        experts = force or chosen
-        return self.engine.answer_mixed(samples, [self.experts[e] for e in experts], vision_states=vs), chosen
+        return vs, chosen
+
+    def stage2(self, samples, vs: torch.Tensor, experts: list[str]) -> list[str]:
+        return self.engine.answer_mixed(samples, [self.experts[e] for e in experts], vision_states=vs)
+
+    def __call__(self, samples, router: str = "mllm", force: list[str] | None = None) -> tuple[list[str], list[str]]:
+        vs, chosen = self.stage1(samples, router)
+        return self.stage2(samples, vs, force or chosen), chosen
+
+    def pipeline(self, router: str, batch: int, wait_s: float = 0.0) -> Pipeline:
+        """Both stages overlapped: stage one of the next batch runs while this one is answered."""
+        return Pipeline(lambda items: self.stage1(items, router),
+                        lambda items, mid: list(zip(self.stage2(items, mid[0], mid[1]), mid[1])),
+                        device=self.engine.mllm.device, max_batch=batch, wait_s=wait_s)
+
+
+def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, batches: int, router: str) -> dict[str, Any]:
+    """All ``batches`` batches submitted at once to a :class:`Pipeline` (after a warm-up batch).
+
+    ``req_per_s``: steady state, requests of batches 2.. over the time from the first batch's answers to
+    the last's (no pipeline fill); ``incl_fill_req_per_s``: all requests over submit-to-last-answer."""
+    with two.pipeline(router, batch) as p:
+        p.map(reqs[:batch], timeout_s=600)  # warm-up (the streams' first kernels, allocator)
+        p.log.clear()
+        todo = reqs[:batch * batches]
+        t0 = time.perf_counter()
+        futs = [p.submit(r) for r in todo]
+        results = [f.result(timeout=600) for f in futs]
+        t_end = time.perf_counter()
+        log = list(p.log)
+    ends = sorted(b for s, _, b, _ in log if s == 2)
+    n2 = [n for s, _, _, n in sorted(log, key=lambda x: x[2]) if s == 2]
+    steady = (sum(n2) - n2[0]) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
+    busy = {k: sum(b - a for s, a, b, _ in log if s == k) / (t_end - t0) for k in (1, 2)}
+    return {"req_per_s": steady, "incl_fill_req_per_s": len(todo) / (t_end - t0), "batch": batch,
+            "batches": len(ends), "stage1_batches": [n for s, _, _, n in log if s == 1],
+            "stage1_busy": busy[1], "stage2_busy": busy[2], "answers": len(results),
+            "distinct_experts_chosen_by_router": len({e for _, e in results})}
+
+
+def pipelined_fixed_rate(two: TwoStage, reqs: list, rate: float, duration: float, max_batch: int,
+                         router: str) -> dict[str, Any]:
+    """Requests submitted one by one every ``1/rate`` s to a :class:`Pipeline`; latency = arrival to answer."""
+    n = int(rate * duration)
+    with two.pipeline(router, max_batch) as p:
+        p.map(reqs[:max_batch], timeout_s=600)
+        p.log.clear()
+        lat: list[float] = []
+        t0 = time.perf_counter()
+        futs = []
+        for i in range(n):
+            wait = t0 + i / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            arrival = time.perf_counter()
+            f = p.submit(reqs[i % len(reqs)])
+            f.add_done_callback(lambda _f, a=arrival: lat.append(time.perf_counter() - a))
+            futs.append(f)
+        for f in futs:
+            f.result(timeout=600)
+        served = time.perf_counter() - t0
+        sizes = [k for s, _, _, k in p.log if s == 1]
+    return {"rate": rate, "requests": n, "p50_s": pct(lat, 50), "p90_s": pct(lat, 90), "p99_s": pct(lat, 99),
+            "mean_batch": statistics.mean(sizes), "achieved_req_per_s": n / served}
 
 
 def closed_loop(fn, reqs: list, batch: int, batches: int, cuda: bool) -> dict[str, Any]:
@@ -159,8 +223,14 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=54, help="question words (~60 tokens)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--fuse-norms", action="store_true", help="MLLM.fuse_norms(): compiled RMSNorm kernels")
+    ap.add_argument("--pipe-batches", type=int, default=6, help="batches submitted at once to the pipelined runs")
+    ap.add_argument("--sections", default="serial,big,stage2,fixed,pipeline,peft,agree",
+                    help="what to run (comma-separated): serial (closed loop, one batch at a time), big (the same "
+                         "at --big-batch), stage2 (answer only), fixed (fixed-rate latency), pipeline (both stages "
+                         "overlapped: closed loop at --batch and --big-batch, fixed rate), peft, agree")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     out, res = start(args, "serve.json")
     cuda = args.device == "cuda"
 
@@ -174,7 +244,8 @@ def main() -> None:
     res["setup_s"] = time.perf_counter() - t0
     engine = Engine(mllm, fused_lora=True)
     engine.batch_size, engine.max_new_tokens, engine.router_max_new_tokens = args.batch, 16, 1
-    reqs = requests(max(args.batch, args.big_batch) * (args.batches + 1), mcfg.image_size, n_words=args.words)
+    reqs = requests(max(args.batch, args.big_batch) * max(args.batches + 1, args.pipe_batches), mcfg.image_size,
+                    n_words=args.words)
     tok = mllm.tokenizer
     from cl_service.models.mllm import prompt_text
     from cl_service.routers.prompt import router_prompt
@@ -210,13 +281,15 @@ def main() -> None:
 
     for key, rk, force in [("e2e_mllm_router", "mllm", None), ("e2e_proto_router", "proto", None),
                            ("e2e_mllm_forced_mixed9", "mllm", "mixed"), ("e2e_mllm_forced_single", "mllm", "single")]:
+        if "serial" not in sections:
+            break
         chosen_log.clear()
         runs[key] = closed_loop(e2e(rk, force), reqs, args.batch, args.batches, cuda)
         runs[key]["distinct_experts_chosen_by_router"] = len(set(chosen_log))
         print(f"{key:28s} {runs[key]['req_per_s']:7.2f} req/s", flush=True)
         save()
 
-    if args.big_batch:
+    if args.big_batch and "big" in sections:
         engine.batch_size = args.big_batch
         for key, rk in [("e2e_mllm_router_big_batch", "mllm"), ("e2e_proto_router_big_batch", "proto")]:
             runs[key] = closed_loop(e2e(rk, None), reqs, args.big_batch, args.batches, cuda)
@@ -225,6 +298,29 @@ def main() -> None:
         engine.batch_size = args.batch
         if cuda:
             torch.cuda.empty_cache()
+
+    if "pipeline" in sections:
+        pipe: dict[str, Any] = {}
+        res["pipelined"] = pipe
+        for b in [args.batch] + ([args.big_batch] if args.big_batch else []):
+            engine.batch_size = b
+            for rk in ("mllm", "proto"):
+                key = f"{rk}_router_batch{b}"
+                pipe[key] = pipelined_closed_loop(two, reqs, b, min(args.pipe_batches, len(reqs) // b), rk)
+                print(f"pipelined {key:24s} {pipe[key]['req_per_s']:7.2f} req/s steady "
+                      f"({pipe[key]['incl_fill_req_per_s']:.2f} incl. fill; stage busy "
+                      f"{pipe[key]['stage1_busy']:.0%} / {pipe[key]['stage2_busy']:.0%})", flush=True)
+                save()
+            if cuda:
+                torch.cuda.empty_cache()
+        engine.batch_size = args.batch
+        for rate in [float(x) for x in str(args.rate).split(",")]:
+            for rk in ("mllm", "proto"):
+                key = f"{rk}@{rate:g}"
+                pipe[f"fixed_rate_{key}"] = r = pipelined_fixed_rate(two, reqs, rate, args.duration, args.batch, rk)
+                print(f"pipelined fixed rate {rate:g} req/s, {rk:5s} router: p50 {r['p50_s']:.3f} s p99 {r['p99_s']:.3f} s "
+                      f"(mean batch {r['mean_batch']:.1f}, served {r['achieved_req_per_s']:.1f} req/s)", flush=True)
+                save()
 
     vs_all = {}
 
@@ -236,17 +332,21 @@ def main() -> None:
             engine.answer_mixed(batch, [experts[e] for e in ex], vision_states=vs_all[k])
         return fn
 
-    for mode in ("mixed9", "single"):
-        runs[f"answer_only_{mode}"] = closed_loop(stage2("mixed" if mode == "mixed9" else "single"), reqs,
-                                                   args.batch, args.batches, cuda)
-        print(f"answer_only_{mode:16s} {runs[f'answer_only_{mode}']['req_per_s']:7.2f} req/s", flush=True)
-    runs["mixed_over_single_answer_only"] = runs["answer_only_mixed9"]["req_per_s"] / runs["answer_only_single"]["req_per_s"]
-    runs["mixed_over_single_e2e"] = runs["e2e_mllm_forced_mixed9"]["req_per_s"] / runs["e2e_mllm_forced_single"]["req_per_s"]
+    if "stage2" in sections:
+        for mode in ("mixed9", "single"):
+            runs[f"answer_only_{mode}"] = closed_loop(stage2("mixed" if mode == "mixed9" else "single"), reqs,
+                                                       args.batch, args.batches, cuda)
+            print(f"answer_only_{mode:16s} {runs[f'answer_only_{mode}']['req_per_s']:7.2f} req/s", flush=True)
+        runs["mixed_over_single_answer_only"] = (runs["answer_only_mixed9"]["req_per_s"]
+                                                 / runs["answer_only_single"]["req_per_s"])
+    if "serial" in sections:
+        runs["mixed_over_single_e2e"] = (runs["e2e_mllm_forced_mixed9"]["req_per_s"]
+                                         / runs["e2e_mllm_forced_single"]["req_per_s"])
     save()
 
     lat = {}
     res["fixed_rate"] = lat
-    for rate in [float(x) for x in str(args.rate).split(",")]:
+    for rate in [float(x) for x in str(args.rate).split(",")] if "fixed" in sections else []:
         for rk in ("mllm", "proto"):
             key = f"{rk}@{rate:g}"
             lat[key] = fixed_rate(two, reqs, rate, args.duration, args.batch, rk, cuda)
@@ -255,7 +355,7 @@ def main() -> None:
                   flush=True)
             save()
 
-    if not args.skip_peft:
+    if not args.skip_peft and "peft" in sections:
         # On-machine anchors: peft, the adapter switched with set_adapter, one group of rows at a time.
         plain = Engine(mllm)
         plain.batch_size, plain.max_new_tokens = args.batch, 16
@@ -277,9 +377,10 @@ def main() -> None:
         remove_lora(mllm)
         save()
 
-    res["agreement_vs_peft"] = agreement(engine, experts, reqs)
-    print(f"agreement vs peft: max rel err {res['agreement_vs_peft']['max_rel_err']:.2e}, top-1 "
-          f"{res['agreement_vs_peft']['top1_agree']}/{res['agreement_vs_peft']['rows']}", flush=True)
+    if "agree" in sections:
+        res["agreement_vs_peft"] = agreement(engine, experts, reqs)
+        print(f"agreement vs peft: max rel err {res['agreement_vs_peft']['max_rel_err']:.2e}, top-1 "
+              f"{res['agreement_vs_peft']['top1_agree']}/{res['agreement_vs_peft']['rows']}", flush=True)
     if cuda:
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     res["total_s"] = time.perf_counter() - t0

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections import OrderedDict
+import threading
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,6 +49,11 @@ class Engine:
         self.fused_lora = fused_lora
         self.multi = MultiLoRA(self.mllm)
         self._multi_loaded: OrderedDict[str, str | None] = OrderedDict()  # path -> digest
+        # The mixed paths may run in two threads at once (a router batch next to an expert batch,
+        # cl_service.engine.pipeline): loading/dropping adapters is serialised, and an adapter in use by
+        # a running call is never the one dropped to make room.
+        self._multi_lock = threading.RLock()
+        self._pinned: Counter[str] = Counter()
         self.mllm.model.eval()
         self.batch_size = cfg.eval.batch_size if cfg is not None else 64
         self.max_new_tokens = cfg.eval.max_new_tokens if cfg is not None else 8
@@ -127,10 +133,30 @@ class Engine:
         return key
 
     def _trim_multi(self, keep: set[str]) -> None:
-        while len(self._multi_loaded) > max(self.max_loaded, len(keep)):
-            old = next(k for k in self._multi_loaded if k not in keep)
-            self.multi.drop(old)
-            del self._multi_loaded[old]
+        with self._multi_lock:
+            while len(self._multi_loaded) > max(self.max_loaded, len(keep)):
+                old = next((k for k in self._multi_loaded if k not in keep and not self._pinned[k]), None)
+                if old is None:  # everything else is in use by a running call: drop later
+                    return
+                self.multi.drop(old)
+                del self._multi_loaded[old]
+
+    @contextlib.contextmanager
+    def _multi_use(self, adapters: Sequence[str | None]):
+        """The stacked-set keys of ``adapters`` (loaded as needed), kept loaded until the block ends."""
+        with self._multi_lock:
+            keys = [self._multi_key(a) for a in adapters]
+            used = {k for k in keys if k is not None}
+            self._trim_multi(used)
+            self._pinned.update(used)
+        try:
+            yield keys
+        finally:
+            with self._multi_lock:
+                self._pinned.subtract(used)
+                for k in used:
+                    if self._pinned[k] <= 0:
+                        del self._pinned[k]
 
     def _run(self, path: str | None, fn):
         if path is None:
@@ -168,7 +194,9 @@ class Engine:
             return self.mllm.preprocess_images(s.images, s.id)
 
         if len(samples) > 1 and self._decoders is None:  # PIL decodes without the GIL: threads overlap images
-            self._decoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="clsvc-img")
+            with self._multi_lock:
+                if self._decoders is None:
+                    self._decoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="clsvc-img")
         pixels = torch.cat(list(self._decoders.map(decode, samples)) if len(samples) > 1 else [decode(samples[0])])
         with torch.no_grad(), self.mllm.adapters_disabled():
             return self.mllm.vision_states(pixels)
@@ -187,12 +215,11 @@ class Engine:
         if not samples:
             return []
         n = max_new_tokens or self.max_new_tokens
-        keys = [self._multi_key(a) for a in adapters]
-        self._trim_multi({k for k in keys if k is not None})
         out: list[str] = []
-        for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
-            with self.mllm.adapters_disabled(), self.multi.rows(ck):
-                out += self.mllm.generate(chunk, n, len(chunk), image_features=feats)
+        with self._multi_use(adapters) as keys:
+            for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
+                with self.mllm.adapters_disabled(), self.multi.rows(ck):
+                    out += self.mllm.generate(chunk, n, len(chunk), image_features=feats)
         return out
 
     def _mixed_chunks(self, samples: Sequence[Sample], keys: list[str | None], vision_states: torch.Tensor | None):
@@ -215,16 +242,16 @@ class Engine:
     def _last_logits_mixed(self, samples: Sequence[Sample], adapters: Sequence[str | None],
                            vision_states: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits after each prompt ``[B, V]`` (float32, CPU), row ``i`` through ``adapters[i]``."""
-        keys = [self._multi_key(a) for a in adapters]
         out = []
-        for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
-            with self.mllm.adapters_disabled(), self.multi.rows(ck):
-                batch = self.mllm.collate(chunk, train=False, pixels=not torch.is_tensor(feats))
-                res = self.mllm.model(inputs_embeds=self.mllm.embed(batch, image_features=feats),
-                                      attention_mask=batch["attention_mask"].to(self.mllm.device),
-                                      position_ids=batch["position_ids"].to(self.mllm.device), logits_to_keep=1,
-                                      use_cache=False)
-                out.append(res.logits[:, -1].float().cpu())
+        with self._multi_use(adapters) as keys:
+            for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
+                with self.mllm.adapters_disabled(), self.multi.rows(ck):
+                    batch = self.mllm.collate(chunk, train=False, pixels=not torch.is_tensor(feats))
+                    res = self.mllm.model(inputs_embeds=self.mllm.embed(batch, image_features=feats),
+                                          attention_mask=batch["attention_mask"].to(self.mllm.device),
+                                          position_ids=batch["position_ids"].to(self.mllm.device),
+                                          logits_to_keep=1, use_cache=False)
+                    out.append(res.logits[:, -1].float().cpu())
         return torch.cat(out)
 
     def route_mllm(self, samples: Sequence[Sample], router: str, pool: Pool,

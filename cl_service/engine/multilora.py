@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -51,6 +52,17 @@ class _Adapter:
     @property
     def vision(self) -> bool:
         return any(".vision_tower." in m for m in self.lora)
+
+
+@dataclass
+class _Plan:
+    """Which slot each row of the running pass uses (one :meth:`MultiLoRA.rows` block)."""
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    vision: bool
+    idx: torch.Tensor                     # [B] slot per row
+    uniform: int | None                   # the one slot of all rows, if so
+    onehot: torch.Tensor | None = None    # [B, 1, S*r] for the decode path
 
 
 def read_lora(folder: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[dict, dict | None, int]:
@@ -108,12 +120,13 @@ class MultiLoRA:
     def __init__(self, mllm: MLLM) -> None:
         self.mllm = mllm
         self._adapters: dict[str, _Adapter] = {}
-        self._slots: dict[str, int] = {}
-        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._rank = 0
-        self._idx: torch.Tensor | None = None     # [B] slot per row
-        self._uniform: int | None = None          # the one slot of all rows, if so
-        self._onehot: torch.Tensor | None = None  # [B, 1, S*r] for the decode path
+        # (stacks {module path: (A, Bt)}, slots {key: slot}, rank), replaced whole on a (re)build, so a pass
+        # in flight keeps the stacks it started with while another thread loads or drops an adapter.
+        self._built: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, int], int] | None = None
+        self._lock = threading.RLock()
+        self._local = threading.local()  # per thread: the stack of active row plans (rows() blocks nest)
+        self._active = 0                  # rows() blocks open in all threads; hooks are attached while > 0
+        self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
     # ------------------------------------------------------------------ adapters
     def __contains__(self, key: str) -> bool:
@@ -127,45 +140,52 @@ class MultiLoRA:
         if key in self._adapters:
             raise ValueError(f"adapter {key!r} already loaded")
         lora, projector, rank = read_lora(folder, self.mllm.dtype, self.mllm.device)
-        self._adapters[key] = _Adapter(key, lora, projector, rank)
-        self._stacks = None
+        with self._lock:
+            self._adapters[key] = _Adapter(key, lora, projector, rank)
+            self._built = None
 
     def drop(self, key: str) -> None:
-        if self._adapters.pop(key, None) is None:
-            raise KeyError(f"no adapter {key!r}; loaded: {self.keys()}")
-        self._stacks = None
+        with self._lock:
+            if self._adapters.pop(key, None) is None:
+                raise KeyError(f"no adapter {key!r}; loaded: {self.keys()}")
+            self._built = None
 
     def is_vision(self, key: str | None) -> bool:
         return key is not None and self._adapters[key].vision
 
-    def _build(self) -> None:
-        """(Re)stack every module's weights: slot 0 = zeros (base), slots 1.. = adapters in load order."""
-        self._slots = {k: i + 1 for i, k in enumerate(self._adapters)}
-        S = len(self._adapters) + 1
-        r = max([a.rank for a in self._adapters.values()], default=1)
-        mods: dict[str, tuple[int, int]] = {}
-        for a in self._adapters.values():
-            for m, (A, B) in a.lora.items():
-                mods[m] = (A.shape[1], B.shape[0])
-        dev, dt = self.mllm.device, self.mllm.dtype
-        stacks = {}
-        for m, (d_in, d_out) in mods.items():
-            A = torch.zeros(S, r, d_in, device=dev, dtype=dt)
-            Bt = torch.zeros(S, r, d_out, device=dev, dtype=dt)
-            for key, s in self._slots.items():
-                ab = self._adapters[key].lora.get(m)
-                if ab is not None:
-                    A[s, : ab[0].shape[0]] = ab[0]
-                    Bt[s, : ab[1].shape[1]] = ab[1].T
-            stacks[m] = (A.view(S * r, d_in), Bt.view(S * r, d_out))
-        self._stacks, self._rank = stacks, r
+    def _build(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, int], int]:
+        """The stacked weights of every module (slot 0 = zeros, the base; slots 1.. = adapters in load
+        order), built when an adapter was loaded or dropped since the last call."""
+        with self._lock:
+            if self._built is not None:
+                return self._built
+            slots = {k: i + 1 for i, k in enumerate(self._adapters)}
+            S = len(self._adapters) + 1
+            r = max([a.rank for a in self._adapters.values()], default=1)
+            mods: dict[str, tuple[int, int]] = {}
+            for a in self._adapters.values():
+                for m, (A, B) in a.lora.items():
+                    mods[m] = (A.shape[1], B.shape[0])
+            dev, dt = self.mllm.device, self.mllm.dtype
+            stacks = {}
+            for m, (d_in, d_out) in mods.items():
+                A = torch.zeros(S, r, d_in, device=dev, dtype=dt)
+                Bt = torch.zeros(S, r, d_out, device=dev, dtype=dt)
+                for key, s in slots.items():
+                    ab = self._adapters[key].lora.get(m)
+                    if ab is not None:
+                        A[s, : ab[0].shape[0]] = ab[0]
+                        Bt[s, : ab[1].shape[1]] = ab[1].T
+                stacks[m] = (A.view(S * r, d_in), Bt.view(S * r, d_out))
+            self._built = (stacks, slots, r)
+            return self._built
 
-    def _slot_of(self, key: str | None) -> int:
+    def _slot_of(self, key: str | None, slots: dict[str, int]) -> int:
         if key is None:
             return 0
-        if key not in self._adapters:
-            raise KeyError(f"adapter {key!r} is not loaded; loaded: {self.keys()}")
-        return self._slots[key]
+        if key not in slots:
+            raise KeyError(f"adapter {key!r} is not loaded; loaded: {list(slots)}")
+        return slots[key]
 
     # ------------------------------------------------------------------ per-row LoRA
     def _base_linear(self, path: str) -> torch.nn.Module:
@@ -178,53 +198,84 @@ class MultiLoRA:
 
         Decoder Linears only, unless ``vision`` (then the vision-tower Linears, rows = images).
         Run the model with peft's own adapters disabled (:meth:`MLLM.adapters_disabled`).
+
+        Thread-safe: the plan is this thread's own (the hooks read it from thread-local state), so two
+        threads may run passes with different rows at once, e.g. a router batch on one CUDA stream while
+        an expert batch decodes on another (:class:`cl_service.engine.pipeline.Pipeline`).
         """
-        if self._stacks is None:
-            self._build()
-        assert self._stacks is not None
-        slots = [self._slot_of(k) for k in keys]
-        S, r = len(self._adapters) + 1, self._rank
+        stacks, slots, r = self._build()
+        idx_list = [self._slot_of(k, slots) for k in keys]
+        S = len(slots) + 1
         dev = self.mllm.device
-        saved = (self._idx, self._uniform, self._onehot)  # blocks nest (a vision pass inside a text pass)
-        self._idx = torch.tensor(slots, device=dev, dtype=torch.long)
-        self._uniform = slots[0] if len(set(slots)) == 1 else None
-        self._onehot = None
-        if self._uniform is None:
-            oh = torch.zeros(len(slots), S, device=dev, dtype=self.mllm.dtype)
-            oh[torch.arange(len(slots), device=dev), self._idx] = 1
-            self._onehot = oh.repeat_interleave(r, dim=1).unsqueeze(1)  # [B, 1, S*r]
-        handles = []
+        plan = _Plan(stacks=stacks, rank=r, vision=vision,
+                     idx=torch.tensor(idx_list, device=dev, dtype=torch.long),
+                     uniform=idx_list[0] if len(set(idx_list)) == 1 else None)
+        if plan.uniform is None:
+            oh = torch.zeros(len(idx_list), S, device=dev, dtype=self.mllm.dtype)
+            oh[torch.arange(len(idx_list), device=dev), plan.idx] = 1
+            plan.onehot = oh.repeat_interleave(r, dim=1).unsqueeze(1)  # [B, 1, S*r]
+        stack = self._plans()
+        stack.append(plan)
+        self._attach(stacks)
         try:
-            if self._uniform != 0:
-                for path, (A, Bt) in self._stacks.items():
-                    if (".vision_tower." in path) != vision:
-                        continue
-                    handles.append(self._base_linear(path).register_forward_hook(self._hook(A, Bt)))
             yield
         finally:
-            for h in handles:
-                h.remove()
-            self._idx, self._uniform, self._onehot = saved
+            stack.pop()
+            self._detach()
 
-    def _hook(self, A: torch.Tensor, Bt: torch.Tensor):
+    def _plans(self) -> list["_Plan"]:
+        stack = getattr(self._local, "plans", None)
+        if stack is None:
+            stack = self._local.plans = []
+        return stack
+
+    def _attach(self, stacks: dict) -> None:
+        """One hook per adapted base Linear while any thread is inside :meth:`rows`."""
+        with self._lock:
+            self._active += 1
+            for path in stacks:
+                if path not in self._handles:
+                    self._handles[path] = self._base_linear(path).register_forward_hook(self._hook(path))
+
+    def _detach(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                for h in self._handles.values():
+                    h.remove()
+                self._handles.clear()
+
+    def _hook(self, path: str):
+        is_vision = ".vision_tower." in path
+
         def hook(module, args, out):
-            return out + self.delta(args[0], A, Bt)
+            plans = getattr(self._local, "plans", None)
+            if not plans:
+                return out  # another thread's rows() block: this thread's pass is a plain one
+            plan = plans[-1]
+            ab = plan.stacks.get(path)
+            if ab is None or plan.vision != is_vision or plan.uniform == 0:
+                return out
+            return out + self.delta(args[0], *ab, plan=plan)
         return hook
 
-    def delta(self, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
-        """The LoRA update of every row: ``x [B, L, in]`` (or ``[B, in]``) -> ``[B, L, out]``."""
-        r = self._rank
-        if self._uniform is not None:
-            s = self._uniform
+    def delta(self, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, plan: "_Plan | None" = None) -> torch.Tensor:
+        """The LoRA update of every row: ``x [B, L, in]`` (or ``[B, in]``) -> ``[B, L, out]``.
+
+        ``plan``: the row plan (default: this thread's innermost :meth:`rows` block)."""
+        plan = plan or self._plans()[-1]
+        r = plan.rank
+        if plan.uniform is not None:
+            s = plan.uniform
             return F.linear(x, A[s * r:(s + 1) * r]) @ Bt[s * r:(s + 1) * r]
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
         B, L, _ = x3.shape
         S = A.shape[0] // r
         if L == 1 and B >= S:
-            d = (F.linear(x3, A) * self._onehot) @ Bt
+            d = (F.linear(x3, A) * plan.onehot) @ Bt
         else:
-            Ag = A.view(S, r, -1)[self._idx]         # [B, r, in]
-            Bg = Bt.view(S, r, -1)[self._idx]        # [B, r, out]
+            Ag = A.view(S, r, -1)[plan.idx]         # [B, r, in]
+            Bg = Bt.view(S, r, -1)[plan.idx]        # [B, r, out]
             d = torch.bmm(torch.bmm(x3, Ag.transpose(1, 2)), Bg)
         return d if x.dim() == 3 else d.squeeze(1)
 

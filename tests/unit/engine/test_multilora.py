@@ -5,49 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cl_service.adapters.lora import LoraCfg, attach_lora, remove_lora, save_adapter
-from cl_service.adapters.registry import finalize_adapter
-from cl_service.data.synth import BENCHMARKS
 from cl_service.engine.engine import Engine
-from cl_service.engine.multilora import MultiLoRA
+from cl_service.engine.multilora import MultiLoRA, _Plan
 from cl_service.models.mllm import load_mllm
 from cl_service.routers.prompt import Pool
 
 pytestmark = pytest.mark.timeout(180)
-
-# Different ranks, targets, projector on/off and one adapter with vision LoRA: all mixable in one batch.
-SPECS = {
-    "e1": LoraCfg(rank=4, alpha=8.0, dropout=0.0),
-    "e2": LoraCfg(rank=8, alpha=4.0, dropout=0.0, targets=("q", "v")),
-    "e3": LoraCfg(rank=2, alpha=2.0, dropout=0.0, train_projector=False, targets=("o", "down")),
-    "vis": LoraCfg(rank=4, alpha=8.0, dropout=0.0, vision=True),
-}
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_base, tmp_path_factory):
-    """Saved adapters with random (non-zero) LoRA B and perturbed projectors, so each changes answers."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("adapters")
-    out = {}
-    for i, (name, cfg) in enumerate(SPECS.items()):
-        m = load_mllm(tiny_base)
-        params = attach_lora(m, cfg, name, seed=i)
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for p in params:
-                p.add_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 2 else 0.05))
-        folder = save_adapter(m, root / name, name)
-        finalize_adapter(folder, id=f"expert:{name}", kind="expert", task=name, description="", base=str(tiny_base),
-                         job_key=name)
-        remove_lora(m)
-        out[name] = str(folder)
-    return out
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return list(BENCHMARKS.get("dcl-mini").generate("test", 2, 3))[:10]
 
 
 def test_mixed_answers_equal_per_adapter_answers(tiny_base, adapters, samples):
@@ -80,7 +43,7 @@ def test_mixed_logits_match_peft(tiny_base, adapters, samples):
         with torch.no_grad():
             ref.append(eng._run(adapters[k] if k else None, lambda: eng.mllm.forward(batch).logits[i]))
     ml = MultiLoRA(eng.mllm)
-    for k in SPECS:
+    for k in adapters:
         ml.load(k, adapters[k])
     image_keys = plan  # one image per sample
     with torch.no_grad(), eng.mllm.adapters_disabled(), ml.rows(plan):
@@ -121,22 +84,21 @@ def test_delta_paths_equal_per_row_reference():
     torch.manual_seed(0)
     S, r, d_in, d_out, B = 4, 3, 10, 6, 5
     ml = MultiLoRA.__new__(MultiLoRA)
-    ml._rank = r
     A, Bt = torch.randn(S * r, d_in), torch.randn(S * r, d_out)
     idx = torch.tensor([0, 3, 1, 3, 2])
     oh = torch.zeros(B, S)
     oh[torch.arange(B), idx] = 1
-    ml._idx, ml._uniform, ml._onehot = idx, None, oh.repeat_interleave(r, 1).unsqueeze(1)
+    plan = _Plan(stacks={}, rank=r, vision=False, idx=idx, uniform=None, onehot=oh.repeat_interleave(r, 1).unsqueeze(1))
 
     def ref(x, rows):
         return torch.stack([x[b] @ A.view(S, r, d_in)[rows[b]].T @ Bt.view(S, r, d_out)[rows[b]] for b in range(B)])
 
     for L in (1, 4):  # one-hot (decode, B >= S) and gather (prefill)
         x = torch.randn(B, L, d_in)
-        torch.testing.assert_close(ml.delta(x, A, Bt), ref(x, idx))
-    ml._uniform = 2
+        torch.testing.assert_close(ml.delta(x, A, Bt, plan=plan), ref(x, idx))
+    plan.uniform = 2
     x = torch.randn(B, 4, d_in)
-    torch.testing.assert_close(ml.delta(x, A, Bt), ref(x, [2] * B))
+    torch.testing.assert_close(ml.delta(x, A, Bt, plan=plan), ref(x, [2] * B))
 
 
 def test_preallocated_kv_cache_generates_like_dynamic(tiny_base, samples):
