@@ -24,6 +24,7 @@ LoRA (uniform fast path). Nothing here knows of peft's module wrappers beyond fi
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 import threading
@@ -34,7 +35,6 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch.func import functional_call
 
 from cl_service.models.mllm import MLLM
 
@@ -48,6 +48,7 @@ class _Adapter:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B*scale [out, r])
     projector: dict[str, torch.Tensor] | None            # projector params (names relative to it) or None
     rank: int
+    projector_module: torch.nn.Module | None = None      # its own copy of the projector holding those params
 
     @property
     def vision(self) -> bool:
@@ -140,8 +141,16 @@ class MultiLoRA:
         if key in self._adapters:
             raise ValueError(f"adapter {key!r} already loaded")
         lora, projector, rank = read_lora(folder, self.mllm.dtype, self.mllm.device)
+        module = None
+        if projector:
+            # Its own module (not functional_call on the base one, which swaps the base module's
+            # parameters during the call and so races with a pass in another thread).
+            module = copy.deepcopy(self._base_projector())
+            missing, unexpected = module.load_state_dict(projector, strict=False, assign=True)
+            if unexpected:
+                raise ValueError(f"{folder}: projector tensors {unexpected} do not fit the base's projector")
         with self._lock:
-            self._adapters[key] = _Adapter(key, lora, projector, rank)
+            self._adapters[key] = _Adapter(key, lora, projector, rank, module)
             self._built = None
 
     def drop(self, key: str) -> None:
@@ -310,8 +319,8 @@ class MultiLoRA:
                     vs = mllm.vision_states(pixel_values.to(mllm.device)[idx])
             else:
                 vs = vision_states.to(mllm.device)[idx]
-            params = self._adapters[key].projector if key is not None else None
-            f = functional_call(proj, params, (vs,), strict=False) if params else proj(vs)
+            own = self._adapters[key].projector_module if key is not None else None
+            f = (own if own is not None else proj)(vs)
             if out is None:
                 out = f.new_empty((len(image_keys), *f.shape[1:]))
             out[idx] = f

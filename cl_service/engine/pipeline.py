@@ -9,8 +9,10 @@ in-process counterpart of the Ray Serve app's Router and Expert replicas.
 
 Requests are submitted one at a time (:meth:`Pipeline.submit` returns a future). The stage-one thread
 gathers a batch whenever it is free: everything queued, up to ``max_batch``; a request that finds the
-queue empty waits ``wait_s`` for company. Stage two lags at most ``depth`` batches behind; beyond that
-stage one waits (back-pressure), so memory stays bounded.
+queue empty waits ``wait_s`` for company. At most ``depth`` routed batches wait for stage two; beyond
+that stage one waits (back-pressure), so memory stays bounded. With ``merge``, stage two takes every
+routed batch waiting when it becomes free (up to ``max_batch`` requests) and answers them as one: under
+light load stage one routes small batches as they come, and stage two still runs full ones.
 
 The stages must be safe to run in two threads at once. :class:`~cl_service.engine.engine.Engine`'s mixed
 paths are (``route_mllm`` with ``vision_states``, ``answer_mixed``, ``features``): their per-row adapter
@@ -59,19 +61,24 @@ class Pipeline:
             for stage one's work on the batch (an event) before it starts.
         max_batch: most items per batch.
         wait_s: how long a request that finds stage one idle and the queue empty waits for company.
-        depth: batches that may wait for stage two (back-pressure beyond that).
+        depth: routed batches that may wait for stage two (default: 1, or ``max_batch`` with ``merge``).
+        merge: ``[mid, ...] -> mid`` for batches stage two takes together (e.g. concatenate the CLIP
+            states and the route lists); None = stage two answers each routed batch alone.
     """
 
     def __init__(self, stage1: Callable[[list], Any], stage2: Callable[[list, Any], Sequence[Any]], *,
-                 device: Any = None, max_batch: int = 64, wait_s: float = 0.0, depth: int = 1,
-                 name: str = "clsvc-pipeline") -> None:
+                 device: Any = None, max_batch: int = 64, wait_s: float = 0.0, depth: int | None = None,
+                 merge: Callable[[list], Any] | None = None, name: str = "clsvc-pipeline") -> None:
+        if depth is None:
+            depth = max_batch if merge is not None else 1
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if wait_s < 0:
             raise ValueError(f"wait_s must be >= 0, got {wait_s}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.stage1, self.stage2 = stage1, stage2
+        self.stage1, self.stage2, self.merge = stage1, stage2, merge
+        self._held: Any = None  # a routed batch that did not fit the last merged one
         self.max_batch, self.wait_s = max_batch, wait_s
         self._in: queue.Queue = queue.Queue()
         self._mid: queue.Queue = queue.Queue(maxsize=depth)
@@ -152,32 +159,65 @@ class Pipeline:
                     try:
                         with _on(self._s1):
                             mid = self.stage1(items)
-                            ev = None
+                            events = []
                             if self._s1 is not None:
                                 ev = torch.cuda.Event()
                                 ev.record(self._s1)
+                                events.append(ev)
                     except BaseException as e:  # noqa: BLE001 - the callers get it
                         for f in futs:
                             f.set_exception(e)
                     else:
                         self.log.append((1, t0, time.perf_counter(), len(items)))
-                        self._mid.put((items, futs, mid, ev))
+                        self._mid.put((items, futs, mid, events))
                 if stop:
                     return
         finally:
             self._mid.put(_STOP)
 
+    def _next2(self) -> Any:
+        """The next work for stage two: one routed batch, or with ``merge`` every one waiting (up to
+        ``max_batch`` requests) as one. ``_STOP`` when stage one has stopped and nothing is left."""
+        job = self._held if self._held is not None else self._mid.get()
+        self._held = None
+        if job is _STOP or self.merge is None:
+            return job
+        jobs = [job]
+        n = len(job[0])
+        while n < self.max_batch:
+            try:
+                nxt = self._mid.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP or n + len(nxt[0]) > self.max_batch:
+                self._held = nxt
+                break
+            jobs.append(nxt)
+            n += len(nxt[0])
+        if len(jobs) == 1:
+            return job
+        items = [x for j in jobs for x in j[0]]
+        futs = [f for j in jobs for f in j[1]]
+        try:
+            mid = self.merge([j[2] for j in jobs])
+        except BaseException as e:  # noqa: BLE001 - the callers get it
+            for f in futs:
+                f.set_exception(e)
+            return self._next2()
+        return items, futs, mid, [ev for j in jobs for ev in j[3]]
+
     def _run2(self) -> None:
         while True:
-            job = self._mid.get()
+            job = self._next2()
             if job is _STOP:
                 return
-            items, futs, mid, ev = job
+            items, futs, mid, events = job
             t0 = time.perf_counter()
             try:
                 with _on(self._s2):
-                    if ev is not None:
-                        self._s2.wait_event(ev)
+                    if self._s2 is not None:
+                        for ev in events:
+                            self._s2.wait_event(ev)
                         for t in _tensors(mid):
                             if t.is_cuda:
                                 t.record_stream(self._s2)  # freed by this stream's work, not stage one's

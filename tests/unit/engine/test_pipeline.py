@@ -113,6 +113,58 @@ def test_back_pressure_bounds_batches_ahead_of_stage_two():
     assert max(ahead) <= 3
 
 
+def test_merge_lets_stage_two_answer_every_waiting_routed_batch_at_once():
+    gate = threading.Event()
+    seen2 = []
+
+    def stage2(items, mid):
+        gate.wait(10)
+        seen2.append(list(items))
+        return [m * 10 for m in mid]
+
+    merge = lambda mids: [x for m in mids for x in m]  # noqa: E731
+    with Pipeline(lambda items: list(items), stage2, max_batch=5, merge=merge) as p:
+        first = p.submit(0)
+        time.sleep(0.1)  # stage two is blocked on [0]; stage one routes the rest as they come
+        rest = []
+        for i in range(1, 8):
+            rest.append(p.submit(i))
+            time.sleep(0.03)
+        time.sleep(0.1)
+        gate.set()
+        assert [f.result(10) for f in [first, *rest]] == [i * 10 for i in range(8)]
+    assert seen2[0] == [0]
+    assert max(len(b) for b in seen2) <= 5 and sum(len(b) for b in seen2) == 8
+    assert len(seen2) <= 3  # 7 routed one by one, answered in at most two merged batches of <= 5
+    assert max(n for s, _, _, n in p.log if s == 1) < max(n for s, _, _, n in p.log if s == 2)
+
+
+def test_a_merge_error_fails_the_merged_requests_only():
+    gate = threading.Event()
+
+    def merge(mids):
+        raise ValueError("cannot merge")
+
+    def stage2(items, mid):
+        gate.wait(10)
+        return mid
+
+    with Pipeline(lambda items: list(items), stage2, max_batch=4, merge=merge) as p:
+        a = p.submit("a")
+        time.sleep(0.1)
+        b, c = p.submit("b"), None
+        time.sleep(0.05)
+        c = p.submit("c")
+        time.sleep(0.1)
+        gate.set()
+        assert a.result(10) == "a"
+        with pytest.raises(ValueError, match="cannot merge"):
+            b.result(10)
+        with pytest.raises(ValueError, match="cannot merge"):
+            c.result(10)
+        assert p.map(["d"], timeout_s=10) == ["d"]
+
+
 def test_close_finishes_pending_work_and_refuses_new():
     p = Pipeline(lambda items: items, lambda items, mid: mid, max_batch=2)
     futs = [p.submit(i) for i in range(5)]
