@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -108,28 +109,49 @@ class TwoStage:
                         merge=lambda mids: (torch.cat([m[0] for m in mids]), [e for m in mids for e in m[1]]))
 
 
-def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, batches: int, router: str) -> dict[str, Any]:
-    """All ``batches`` batches submitted at once to a :class:`Pipeline` (after a warm-up batch).
-
-    ``req_per_s``: steady state, requests of batches 2.. over the time from the first batch's answers to
-    the last's (no pipeline fill); ``incl_fill_req_per_s``: all requests over submit-to-last-answer."""
+def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, clients: int, warm_s: float, seconds: float,
+                          router: str) -> dict[str, Any]:
+    """``clients`` closed-loop clients (each sends its next request when its answer arrives) against a
+    :class:`Pipeline`; requests/s = answers in a ``seconds`` window after ``warm_s`` of warm-up."""
+    done: list[float] = []
+    chosen: set[str] = set()
+    stop = threading.Event()
+    errors: list[BaseException] = []
     with two.pipeline(router, batch) as p:
-        p.map(reqs[:batch], timeout_s=600)  # warm-up (the streams' first kernels, allocator)
-        p.log.clear()
-        todo = reqs[:batch * batches]
+        def send(i: int) -> None:
+            f = p.submit(reqs[i % len(reqs)])
+            f.add_done_callback(lambda f, i=i: landed(f, i))
+
+        def landed(f, i: int) -> None:
+            if f.exception() is not None:
+                errors.append(f.exception())
+                return
+            done.append(time.perf_counter())
+            chosen.add(f.result()[1])
+            if not stop.is_set():
+                send(i + clients)
+
         t0 = time.perf_counter()
-        futs = [p.submit(r) for r in todo]
-        results = [f.result(timeout=600) for f in futs]
-        t_end = time.perf_counter()
+        for c in range(clients):
+            send(c)
+        time.sleep(warm_s + seconds)
+        stop.set()
+        t_end = t0 + warm_s + seconds
+        # let the requests in flight finish before the pipeline closes
+        deadline = time.perf_counter() + 120
+        while time.perf_counter() < deadline and len(p.log) and p._in.qsize() + p._mid.qsize() > 0:
+            time.sleep(0.2)
         log = list(p.log)
-    ends = sorted(b for s, _, b, _ in log if s == 2)
-    n2 = [n for s, _, _, n in sorted(log, key=lambda x: x[2]) if s == 2]
-    steady = (sum(n2) - n2[0]) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
-    busy = {k: sum(b - a for s, a, b, _ in log if s == k) / (t_end - t0) for k in (1, 2)}
-    return {"req_per_s": steady, "incl_fill_req_per_s": len(todo) / (t_end - t0), "batch": batch,
-            "batches": len(ends), "stage1_batches": [n for s, _, _, n in log if s == 1],
-            "stage1_busy": busy[1], "stage2_busy": busy[2], "answers": len(results),
-            "distinct_experts_chosen_by_router": len({e for _, e in results})}
+    if errors:
+        raise errors[0]
+    a, b = t0 + warm_s, t_end
+    n = sum(a <= t < b for t in done)
+    window = [(s, x, y, k) for s, x, y, k in log if x >= a and y <= b]
+    busy = {k: sum(min(y, b) - max(x, a) for s, x, y, _ in log if s == k and y > a and x < b) / (b - a) for k in (1, 2)}
+    mean = {k: statistics.mean([m for s, _, _, m in window if s == k] or [0]) for k in (1, 2)}
+    return {"req_per_s": n / (b - a), "clients": clients, "batch": batch, "window_s": b - a,
+            "mean_stage1_batch": mean[1], "mean_stage2_batch": mean[2], "stage1_busy": busy[1],
+            "stage2_busy": busy[2], "distinct_experts_chosen_by_router": len(chosen)}
 
 
 def pipelined_fixed_rate(two: TwoStage, reqs: list, rate: float, duration: float, max_batch: int,
@@ -225,7 +247,8 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=54, help="question words (~60 tokens)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--fuse-norms", action="store_true", help="MLLM.fuse_norms(): compiled RMSNorm kernels")
-    ap.add_argument("--pipe-batches", type=int, default=6, help="batches submitted at once to the pipelined runs")
+    ap.add_argument("--pipe-warm", type=float, default=8.0, help="pipelined closed loop: warm-up seconds")
+    ap.add_argument("--pipe-seconds", type=float, default=20.0, help="pipelined closed loop: timed window (s)")
     ap.add_argument("--pipe-wait", type=float, default=0.0, help="pipelined fixed rate: a lone request waits this "
                     "long (s) for company before it is routed")
     ap.add_argument("--sections", default="serial,big,stage2,fixed,pipeline,peft,agree",
@@ -248,8 +271,7 @@ def main() -> None:
     res["setup_s"] = time.perf_counter() - t0
     engine = Engine(mllm, fused_lora=True)
     engine.batch_size, engine.max_new_tokens, engine.router_max_new_tokens = args.batch, 16, 1
-    reqs = requests(max(args.batch, args.big_batch) * max(args.batches + 1, args.pipe_batches), mcfg.image_size,
-                    n_words=args.words)
+    reqs = requests(max(args.batch, args.big_batch) * (args.batches + 1), mcfg.image_size, n_words=args.words)
     tok = mllm.tokenizer
     from cl_service.models.mllm import prompt_text
     from cl_service.routers.prompt import router_prompt
@@ -310,10 +332,10 @@ def main() -> None:
             engine.batch_size = b
             for rk in ("mllm", "proto"):
                 key = f"{rk}_router_batch{b}"
-                pipe[key] = pipelined_closed_loop(two, reqs, b, min(args.pipe_batches, len(reqs) // b), rk)
-                print(f"pipelined {key:24s} {pipe[key]['req_per_s']:7.2f} req/s steady "
-                      f"({pipe[key]['incl_fill_req_per_s']:.2f} incl. fill; stage busy "
-                      f"{pipe[key]['stage1_busy']:.0%} / {pipe[key]['stage2_busy']:.0%})", flush=True)
+                pipe[key] = r = pipelined_closed_loop(two, reqs, b, 3 * b, args.pipe_warm, args.pipe_seconds, rk)
+                print(f"pipelined closed loop {key:22s} {r['req_per_s']:7.2f} req/s ({r['clients']} clients; batch "
+                      f"{r['mean_stage1_batch']:.1f} routed / {r['mean_stage2_batch']:.1f} answered; busy "
+                      f"{r['stage1_busy']:.0%} / {r['stage2_busy']:.0%})", flush=True)
                 save()
             if cuda:
                 torch.cuda.empty_cache()
