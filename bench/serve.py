@@ -101,23 +101,23 @@ class TwoStage:
         vs, chosen = self.stage1(samples, router)
         return self.stage2(samples, vs, force or chosen), chosen
 
-    def pipeline(self, router: str, batch: int, wait_s: float = 0.0) -> Pipeline:
+    def pipeline(self, router: str, batch: int, wait_s: float = 0.0, stage2_first: bool = True) -> Pipeline:
         """Both stages overlapped: stage one of the next batch runs while this one is answered."""
         return Pipeline(lambda items: self.stage1(items, router),
                         lambda items, mid: list(zip(self.stage2(items, mid[0], mid[1]), mid[1])),
-                        device=self.engine.mllm.device, max_batch=batch, wait_s=wait_s,
+                        device=self.engine.mllm.device, max_batch=batch, wait_s=wait_s, stage2_first=stage2_first,
                         merge=lambda mids: (torch.cat([m[0] for m in mids]), [e for m in mids for e in m[1]]))
 
 
 def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, clients: int, warm_s: float, seconds: float,
-                          router: str) -> dict[str, Any]:
+                          router: str, stage2_first: bool = True) -> dict[str, Any]:
     """``clients`` closed-loop clients (each sends its next request when its answer arrives) against a
     :class:`Pipeline`; requests/s = answers in a ``seconds`` window after ``warm_s`` of warm-up."""
     done: list[float] = []
     chosen: set[str] = set()
     stop = threading.Event()
     errors: list[BaseException] = []
-    with two.pipeline(router, batch) as p:
+    with two.pipeline(router, batch, stage2_first=stage2_first) as p:
         def send(i: int) -> None:
             f = p.submit(reqs[i % len(reqs)])
             f.add_done_callback(lambda f, i=i: landed(f, i))
@@ -145,13 +145,19 @@ def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, clients: int, w
     if errors:
         raise errors[0]
     a, b = t0 + warm_s, t_end
-    n = sum(a <= t < b for t in done)
+    # Answers land a batch at a time: count whole batches between the first and the last batch that
+    # ended in the window (a count of answers in the window is quantised to +-1 batch).
+    ends = sorted((y, k) for s, x, y, k in log if s == 2 and a <= y <= b)
+    rate = sum(k for _, k in ends[1:]) / (ends[-1][0] - ends[0][0]) if len(ends) > 1 else float("nan")
     window = [(s, x, y, k) for s, x, y, k in log if x >= a and y <= b]
     busy = {k: sum(min(y, b) - max(x, a) for s, x, y, _ in log if s == k and y > a and x < b) / (b - a) for k in (1, 2)}
     mean = {k: statistics.mean([m for s, _, _, m in window if s == k] or [0]) for k in (1, 2)}
-    return {"req_per_s": n / (b - a), "clients": clients, "batch": batch, "window_s": b - a,
-            "mean_stage1_batch": mean[1], "mean_stage2_batch": mean[2], "stage1_busy": busy[1],
-            "stage2_busy": busy[2], "distinct_experts_chosen_by_router": len(chosen)}
+    dur = {k: statistics.mean([y - x for s, x, y, _ in window if s == k] or [0]) for k in (1, 2)}
+    return {"req_per_s": rate, "answers_in_window_per_s": sum(a <= t < b for t in done) / (b - a),
+            "clients": clients, "batch": batch, "window_s": b - a, "batches_timed": len(ends) - 1,
+            "mean_stage1_batch": mean[1], "mean_stage2_batch": mean[2], "stage1_s_per_batch": dur[1],
+            "stage2_s_per_batch": dur[2], "stage1_busy": busy[1], "stage2_busy": busy[2],
+            "stage2_first": stage2_first, "distinct_experts_chosen_by_router": len(chosen)}
 
 
 def pipelined_fixed_rate(two: TwoStage, reqs: list, rate: float, duration: float, max_batch: int,
@@ -247,6 +253,8 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=54, help="question words (~60 tokens)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--fuse-norms", action="store_true", help="MLLM.fuse_norms(): compiled RMSNorm kernels")
+    ap.add_argument("--pipe-priority-off", action="store_true",
+                    help="pipelined closed loop: also time it with both streams at equal priority")
     ap.add_argument("--pipe-warm", type=float, default=8.0, help="pipelined closed loop: warm-up seconds")
     ap.add_argument("--pipe-seconds", type=float, default=20.0, help="pipelined closed loop: timed window (s)")
     ap.add_argument("--pipe-wait", type=float, default=0.0, help="pipelined fixed rate: a lone request waits this "
@@ -328,19 +336,24 @@ def main() -> None:
     if "pipeline" in sections:
         pipe: dict[str, Any] = {}
         res["pipelined"] = pipe
-        for b in [args.batch] + ([args.big_batch] if args.big_batch else []):
+        configs = [(args.batch, True)] + ([(args.batch, False)] if args.pipe_priority_off else []) + \
+            ([(args.big_batch, True)] if args.big_batch else [])
+        for b, first in configs:
             engine.batch_size = b
             for rk in ("mllm", "proto"):
-                key = f"{rk}_router_batch{b}"
-                pipe[key] = r = pipelined_closed_loop(two, reqs, b, 3 * b, args.pipe_warm, args.pipe_seconds, rk)
-                print(f"pipelined closed loop {key:22s} {r['req_per_s']:7.2f} req/s ({r['clients']} clients; batch "
-                      f"{r['mean_stage1_batch']:.1f} routed / {r['mean_stage2_batch']:.1f} answered; busy "
-                      f"{r['stage1_busy']:.0%} / {r['stage2_busy']:.0%})", flush=True)
+                key = f"{rk}_router_batch{b}" + ("" if first else "_equal_priority")
+                pipe[key] = r = pipelined_closed_loop(two, reqs, b, 3 * b, args.pipe_warm, args.pipe_seconds, rk,
+                                                      first)
+                print(f"pipelined closed loop {key:22s} {r['req_per_s']:7.2f} req/s over {r['batches_timed']} batches "
+                      f"({r['clients']} clients; batch {r['mean_stage1_batch']:.1f} routed / "
+                      f"{r['mean_stage2_batch']:.1f} answered; {r['stage1_s_per_batch']:.2f} s / "
+                      f"{r['stage2_s_per_batch']:.2f} s per batch; busy {r['stage1_busy']:.0%} / "
+                      f"{r['stage2_busy']:.0%})", flush=True)
                 save()
             if cuda:
                 torch.cuda.empty_cache()
         engine.batch_size = args.batch
-        for rate in [float(x) for x in str(args.rate).split(",")]:
+        for rate in [float(x) for x in str(args.rate).split(",")] if args.rate else []:
             for rk in ("mllm", "proto"):
                 key = f"{rk}@{rate:g}"
                 pipe[f"fixed_rate_{key}"] = r = pipelined_fixed_rate(two, reqs, rate, args.duration, args.batch, rk,

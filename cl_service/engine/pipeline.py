@@ -33,11 +33,13 @@ import torch
 _STOP = object()
 
 
-def _streams(device: Any) -> tuple[Any, Any]:
+def _streams(device: Any, stage2_first: bool) -> tuple[Any, Any]:
     dev = torch.device(device) if device is not None else None
     if dev is None or dev.type != "cuda":
         return None, None
-    return torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+    # Lower number = higher priority: the GPU schedules stage two's blocks (the decode steps users wait
+    # on) ahead of stage one's when both have work queued.
+    return torch.cuda.Stream(dev, priority=0), torch.cuda.Stream(dev, priority=-1 if stage2_first else 0)
 
 
 def _tensors(obj: Any):
@@ -64,11 +66,13 @@ class Pipeline:
         depth: routed batches that may wait for stage two (default: 1, or ``max_batch`` with ``merge``).
         merge: ``[mid, ...] -> mid`` for batches stage two takes together (e.g. concatenate the CLIP
             states and the route lists); None = stage two answers each routed batch alone.
+        stage2_first: on a GPU, stage two's stream gets the higher priority.
     """
 
     def __init__(self, stage1: Callable[[list], Any], stage2: Callable[[list, Any], Sequence[Any]], *,
                  device: Any = None, max_batch: int = 64, wait_s: float = 0.0, depth: int | None = None,
-                 merge: Callable[[list], Any] | None = None, name: str = "clsvc-pipeline") -> None:
+                 merge: Callable[[list], Any] | None = None, stage2_first: bool = True,
+                 name: str = "clsvc-pipeline") -> None:
         if depth is None:
             depth = max_batch if merge is not None else 1
         if max_batch < 1:
@@ -82,7 +86,7 @@ class Pipeline:
         self.max_batch, self.wait_s = max_batch, wait_s
         self._in: queue.Queue = queue.Queue()
         self._mid: queue.Queue = queue.Queue(maxsize=depth)
-        self._s1, self._s2 = _streams(device)
+        self._s1, self._s2 = _streams(device, stage2_first)
         self._closed = False
         self._lock = threading.Lock()
         #: (stage, start, end, batch size) per batch, ``time.perf_counter`` seconds
