@@ -239,6 +239,11 @@ def agreement(engine: Engine, experts: dict[str, str], reqs: list) -> dict[str, 
             "top1_agree": int((mixed.argmax(-1) == ref.argmax(-1)).sum()), "rows": len(names)}
 
 
+def _rates(arg: str) -> list[float]:
+    """``--rate 10,16`` -> [10.0, 16.0]; empty (or quotes only) -> none."""
+    return [float(x) for x in str(arg).replace("'", "").replace('"', "").split(",") if x.strip()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="llava-7b")
@@ -353,7 +358,7 @@ def main() -> None:
             if cuda:
                 torch.cuda.empty_cache()
         engine.batch_size = args.batch
-        for rate in [float(x) for x in str(args.rate).split(",")] if args.rate else []:
+        for rate in _rates(args.rate):
             for rk in ("mllm", "proto"):
                 key = f"{rk}@{rate:g}"
                 pipe[f"fixed_rate_{key}"] = r = pipelined_fixed_rate(two, reqs, rate, args.duration, args.batch, rk,
@@ -387,7 +392,7 @@ def main() -> None:
 
     lat = {}
     res["fixed_rate"] = lat
-    for rate in [float(x) for x in str(args.rate).split(",")] if "fixed" in sections else []:
+    for rate in _rates(args.rate) if "fixed" in sections else []:
         for rk in ("mllm", "proto"):
             key = f"{rk}@{rate:g}"
             lat[key] = fixed_rate(two, reqs, rate, args.duration, args.batch, rk, cuda)

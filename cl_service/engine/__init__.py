@@ -1,5 +1,6 @@
 """Batched multi-LoRA inference shared by evaluation and serving."""
 
 from cl_service.engine.engine import Engine
+from cl_service.engine.pipeline import Pipeline
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "Pipeline"]
