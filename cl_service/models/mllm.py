@@ -27,6 +27,7 @@ import io
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -107,6 +108,9 @@ class MLLM:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.peft = None  # peft.PeftModel, set by attach_lora/load_adapter
+        self._disabled_lock = threading.Lock()
+        self._disabled_depth = 0
+        self._disabled_cm = None
         #: generation keeps the KV cache in buffers sized for the whole answer (no copy of the cache per token)
         self.preallocate_kv = True
         c = model.config
@@ -142,12 +146,26 @@ class MLLM:
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
-        """Run the plain base inside this block (no-op when no adapter is attached)."""
+        """Run the plain base inside this block (no-op when no adapter is attached).
+
+        Blocks may overlap across threads (two pipeline stages): peft's adapters are switched off when the
+        first block opens and back on when the last one closes."""
         if self.peft is None:
             yield
-        else:
-            with self.peft.disable_adapter():
-                yield
+            return
+        with self._disabled_lock:
+            if self._disabled_depth == 0:
+                self._disabled_cm = self.peft.disable_adapter()
+                self._disabled_cm.__enter__()
+            self._disabled_depth += 1
+        try:
+            yield
+        finally:
+            with self._disabled_lock:
+                self._disabled_depth -= 1
+                if self._disabled_depth == 0:
+                    cm, self._disabled_cm = self._disabled_cm, None
+                    cm.__exit__(None, None, None)
 
     def fuse_norms(self) -> int:
         """Run every Llama RMSNorm as one ``torch.compile``-generated kernel instead of transformers' ~6

@@ -30,7 +30,6 @@ import signal
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +44,7 @@ from cl_service.serve.batcher import Batcher
 from cl_service.serve.catalog import Catalog, Limits, RequestError, parse_predict
 from cl_service.serve.config import ServeCfg, StageCfg, load_serve_cfg
 from cl_service.serve.states import pack_states, unpack_states
+from cl_service.serve.twostage import answer_grouped, per_sample_states, route_grouped
 from cl_service.serve import grpc_api  # module reference: cloudpickle re-imports it (and the stubs) in replicas
 
 log = logging.getLogger("cl_service.serve")
@@ -103,32 +103,24 @@ class Router:
         from cl_service.routers.prompt import Pool
 
         samples = [it[0] for it in items]
-        per_sample: list = [None] * len(items)  # what travels to the Expert (through the ingress)
-        on_device: list = [None] * len(items)   # the same states, on the model's device
-        vs_all = None
+        packed: list = [None] * len(items)  # what travels to the Expert (through the ingress)
+        on_device = None                    # the same states, on the model's device
         if self.cfg.share_vision_states:  # CLIP once per request, for both stages
-            vs_all = self.engine.vision_states(samples)
-            on_device = list(vs_all.split([len(s.images) for s in samples]))
-            per_sample = [pack_states(v) for v in on_device]
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (_, router_dir, experts, descs) in enumerate(items):
-            groups[(router_dir, experts, descs)].append(i)  # a hot add mid-batch: two pools, two calls
-        out: list = [None] * len(items)
-        for (router_dir, experts, descs), idx in groups.items():
-            group = [samples[i] for i in idx]
-            vs = None
-            if vs_all is not None:  # this group's states, still on the model's device
-                vs = vs_all if len(idx) == len(items) else torch_cat([on_device[i] for i in idx])
+            on_device = per_sample_states(self.engine.vision_states(samples), samples)
+            packed = [pack_states(v) for v in on_device]
+
+        def route(group: list, key: tuple, vs: Any) -> list:
+            router_dir, experts, descs = key
             if self.cfg.router_kind == "mllm":
-                routes = self.engine.route_mllm(group, router_dir, Pool(experts, descs), vision_states=vs)
-            else:
-                router = self._feature_router(router_dir, experts)
-                if vs is not None and router.kind == "prototype":  # pooled features over the shared states
-                    router = type(router)(router.experts, router.means, _SharedVision(self.engine, vs))
-                routes = router.route(group)
-            for i, r in zip(idx, routes):
-                out[i] = (r, per_sample[i])
-        return out
+                return self.engine.route_mllm(group, router_dir, Pool(experts, descs), vision_states=vs)
+            router = self._feature_router(router_dir, experts)
+            if vs is not None and router.kind == "prototype":  # pooled features over the shared states
+                router = type(router)(router.experts, router.means, _SharedVision(self.engine, vs))
+            return router.route(group)
+
+        # a hot add mid-batch: two pools, two calls
+        routes = route_grouped(samples, [it[1:4] for it in items], on_device, route)
+        return [(r, packed[i]) for i, r in enumerate(routes)]
 
     def _feature_router(self, router_dir: str | None, experts: tuple[str, ...]):
         """The run's saved feature router (cached per folder content), or a prototype router fitted on the
@@ -162,15 +154,6 @@ class _SharedVision:
         return self.engine.features(samples, self.vision_states)
 
 
-def torch_cat(parts: list) -> Any:
-    """Concatenate per-sample tensors, or None when any is missing."""
-    if not parts or any(p is None for p in parts):
-        return None
-    import torch
-
-    return torch.cat(parts)
-
-
 @serve.deployment(name="Expert")
 class Expert:
     """Stage two: answer with base + the chosen expert. One batch holds rows for any mix of experts."""
@@ -187,17 +170,10 @@ class Expert:
     def _answer(self, items: list[tuple]) -> list[str]:
         """Rows for different experts share each forward pass (``Engine.answer_mixed``); one call per
         distinct ``max_new_tokens``."""
-        by_len: dict[int | None, list[int]] = defaultdict(list)
-        for i, it in enumerate(items):
-            by_len[it[2]].append(i)
-        out = [""] * len(items)
-        for n, idx in by_len.items():
-            texts = self.engine.answer_mixed([items[i][0] for i in idx], [items[i][1] for i in idx], n,
-                                             vision_states=unpack_states([items[i][3] for i in idx],
-                                                                         self.engine.mllm.device))
-            for i, t in zip(idx, texts):
-                out[i] = t
-        return out
+        samples = [it[0] for it in items]
+        vs = unpack_states([it[3] for it in items], self.engine.mllm.device)  # one transfer for the batch
+        return answer_grouped(self.engine, samples, [it[1] for it in items], [it[2] for it in items],
+                              None if vs is None else per_sample_states(vs, samples))
 
     def batch_sizes(self) -> list[int]:
         return [n for _, _, n in self.batcher.log]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_base, dcl_shards):
     from cl_service.engine.engine import Engine
-    from cl_service.serve.service import serve_local
+    from cl_service.serve.service import ContinualLearningServicer, build_server
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("serve-run")
@@ -30,16 +30,19 @@ def served(tmp_path_factory, tiny_base, dcl_shards):
     run_stream(cfg, LocalTrainer(), log=lambda *_: None)
     engine = Engine(tiny_base)
     engine.max_new_tokens = 3
-    server, port = serve_local(out, 0, engine=engine, wait=False, max_image_bytes=200_000)
+    servicer = ContinualLearningServicer(out, engine, max_image_bytes=200_000)
+    server, port = build_server(servicer, 0)
+    server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     from cl_service.serve.proto import load
 
     pb2, pb2_grpc = load()
     sample = next(iter(ShardDataset(dcl_shards).iter_samples("Med", "test")))
     yield {"out": out, "engine": engine, "stub": pb2_grpc.ContinualLearningStub(channel), "pb2": pb2,
-           "channel": channel, "sample": sample}
+           "channel": channel, "sample": sample, "servicer": servicer}
     channel.close()
     server.stop(None)
+    servicer.close()
 
 
 def _req(served, **kw):
@@ -132,3 +135,29 @@ def test_reflection_lists_services(served):
 
     db = ProtoReflectionDescriptorDatabase(served["channel"])
     assert "cl.v1.ContinualLearning" in set(db.get_services())
+
+
+def test_concurrent_clients_are_batched_and_answered_as_alone(served, dcl_shards):
+    """Requests of 8 clients at once share routing and answering batches (different experts and answer
+    lengths in one batch) and get exactly the answers each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pb2 = served["pb2"]
+    samples = list(ShardDataset(dcl_shards).iter_samples("RS", "test"))[:4] + \
+        list(ShardDataset(dcl_shards).iter_samples("Med", "test"))[:4]
+    reqs = []
+    for i, s in enumerate(samples):
+        kw = {"images": list(s.images), "question": s.question}
+        if i % 3 == 1:
+            kw["expert"] = "RS" if i % 2 else "Med"
+        if i % 4 == 2:
+            kw["max_new_tokens"] = 1
+        reqs.append(pb2.PredictRequest(**kw))
+    alone = [served["stub"].Predict(r, timeout=60) for r in reqs]
+    log = served["servicer"].pipeline.log
+    before = len(log)
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        together = list(ex.map(lambda r: served["stub"].Predict(r, timeout=60), reqs))
+    assert [(r.answer, r.expert, r.router.kind) for r in together] == \
+        [(r.answer, r.expert, r.router.kind) for r in alone]
+    assert max(n for s, _, _, n in log[before:] if s == 2) > 1  # some requests shared a batch
