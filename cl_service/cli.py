@@ -191,12 +191,43 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- serve
 def _cmd_serve(a: argparse.Namespace) -> int:
+    if a.local:
+        return _serve_local(a)
     argv = [x for k in ("config", "results") if getattr(a, k) for x in (f"--{k}", getattr(a, k))]
     argv += ["--port", str(a.port)] if a.port is not None else []
     argv += ["--detach"] if a.detach else []
     from cl_service.on_ray.serve import serve_main
 
     return serve_main(argv + list(a.overrides), log=lambda m: print(m, flush=True))
+
+
+def _serve_local(a: argparse.Namespace) -> int:
+    """The same gRPC API in this process, without Ray, on 127.0.0.1 (batched, stages overlapped)."""
+    if not a.results:
+        raise CLIError("--local needs --results (the run's results folder)")
+    if a.config or a.overrides or a.detach:
+        raise CLIError("--local takes --results, --port, --device and --max-batch only (no Ray Serve config)")
+    import signal
+    import threading
+
+    from cl_service.serve.service import ContinualLearningServicer, build_server
+
+    servicer = ContinualLearningServicer(a.results, device=a.device, max_batch=a.max_batch)
+    server, port = build_server(servicer, 9000 if a.port is None else a.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server.start()
+    print(f"serving {a.results} on 127.0.0.1:{port} (gRPC cl.v1, no Ray; Ctrl-C stops)", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(grace=10).wait(30)
+        servicer.close(timeout_s=60)
+    print("stopped", flush=True)
+    return 0
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
@@ -319,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="gRPC port (default 9000)")
     s.add_argument("--config", default=None, help="ServeCfg YAML (workloads/configs/serve_dcl_mini.yaml)")
     s.add_argument("--detach", action="store_true", help="with RAY_ADDRESS: deploy and return")
+    s.add_argument("--local", action="store_true",
+                   help="serve in this process without Ray, on 127.0.0.1 (no token check: loopback only)")
+    s.add_argument("--device", default=None, help="--local: where the model goes (e.g. cuda); default CPU")
+    s.add_argument("--max-batch", type=int, default=16, help="--local: requests per routing/answering batch")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_serve)
 

@@ -43,13 +43,13 @@ __all__ = ["ContinualLearningServicer", "ExpertEntry", "RequestError", "RunModel
 class RunModel:
     """What a run offers for serving (a :class:`Catalog` snapshot, swapped by :meth:`reload`) and the engine."""
 
-    def __init__(self, run_dir: str | Path, engine: Any = None) -> None:
+    def __init__(self, run_dir: str | Path, engine: Any = None, device: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.catalog = Catalog.load(self.run_dir)
         if engine is None:
             from cl_service.engine.engine import Engine
 
-            engine = Engine(self.catalog.resolved["base"])
+            engine = Engine(self.catalog.resolved["base"], device=device)
             engine.max_new_tokens = int(self.catalog.run_setting("eval", "max_new_tokens", engine.max_new_tokens))
             engine.router_max_new_tokens = int(self.catalog.run_setting("router", "max_new_tokens",
                                                                         engine.router_max_new_tokens))
@@ -105,8 +105,8 @@ class ContinualLearningServicer(pb2_grpc.ContinualLearningServicer):
     def __init__(self, run_dir: str | Path, engine: Any = None, *, max_image_bytes: int = MAX_IMAGE_BYTES,
                  max_images: int = MAX_IMAGES, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
                  max_batch: int = MAX_BATCH, batch_wait_ms: float = 2.0,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
-        self.model = RunModel(run_dir, engine)
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, device: str | None = None) -> None:
+        self.model = RunModel(run_dir, engine, device)
         self.limits = Limits(max_image_bytes=max_image_bytes, max_images=max_images,
                              max_new_tokens=max_new_tokens_limit)
         self.max_image_bytes = max_image_bytes

@@ -39,7 +39,7 @@ def served(tmp_path_factory, tiny_base, dcl_shards):
     pb2, pb2_grpc = load()
     sample = next(iter(ShardDataset(dcl_shards).iter_samples("Med", "test")))
     yield {"out": out, "engine": engine, "stub": pb2_grpc.ContinualLearningStub(channel), "pb2": pb2,
-           "channel": channel, "sample": sample, "servicer": servicer}
+           "pb2_grpc": pb2_grpc, "channel": channel, "sample": sample, "servicer": servicer}
     channel.close()
     server.stop(None)
     servicer.close()
@@ -161,3 +161,32 @@ def test_concurrent_clients_are_batched_and_answered_as_alone(served, dcl_shards
     assert [(r.answer, r.expert, r.router.kind) for r in together] == \
         [(r.answer, r.expert, r.router.kind) for r in alone]
     assert max(n for s, _, _, n in log[before:] if s == 2) > 1  # some requests shared a batch
+
+
+def test_clsvc_serve_local_answers_and_stops_cleanly(served):
+    """``clsvc serve --local``: the gRPC API from the command line without Ray; SIGTERM stops it."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "cl_service.cli", "serve", "--local", "--results",
+                             str(served["out"]), "--port", "0", "--max-batch", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # blocks until the server is up (or the process died)
+        assert "on 127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = served["pb2_grpc"].ContinualLearningStub(ch)
+            r = stub.Predict(_req(served, expert="Med"), timeout=60)
+            assert r.expert == "Med" and r.answer == served["stub"].Predict(_req(served, expert="Med"), timeout=60).answer
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    bad = subprocess.run([sys.executable, "-m", "cl_service.cli", "serve", "--local"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "--local needs --results" in bad.stderr
