@@ -153,10 +153,7 @@ class Engine:
             yield keys
         finally:
             with self._multi_lock:
-                self._pinned.subtract(used)
-                for k in used:
-                    if self._pinned[k] <= 0:
-                        del self._pinned[k]
+                self._pinned -= Counter(used)  # keeps only keys still in use
 
     def _run(self, path: str | None, fn):
         if path is None:

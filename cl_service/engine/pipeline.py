@@ -22,6 +22,7 @@ serialised. peft's own adapter switching is not: do not attach peft adapters to 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -180,15 +181,16 @@ class Pipeline:
             self._mid.put(_STOP)
 
     def _next2(self) -> Any:
-        """The next work for stage two: one routed batch, or with ``merge`` every one waiting (up to
-        ``max_batch`` requests) as one. ``_STOP`` when stage one has stopped and nothing is left."""
+        """The next work for stage two, ``(items, futures, [mid, ...], events)``: one routed batch, or with
+        ``merge`` every one waiting (up to ``max_batch`` requests). ``_STOP`` when stage one has stopped
+        and nothing is left."""
         job = self._held if self._held is not None else self._mid.get()
         self._held = None
-        if job is _STOP or self.merge is None:
+        if job is _STOP:
             return job
         jobs = [job]
         n = len(job[0])
-        while n < self.max_batch:
+        while self.merge is not None and n < self.max_batch:
             try:
                 nxt = self._mid.get_nowait()
             except queue.Empty:
@@ -198,30 +200,23 @@ class Pipeline:
                 break
             jobs.append(nxt)
             n += len(nxt[0])
-        if len(jobs) == 1:
-            return job
-        items = [x for j in jobs for x in j[0]]
-        futs = [f for j in jobs for f in j[1]]
-        try:
-            mid = self.merge([j[2] for j in jobs])
-        except BaseException as e:  # noqa: BLE001 - the callers get it
-            for f in futs:
-                f.set_exception(e)
-            return self._next2()
-        return items, futs, mid, [ev for j in jobs for ev in j[3]]
+        return ([x for j in jobs for x in j[0]], [f for j in jobs for f in j[1]], [j[2] for j in jobs],
+                [ev for j in jobs for ev in j[3]])
 
     def _run2(self) -> None:
         while True:
             job = self._next2()
             if job is _STOP:
                 return
-            items, futs, mid, events = job
+            items, futs, mids, events = job
             t0 = time.perf_counter()
             try:
                 with _on(self._s2):
                     if self._s2 is not None:
-                        for ev in events:
+                        for ev in events:  # stage one's work on these batches is done before ours starts
                             self._s2.wait_event(ev)
+                    mid = mids[0] if len(mids) == 1 else self.merge(mids)
+                    if self._s2 is not None:
                         for t in _tensors(mid):
                             if t.is_cuda:
                                 t.record_stream(self._s2)  # freed by this stream's work, not stage one's
@@ -239,16 +234,6 @@ class Pipeline:
                 f.set_result(r)
 
 
-class _on:
+def _on(stream: Any):
     """``torch.cuda.stream(s)`` for a stream, nothing for None (CPU)."""
-
-    def __init__(self, stream: Any) -> None:
-        self.ctx = torch.cuda.stream(stream) if stream is not None else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
