@@ -86,9 +86,9 @@ def test_an_error_fails_only_its_own_batch():
 
 def test_lost_results_are_an_error():
     with Pipeline(lambda items: items, lambda items, mid: mid[:-1], max_batch=8) as p:
-        gate_futs = [p.submit(i) for i in range(3)]
-        with pytest.raises(RuntimeError, match="returned 2 results for 3 requests|returned 0 results for 1"):
-            for f in gate_futs:
+        futs = [p.submit(i) for i in range(3)]
+        for f in futs:  # however the three were batched, every batch lost one result
+            with pytest.raises(RuntimeError, match=r"stage two returned \d+ results for \d+ requests"):
                 f.result(10)
 
 
