@@ -109,6 +109,75 @@ class TwoStage:
                         merge=lambda mids: (torch.cat([m[0] for m in mids]), [e for m in mids for e in m[1]]))
 
 
+#: Kernel-name fragments per category, first match wins (CUDA kernel names of cuBLAS/CUTLASS, SDPA, ATen).
+_KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "attn")),
+                 ("gemm", ("gemm", "sm90_", "sm80_", "cutlass", "nvjet", "cublas", "xmma", "splitk")),
+                 ("copy/index", ("copy", "cat", "index", "gather", "scatter", "fill", "memcpy", "memset")),
+                 ("reduce", ("reduce",)),
+                 ("elementwise", ("elementwise", "vectorized", "unrolled", "triton")))
+
+
+def kernel_breakdown(prof, top: int = 20) -> dict[str, Any]:
+    """GPU kernel time of a ``torch.profiler`` run by category, plus the ``top`` kernels (ms)."""
+    kinds: dict[str, float] = {}
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name, ms = ev.name, ev.device_time / 1000.0 if hasattr(ev, "device_time") else ev.cuda_time / 1000.0
+        low = name.lower()
+        kind = next((k for k, frags in _KERNEL_KINDS if any(f in low for f in frags)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        k = kernels.setdefault(name[:120], [0.0, 0])
+        k[0] += ms
+        k[1] += 1
+    order = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    avg = prof.key_averages()
+    ops = sorted(((e.key, e.self_device_time_total / 1000.0, e.count) for e in avg
+                  if e.self_device_time_total > 0), key=lambda t: -t[1])[:top]
+    cpu = sorted(((e.key, e.self_cpu_time_total / 1000.0, e.count) for e in avg), key=lambda t: -t[1])[:top]
+    return {"gpu_ms": sum(kinds.values()), "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": n, "ms": round(v[0], 2), "calls": v[1]} for n, v in order],
+            "top_ops": [{"op": n, "self_gpu_ms": round(ms, 2), "calls": c} for n, ms, c in ops],
+            "top_cpu_ops": [{"op": n, "self_cpu_ms": round(ms, 2), "calls": c} for n, ms, c in cpu]}
+
+
+def profile_stages(two: "TwoStage", batch: list, cuda: bool) -> dict[str, Any]:
+    """Where a batch's GPU time goes: stage one (CLIP + MLLM router) and stage two (answer, 16 tokens) each
+    under ``torch.profiler`` (after a warm-up), plus stage two's wall time with 1 new token (prefill only)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    two(batch)  # warm
+    out: dict[str, Any] = {"batch": len(batch)}
+    with Timer(cuda) as t1:
+        vs, chosen = two.stage1(batch)
+    with Timer(cuda) as t2:
+        two.stage2(batch, vs, chosen)
+    eng = two.engine
+    keep = eng.max_new_tokens
+    short = {}
+    try:
+        for n in (1, 2):  # 1: prefill only (no KV cache kept); 2: prefill with the cache + one decode step
+            eng.max_new_tokens = n
+            two.stage2(batch, vs, chosen)
+            with Timer(cuda) as t:
+                two.stage2(batch, vs, chosen)
+            short[n] = t.s
+    finally:
+        eng.max_new_tokens = keep
+    out["wall_s"] = {"stage1": t1.s, "stage2": t2.s, "stage2_prefill_only": short[1], "stage2_two_tokens": short[2],
+                     "decode_per_step_ms": 1000 * (t2.s - short[2]) / max(1, keep - 2)}
+    for name, fn in (("stage1", lambda: two.stage1(batch)), ("stage2", lambda: two.stage2(batch, vs, chosen))):
+        with tprofile(activities=acts) as prof:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+        out[name] = kernel_breakdown(prof)
+    return out
+
+
 def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, clients: int, warm_s: float, seconds: float,
                           router: str, stage2_first: bool = True) -> dict[str, Any]:
     """``clients`` closed-loop clients (each sends its next request when its answer arrives) against a
@@ -256,7 +325,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--words", type=int, default=54, help="question words (~60 tokens)")
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--fuse-norms", action="store_true", help="MLLM.fuse_norms(): compiled RMSNorm kernels")
+    ap.add_argument("--plain-kernels", action="store_true",
+                    help="transformers' own norms/rotary/SwiGLU instead of the fused kernels (MLLM.fuse_kernels)")
     ap.add_argument("--pipe-priority-off", action="store_true",
                     help="pipelined closed loop: also time it with both streams at equal priority")
     ap.add_argument("--pipe-warm", type=float, default=8.0, help="pipelined closed loop: warm-up seconds")
@@ -266,7 +336,7 @@ def main() -> None:
     ap.add_argument("--sections", default="serial,big,stage2,fixed,pipeline,peft,agree",
                     help="what to run (comma-separated): serial (closed loop, one batch at a time), big (the same "
                          "at --big-batch), stage2 (answer only), fixed (fixed-rate latency), pipeline (both stages "
-                         "overlapped: closed loop at --batch and --big-batch, fixed rate), peft, agree")
+                         "overlapped: closed loop at --batch and --big-batch, fixed rate), peft, agree, profile (GPU kernel time per stage by category; not in the default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -281,7 +351,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="clsvc-bench-adapters-"))
     experts, router = make_adapters(mllm, root, args.rank, tuple(args.targets.split(",")))
     res["setup_s"] = time.perf_counter() - t0
-    engine = Engine(mllm, fused_lora=True)
+    engine = Engine(mllm, fused_lora=True, fused_kernels=False)  # fused below, after a reference pass
     engine.batch_size, engine.max_new_tokens, engine.router_max_new_tokens = args.batch, 16, 1
     reqs = requests(max(args.batch, args.big_batch) * (args.batches + 1), mcfg.image_size, n_words=args.words)
     tok = mllm.tokenizer
@@ -289,22 +359,31 @@ def main() -> None:
     from cl_service.routers.prompt import router_prompt
     res["prompt_tokens"] = {"expert": 1 + mllm.tokens_per_image + len(tok(prompt_text(reqs[0].question)).input_ids),
                             "router": 1 + mllm.tokens_per_image + len(tok(prompt_text(router_prompt(POOL, reqs[0].question))).input_ids)}
-    if args.fuse_norms:
+    if not args.plain_kernels:
+        # Fused norms / rotary embedding / SwiGLU (MLLM.fuse_kernels), checked against the plain model first.
         probe = reqs[:8]
         ref = engine._last_logits_mixed(probe, [None] * len(probe))
         t1 = time.perf_counter()
-        res["fused_norms"] = mllm.fuse_norms()
-        got = engine._last_logits_mixed(probe, [None] * len(probe))  # compiles
-        res["fuse_norms_compile_s"] = time.perf_counter() - t1
-        res["fuse_norms_rel_err"] = float((got - ref).norm() / ref.norm())
-        print(f"fused {res['fused_norms']} norms: rel err {res['fuse_norms_rel_err']:.2e}, "
-              f"{res['fuse_norms_compile_s']:.0f} s", flush=True)
+        res["fused_kernels"] = mllm.fuse_kernels()
+        got = engine._last_logits_mixed(probe, [None] * len(probe))  # compiles the Triton kernels
+        res["fused_kernels_first_call_s"] = time.perf_counter() - t1
+        res["fused_kernels_rel_err"] = float((got - ref).norm() / ref.norm())
+        res["fused_kernels_max_abs_err"] = float((got - ref).abs().max())
+        print(f"fused kernels {res['fused_kernels']}: logits rel err {res['fused_kernels_rel_err']:.2e}, "
+              f"first call {res['fused_kernels_first_call_s']:.1f} s", flush=True)
         save()
     per_task = {e: requests(4, mcfg.image_size, n_words=args.words, seed=10 + i) for i, e in enumerate(POOL.experts)}
     proto = PrototypeRouter.fit(engine, per_task)
     two = TwoStage(engine, experts, router, proto)
     names = list(experts)
     rr = lambda k, n: [names[(k + i) % len(names)] for i in range(n)]  # noqa: E731
+
+    if "profile" in sections:
+        res["profile"] = prof = profile_stages(two, reqs[:args.batch], cuda)
+        print(f"profile: wall {prof['wall_s']}", flush=True)
+        for st in ("stage1", "stage2"):
+            print(f"  {st}: gpu {prof[st]['gpu_ms']:.0f} ms {prof[st]['by_kind_ms']}", flush=True)
+        save()
 
     runs: dict[str, Any] = {}
     res["closed_loop"] = runs
