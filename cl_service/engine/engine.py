@@ -39,11 +39,15 @@ class Engine:
         cfg: a ``RunCfg`` (``eval.batch_size``, ``eval.max_new_tokens``, ``router.max_new_tokens``) or None.
         max_loaded: adapters kept in memory at once (least recently used ones are dropped).
         device: where a base loaded from a folder goes (e.g. ``"cuda"``); None = where it loads (CPU).
+        fused_kernels: on a GPU, run the decoder's norms, rotary embedding and SwiGLU through fused kernels
+            (:meth:`MLLM.fuse_kernels`); no effect on the CPU.
     """
 
     def __init__(self, base: str | Path | MLLM, cfg: Any = None, max_loaded: int = 32,
-                 fused_lora: bool = False, device: str | None = None) -> None:
+                 fused_lora: bool = False, device: str | None = None, fused_kernels: bool = True) -> None:
         self.mllm = base if isinstance(base, MLLM) else load_mllm(base, device=device)
+        if fused_kernels and self.mllm.device.type == "cuda":
+            self.mllm.fuse_kernels()
         #: answer/route_mllm through the stacked multi-adapter path (:mod:`cl_service.engine.multilora`)
         #: instead of peft's per-adapter modules; answer_mixed always uses it.
         self.fused_lora = fused_lora

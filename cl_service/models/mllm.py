@@ -167,17 +167,14 @@ class MLLM:
                     cm, self._disabled_cm = self._disabled_cm, None
                     cm.__exit__(None, None, None)
 
-    def fuse_norms(self) -> int:
-        """Run every Llama RMSNorm as one ``torch.compile``-generated kernel instead of transformers' ~6
-        memory passes in float32 (a GPU speed option for long prefills; same math, bf16 tolerance).
-        Falls back to the eager norm, for good, if compiling fails. Returns how many norms were patched."""
-        n = 0
-        for m in self.model.modules():
-            if type(m).__name__ == "LlamaRMSNorm" and not getattr(m, "_clsvc_fused", False):
-                m.forward = functools.partial(_fused_rms_forward, m, m.forward)
-                m._clsvc_fused = True
-                n += 1
-        return n
+    def fuse_kernels(self) -> dict[str, int]:
+        """Run the decoder's RMSNorms, rotary embedding and SwiGLU through fused GPU kernels
+        (:mod:`cl_service.models.kernels`: one pass each instead of transformers' several, same rounding).
+        A GPU inference speed option; on the CPU or under autograd the patched modules run the plain math.
+        Returns how many modules were patched now."""
+        from cl_service.models.kernels import fuse_llama
+
+        return fuse_llama(self.model)
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess_images(self, images: Sequence[bytes], sample_id: str = "?") -> torch.Tensor:
@@ -475,27 +472,6 @@ class MLLM:
         (tmp / MODEL_CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         replace_dir(tmp, path)
         return path
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-_RMS = {"fn": None, "failed": False}
-
-
-def _fused_rms_forward(module: torch.nn.Module, eager, hidden_states: torch.Tensor) -> torch.Tensor:
-    if _RMS["failed"]:
-        return eager(hidden_states)
-    if _RMS["fn"] is None:
-        _RMS["fn"] = torch.compile(_rms_norm, dynamic=True)
-    try:
-        return _RMS["fn"](hidden_states, module.weight, float(module.variance_epsilon))
-    except Exception as e:  # no compiler toolchain, unsupported device: stay correct, just slower
-        _RMS["failed"] = True
-        print(f"fuse_norms: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); using the eager norm")
-        return eager(hidden_states)
 
 
 class _GrowingLayer(DynamicLayer):

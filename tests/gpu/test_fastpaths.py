@@ -154,3 +154,68 @@ def test_pipelined_two_stage_equals_sequential_on_two_streams(tiny_base, tmp_pat
         i += n
     assert len({e for e, _ in sequential}) >= 2
     assert piped == sequential
+
+
+def _bf16_step_close(got: torch.Tensor, ref: torch.Tensor, equal_share: float) -> None:
+    """Within one bf16 rounding step everywhere, and bitwise equal on at least ``equal_share`` of elements."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    diff = (got.float() - ref.float()).abs()
+    assert bool((diff <= ref.float().abs() * 2 ** -7 + 1e-6).all()), float(diff.max())
+    assert float((got == ref).float().mean()) >= equal_share
+
+
+def test_fused_kernels_match_transformers_bf16(monkeypatch):
+    """The Triton RMSNorm / rotary / SwiGLU kernels against transformers' eager math, within one bf16 step and
+    almost all elements bitwise (rotary on strided query/key views, grouped KV heads, a batch-1 cos/sin, one
+    decode token); small inputs take the eager path unless told otherwise."""
+    from transformers.models.llama import modeling_llama as ml
+
+    from cl_service.models import kernels
+
+    assert kernels.triton is not None
+    assert not kernels.usable(torch.zeros(64, 4096, device="cuda"))  # a decode batch: launch-bound, eager
+    assert kernels.usable(torch.zeros(640, 4096, device="cuda"))
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+    for shape in ((5, 4096), (3, 37, 4096), (2, 1, 256)):
+        x = torch.randn(shape, device=dev, dtype=bf) * 3
+        w = torch.randn(shape[-1], device=dev, dtype=bf)
+        _bf16_step_close(kernels.rms_norm(x, w, 1e-5), kernels.rms_norm_ref(x, w, 1e-5), 0.99)
+    original = kernels._ROPE_PATCHED.get("llama", ml.apply_rotary_pos_emb)
+    cfg = ml.LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8)
+    rot = ml.LlamaRotaryEmbedding(cfg).to(dev)
+    for B, L, cos_batch in ((3, 37, 3), (4, 1, 4), (2, 9, 1)):
+        q = torch.randn(B, L, 32 * 128, device=dev, dtype=bf).view(B, L, 32, 128).transpose(1, 2)
+        k = torch.randn(B, L, 8 * 128, device=dev, dtype=bf).view(B, L, 8, 128).transpose(1, 2)
+        pos = torch.randint(0, 700, (cos_batch, L), device=dev)
+        cos, sin = rot(q, pos)
+        got, ref = kernels.apply_rope(q, k, cos, sin), original(q, k, cos, sin)
+        for g, r in zip(got, ref):
+            _bf16_step_close(g, r, 0.999)
+    g, u = torch.randn(7, 11008, device=dev, dtype=bf) * 4, torch.randn(7, 11008, device=dev, dtype=bf)
+    _bf16_step_close(kernels.silu_mul(g, u), kernels.silu_mul_ref(g, u), 0.99)
+    x = torch.randn(4, 64, device=dev, requires_grad=True)  # autograd: the reference path, gradients flow
+    kernels.rms_norm(x, torch.ones(64, device=dev), 1e-6).sum().backward()
+    assert x.grad is not None
+
+
+def test_fused_model_matches_plain_bf16(tiny_base, monkeypatch):
+    """A bf16 model with fused kernels: last-token logits within bf16 tolerance of the plain model's, and the
+    same greedy answers."""
+    from cl_service.data.synth import BENCHMARKS
+    from cl_service.models import kernels
+    from cl_service.models.mllm import load_mllm
+
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)  # the tiny model's tensors all take the kernels
+
+    samples = list(BENCHMARKS.get("dcl-mini").generate("test", 4, 2))[:16]
+    plain = load_mllm(tiny_base, dtype="bfloat16", device="cuda")
+    fused = load_mllm(tiny_base, dtype="bfloat16", device="cuda")
+    assert fused.fuse_kernels()["mlps"] > 0
+    batch = fused.collate(samples, train=False)
+    with torch.no_grad():
+        ref, got = plain(batch).logits[:, -1], fused(batch).logits[:, -1]
+    assert _rel(got, ref) < BF16_REL
+    a, b = plain.generate(samples, max_new_tokens=6), fused.generate(samples, max_new_tokens=6)
+    assert sum(x == y for x, y in zip(a, b)) >= len(samples) - 1, (a, b)
