@@ -144,7 +144,8 @@ def kernel_breakdown(prof, top: int = 20) -> dict[str, Any]:
 
 def profile_stages(two: "TwoStage", batch: list, cuda: bool) -> dict[str, Any]:
     """Where a batch's GPU time goes: stage one (CLIP + MLLM router) and stage two (answer, 16 tokens) each
-    under ``torch.profiler`` (after a warm-up), plus stage two's wall time with 1 new token (prefill only)."""
+    under ``torch.profiler`` (after a warm-up); wall times of both, and of stage two with 1 new token (prefill
+    only, no cache) and 2 (the decode step = the difference to 16 tokens over 14 steps)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -336,7 +337,8 @@ def main() -> None:
     ap.add_argument("--sections", default="serial,big,stage2,fixed,pipeline,peft,agree",
                     help="what to run (comma-separated): serial (closed loop, one batch at a time), big (the same "
                          "at --big-batch), stage2 (answer only), fixed (fixed-rate latency), pipeline (both stages "
-                         "overlapped: closed loop at --batch and --big-batch, fixed rate), peft, agree, profile (GPU kernel time per stage by category; not in the default)")
+                         "overlapped: closed loop at --batch and --big-batch, fixed rate), peft, agree, profile (GPU "
+                         "kernel time per stage by category; not in the default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sections = set(args.sections.split(","))

@@ -7,10 +7,13 @@ reproduces transformers' rounding (bf16 after every operation that rounds there)
 one bf16 step of the plain model's, almost all of them bitwise equal (``tests/gpu/test_fastpaths.py``).
 
 Every function falls back to the reference formula (transformers' own) on the CPU, without Triton, when
-autograd needs the graph (the kernels are forward-only), or for layouts it does not cover.
+autograd needs the graph (the kernels are forward-only), for layouts it does not cover, and for good once a
+kernel failed to compile or launch (with a warning; :data:`FAILED` says why).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -28,10 +31,22 @@ except ImportError:  # pragma: no cover - depends on the install
 MIN_ELEMENTS = 1 << 21
 
 
+#: Set to the first error when a kernel fails to compile or launch (an unsupported GPU, a Triton bug): from then
+#: on every call takes the reference path, so a model stays correct, only slower.
+FAILED: list[str] = []
+
+
+def _failed(name: str, err: Exception) -> None:
+    if not FAILED:
+        FAILED.append(f"{name}: {type(err).__name__}: {err}"[:400])
+        warnings.warn(f"fused kernel {FAILED[0]}; using transformers' math from now on", RuntimeWarning, stacklevel=3)
+
+
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernels can run on these tensors (CUDA, Triton present, no gradient needed, the
-    first one at least :data:`MIN_ELEMENTS` large)."""
-    if triton is None or not all(t.is_cuda for t in tensors) or tensors[0].numel() < max(1, MIN_ELEMENTS):
+    """Whether the fused kernels can run on these tensors (CUDA, Triton present, no kernel failed, no gradient
+    needed, the first one at least :data:`MIN_ELEMENTS` large)."""
+    if (triton is None or FAILED or not all(t.is_cuda for t in tensors)
+            or tensors[0].numel() < max(1, MIN_ELEMENTS)):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
@@ -140,14 +155,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     N = x.shape[-1]
     if not usable(x, weight) or x.dtype not in _MODE or weight.dtype != x.dtype or weight.shape != (N,) or N > 65536:
         return rms_norm_ref(x, weight, eps)
-    x2 = x.reshape(-1, N)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(N)
-    _rms_norm_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.stride(0), y.stride(0), N, float(eps),
-                                     BLOCK=block, MODE=_MODE[x.dtype], num_warps=8 if block >= 4096 else 4)
-    return y.view(x.shape)
+    try:
+        x2 = x.reshape(-1, N)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+        block = triton.next_power_of_2(N)
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.stride(0), y.stride(0), N, float(eps),
+                                         BLOCK=block, MODE=_MODE[x.dtype], num_warps=8 if block >= 4096 else 4)
+        return y.view(x.shape)
+    except Exception as e:  # noqa: BLE001 - any compile/launch failure: stay correct
+        _failed("rms_norm", e)
+        return rms_norm_ref(x, weight, eps)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
@@ -163,16 +182,20 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if (k.shape[0] != B or k.shape[2:] != (L, D) or D % 2 or cos.shape[1:] != (L, D) or cos.shape[0] not in (1, B)
             or (D // 2) & (D // 2 - 1) or q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1):
         return rope_ref(q, k, cos, sin, unsqueeze_dim)
-    qo, ko = torch.empty_like(q), torch.empty_like(k)  # same strides as the inputs (dense views)
-    if qo.stride(-1) != 1 or ko.stride(-1) != 1:
-        qo, ko = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    scb = cos.stride(0) if cos.shape[0] > 1 else 0
-    _rope_kernel[(B * L,)](q, k, qo, ko, cos, sin, L, Hq, Hk,
-                           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                           qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-                           scb, cos.stride(1), HALF=D // 2, BH=triton.next_power_of_2(max(Hq, Hk)),
-                           MODE=_MODE[q.dtype], num_warps=4)
-    return qo, ko
+    try:
+        qo, ko = torch.empty_like(q), torch.empty_like(k)  # same strides as the inputs (dense views)
+        if qo.stride(-1) != 1 or ko.stride(-1) != 1:
+            qo, ko = q.new_empty(q.shape), k.new_empty(k.shape)
+        scb = cos.stride(0) if cos.shape[0] > 1 else 0
+        _rope_kernel[(B * L,)](q, k, qo, ko, cos, sin, L, Hq, Hk,
+                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                               qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+                               scb, cos.stride(1), HALF=D // 2, BH=triton.next_power_of_2(max(Hq, Hk)),
+                               MODE=_MODE[q.dtype], num_warps=4)
+        return qo, ko
+    except Exception as e:  # noqa: BLE001
+        _failed("apply_rope", e)
+        return rope_ref(q, k, cos, sin, unsqueeze_dim)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -180,10 +203,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if (not usable(gate, up) or gate.shape != up.shape or gate.dtype != up.dtype or gate.dtype not in _MODE
             or not gate.is_contiguous() or not up.is_contiguous()):
         return silu_mul_ref(gate, up)
-    y = torch.empty_like(gate)
-    n = gate.numel()
-    _silu_mul_kernel[(triton.cdiv(n, 2048),)](gate, up, y, n, BLOCK=2048, MODE=_MODE[gate.dtype], num_warps=8)
-    return y
+    try:
+        y = torch.empty_like(gate)
+        n = gate.numel()
+        _silu_mul_kernel[(triton.cdiv(n, 2048),)](gate, up, y, n, BLOCK=2048, MODE=_MODE[gate.dtype], num_warps=8)
+        return y
+    except Exception as e:  # noqa: BLE001
+        _failed("silu_mul", e)
+        return silu_mul_ref(gate, up)
 
 
 # ---------------------------------------------------------------- patching a transformers Llama

@@ -54,3 +54,17 @@ def test_fused_model_on_cpu_is_unchanged_and_trains(tiny_base, dcl_shards):
     loss.backward()
     grads = [p.grad for p in mllm.model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_a_failing_kernel_falls_back_for_good(monkeypatch):
+    """A kernel that cannot compile or launch (here: forced onto the CPU, where Triton cannot run) leaves the
+    reference result, a warning, and every later call on the reference path."""
+    monkeypatch.setattr(kernels, "FAILED", [])
+    monkeypatch.setattr(kernels, "usable", lambda *t: not kernels.FAILED)  # as if on a GPU
+    x, w = torch.randn(4, 64), torch.randn(64)
+    with pytest.warns(RuntimeWarning, match="rms_norm"):
+        y = kernels.rms_norm(x, w, 1e-6)
+    assert torch.equal(y, kernels.rms_norm_ref(x, w, 1e-6)) and kernels.FAILED
+    g, u = torch.randn(8, 16), torch.randn(8, 16)
+    assert torch.equal(kernels.silu_mul(g, u), kernels.silu_mul_ref(g, u))  # no second attempt, no warning
+    assert len(kernels.FAILED) == 1
