@@ -198,6 +198,7 @@ def test_fused_kernels_match_transformers_bf16(monkeypatch):
     x = torch.randn(4, 64, device=dev, requires_grad=True)  # autograd: the reference path, gradients flow
     kernels.rms_norm(x, torch.ones(64, device=dev), 1e-6).sum().backward()
     assert x.grad is not None
+    assert not kernels.FAILED  # every comparison above ran the Triton kernels, not the fallback
 
 
 def test_fused_model_matches_plain_bf16(tiny_base, monkeypatch):
@@ -219,3 +220,4 @@ def test_fused_model_matches_plain_bf16(tiny_base, monkeypatch):
     assert _rel(got, ref) < BF16_REL
     a, b = plain.generate(samples, max_new_tokens=6), fused.generate(samples, max_new_tokens=6)
     assert sum(x == y for x, y in zip(a, b)) >= len(samples) - 1, (a, b)
+    assert not kernels.FAILED
