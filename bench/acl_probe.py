@@ -56,7 +56,8 @@ def main() -> None:
 
     def acc(items) -> float:
         ans = m.generate(items, max_new_tokens=8, batch_size=64)
-        return 100 * sum(SCORERS.get(s.scorer)(x, s.answers, s.question, s.metadata) for s, x in zip(items, ans)) / len(items)
+        hits = sum(SCORERS.get(s.scorer)(x, s.answers, s.question, s.metadata) for s, x in zip(items, ans))
+        return 100 * hits / len(items)
 
     t0 = time.time()
     st = pretrain(m, train, PretrainCfg(steps=a.steps, lr=a.lr, batch_size=16, vision_lr_scale=a.vision_lr_scale))

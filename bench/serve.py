@@ -443,7 +443,8 @@ def main() -> None:
                 key = f"{rk}@{rate:g}"
                 pipe[f"fixed_rate_{key}"] = r = pipelined_fixed_rate(two, reqs, rate, args.duration, args.batch, rk,
                                                                       args.pipe_wait)
-                print(f"pipelined fixed rate {rate:g} req/s, {rk:5s} router: p50 {r['p50_s']:.3f} s p99 {r['p99_s']:.3f} s "
+                print(f"pipelined fixed rate {rate:g} req/s, {rk:5s} router: "
+                      f"p50 {r['p50_s']:.3f} s p99 {r['p99_s']:.3f} s "
                       f"(mean batch {r['mean_stage1_batch']:.1f} routed / {r['mean_batch']:.1f} answered, "
                       f"served {r['achieved_req_per_s']:.1f} req/s)", flush=True)
                 save()

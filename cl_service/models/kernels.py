@@ -24,10 +24,10 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-#: Smallest input (elements) that takes a fused kernel. Below it the step is bound by kernel launches, not
-#: memory, and a Triton launch (~50-100 µs of Python argument handling) costs more than ATen's several
-#: (measured on the H100: a 7B decode step went from 32 to 46 ms with every norm fused); a 7B decode batch
-#: (64 x 4096) stays on the eager path, a prefill (64 x 637 x 4096) takes the kernels.
+#: Smallest input (elements) that takes a fused kernel. Below it a step is bound by kernel launches rather than
+#: memory traffic, so fusing saves little and a Triton launch's Python argument handling is the larger cost: a
+#: 7B decode batch (64 x 4096) stays on the eager path, a prefill (64 x 637 x 4096) takes the kernels. (Decode
+#: step times on the H100 were too noisy across processes, 35-56 ms, to measure the threshold's own effect.)
 MIN_ELEMENTS = 1 << 21
 
 
@@ -153,7 +153,8 @@ _MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (one pass per row on the GPU)."""
     N = x.shape[-1]
-    if not usable(x, weight) or x.dtype not in _MODE or weight.dtype != x.dtype or weight.shape != (N,) or N > 65536:
+    if (not usable(x, weight) or x.dtype not in _MODE or weight.dtype != x.dtype or weight.shape != (N,)
+            or N > 65536):
         return rms_norm_ref(x, weight, eps)
     try:
         x2 = x.reshape(-1, N)
@@ -222,29 +223,29 @@ def _mlp_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
 
 
-_ROPE_PATCHED: dict[str, object] = {}
+#: transformers' own ``apply_rotary_pos_emb``, once :func:`_patch_rope` replaced it (None before)
+ORIGINAL_ROPE = None
 
 
-def _patch_rope() -> bool:
+def _patch_rope() -> int:
     """Point the Llama attention's ``apply_rotary_pos_emb`` at :func:`apply_rope` (it looks the name up in its
-    module at call time). Process-wide, but the same rounding as transformers' own, and the CPU and small
-    (decode) inputs keep the original path."""
+    module at call time); 1 if patched now. Process-wide, but the same rounding as transformers' own, and the
+    CPU and small (decode) inputs keep the original path."""
+    global ORIGINAL_ROPE
     from transformers.models.llama import modeling_llama as ml
 
-    if "llama" in _ROPE_PATCHED:
-        return True
     original = getattr(ml, "apply_rotary_pos_emb", None)
-    if original is None:
-        return False
+    if ORIGINAL_ROPE is not None or original is None:
+        return 0
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if args or set(kwargs) - {"unsqueeze_dim"} or not q.is_cuda:
             return original(q, k, cos, sin, *args, **kwargs)
         return apply_rope(q, k, cos, sin, kwargs.get("unsqueeze_dim", 1))
 
-    _ROPE_PATCHED["llama"] = original
+    ORIGINAL_ROPE = original
     ml.apply_rotary_pos_emb = apply_rotary_pos_emb
-    return True
+    return 1
 
 
 def fuse_llama(model: torch.nn.Module) -> dict[str, int]:
@@ -254,18 +255,20 @@ def fuse_llama(model: torch.nn.Module) -> dict[str, int]:
     hooks (LoRA hooks on the Linears still run); on the CPU or under autograd they run the reference math.
     """
     counts = {"norms": 0, "mlps": 0, "rope": 0}
+    llama = False
     for m in model.modules():
+        kind = type(m).__name__
+        llama |= kind == "LlamaAttention"
         if getattr(m, "_clsvc_fused", False):
             continue
-        kind = type(m).__name__
         if kind == "LlamaRMSNorm":
             m.forward = _norm_forward.__get__(m)
-        elif kind == "LlamaMLP" and getattr(m.config, "hidden_act", None) == "silu" and not getattr(m.config, "mlp_bias", False):
+        elif kind == "LlamaMLP" and m.config.hidden_act == "silu" and not getattr(m.config, "mlp_bias", False):
             m.forward = _mlp_forward.__get__(m)
         else:
             continue
         m._clsvc_fused = True
         counts["norms" if kind == "LlamaRMSNorm" else "mlps"] += 1
-    if any(type(m).__name__ == "LlamaAttention" for m in model.modules()) and "llama" not in _ROPE_PATCHED:
-        counts["rope"] = int(_patch_rope())
+    if llama:
+        counts["rope"] = _patch_rope()
     return counts

@@ -182,7 +182,7 @@ def test_fused_kernels_match_transformers_bf16(monkeypatch):
         x = torch.randn(shape, device=dev, dtype=bf) * 3
         w = torch.randn(shape[-1], device=dev, dtype=bf)
         _bf16_step_close(kernels.rms_norm(x, w, 1e-5), kernels.rms_norm_ref(x, w, 1e-5), 0.99)
-    original = kernels._ROPE_PATCHED.get("llama", ml.apply_rotary_pos_emb)
+    original = kernels.ORIGINAL_ROPE or ml.apply_rotary_pos_emb
     cfg = ml.LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8)
     rot = ml.LlamaRotaryEmbedding(cfg).to(dev)
     for B, L, cos_batch in ((3, 37, 3), (4, 1, 4), (2, 9, 1)):
