@@ -424,37 +424,6 @@ class MLLM:
         finally:
             self.model.train(was_training)
 
-    @torch.no_grad()
-    def question_features(self, samples: Sequence[Sample], batch_size: int = 64) -> torch.Tensor:
-        """Routing features ``[B, H_text + H_vision]`` float32 on CPU: the decoder's last hidden state
-        mean-pooled over the question's tokens (image tokens excluded), next to the mean CLIP state of the
-        sample's images. Keeps the question's signal from being drowned by the image tokens."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            feats = []
-            for i in range(0, len(samples), batch_size):
-                chunk = samples[i:i + batch_size]
-                batch = self.collate(chunk, train=False)
-                ids = batch["input_ids"].to(self.device)
-                mask = batch["attention_mask"].to(self.device)
-                vs = self.vision_states(batch["pixel_values"])
-                h = self.model.model.language_model(
-                    inputs_embeds=self.embed(batch, vs), attention_mask=mask,
-                    position_ids=batch["position_ids"].to(self.device), use_cache=False).last_hidden_state
-                text = (mask.bool() & (ids != self.image_token_id) & (ids != self.bos_id)).unsqueeze(-1).to(h.dtype)
-                pooled = (h * text).sum(1) / text.sum(1).clamp(min=1)
-                per_image = vs.mean(1)  # [N_img, H_vision]
-                counts = torch.tensor([len(s.images) for s in chunk], device=per_image.device)
-                owner = torch.repeat_interleave(torch.arange(len(chunk), device=per_image.device), counts)
-                clip = torch.zeros(len(chunk), per_image.shape[-1], dtype=per_image.dtype, device=per_image.device)
-                clip.index_add_(0, owner, per_image)
-                clip = clip / counts.clamp(min=1).unsqueeze(-1).to(clip.dtype)
-                feats.append(torch.cat([pooled.float(), clip.float()], dim=-1).cpu())
-            return torch.cat(feats)
-        finally:
-            self.model.train(was_training)
-
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Save atomically in the Hugging Face LLaVA layout (``config.json``, ``model.safetensors``,
