@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+from cl_service.data.augment import with_jittered_copies
 from cl_service.methods.base import METHODS, Answer, StageContext
 from cl_service.methods.common import answer_by_expert, expert_job, seen_pool
 from cl_service.routers.base import Route
@@ -50,8 +51,8 @@ class MRLoRA:
             return jobs
         cfg = ctx.cfg.router
         pool = seen_pool(ctx)
-        parts = tuple(DataPart(task=t, limit=cfg.samples_per_task, seed=ctx.cfg.seed + 7, router_expert=t)
-                      for t in ctx.seen)
+        parts = tuple(DataPart(task=t, limit=cfg.samples_per_task, seed=ctx.cfg.seed + 7, router_expert=t,
+                               augment=cfg.augment) for t in ctx.seen)
         init = str(router_dir(ctx, ctx.stage - 1)) if cfg.mode == "continue" and ctx.stage > 1 else None
         jobs.append(TrainJob(name=f"router/stage-{ctx.stage}", kind="router", task="*",
                              out_dir=str(router_dir(ctx, ctx.stage)), base_path=ctx.extra["base_path"],
@@ -102,11 +103,13 @@ class _FeatureRouted:
         router = ctx.extra.get(key)
         if router is None or router.experts != tuple(ctx.seen):
             t0 = time.perf_counter()
-            per_task = {t: ctx.extra["train_samples"](t, ctx.cfg.router.samples_per_task, ctx.cfg.seed + 7)
+            rc = ctx.cfg.router
+            per_task = {t: with_jittered_copies(ctx.extra["train_samples"](t, rc.samples_per_task, ctx.cfg.seed + 7),
+                                                rc.augment, ctx.cfg.seed + 7)
                         for t in ctx.seen}
             router = ROUTERS.get(self.router_kind).fit(ctx.engine, per_task)
             save_router(router, feature_router_dir(ctx, self.router_kind, ctx.stage),
-                        {"samples_per_task": ctx.cfg.router.samples_per_task,
+                        {"samples_per_task": rc.samples_per_task, "augment": rc.augment,
                          "fit_seconds": round(time.perf_counter() - t0, 3)})
             ctx.extra[key] = router
         return router

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cl_service._cfgload import to_dict
+from cl_service.data.augment import with_jittered_copies
 from cl_service.data.schema import Sample
 from cl_service.data.shards import ShardDataset
 from cl_service.routers.prompt import Pool, router_sample
@@ -29,6 +30,7 @@ class DataPart:
     limit: int | None = None
     seed: int = 0
     router_expert: str | None = None  # wrap as router items whose target is this expert's letter
+    augment: int = 0  # add this many look-jittered copies of each chosen sample (cl_service.data.augment)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class TrainJob:
         d = to_dict(self)
         if not d["moe_experts"]:  # fields added later hash only when set: older results keep their keys
             d.pop("moe_experts")
+        for part in d["parts"]:
+            if not part["augment"]:
+                part.pop("augment")
         return d
 
     def key(self) -> str:
@@ -112,6 +117,8 @@ def load_parts(job: TrainJob) -> list[Sample]:
         chosen = choose(ds.samples(part.task, part.split), part.limit, part.seed)
         if not chosen:
             raise ValueError(f"job {job.name}: no {part.split} samples of task {part.task} in {job.dataset}")
+        if part.augment:
+            chosen = with_jittered_copies(chosen, part.augment, part.seed)
         if part.router_expert is not None:
             if job.router_pool is None:
                 raise ValueError(f"job {job.name}: router parts need a router_pool")

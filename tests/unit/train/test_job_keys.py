@@ -21,8 +21,16 @@ def test_a_job_that_does_not_use_moelora_keeps_the_key_it_had_before_the_field_e
     j = _job()
     d = to_dict(j)
     del d["moe_experts"]  # what key() hashed before moelora was added
+    for part in d["parts"]:
+        del part["augment"]  # ... and before router data could be augmented
     d.pop("out_dir")
     d.pop("name")
     d["dataset"], d["init_adapter"] = "fp", None
     assert j.key() == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert _job(moe_experts=4).key() != j.key() and _job(moe_experts=4).weights_key() != j.weights_key()
+
+
+def test_augmented_router_data_is_another_adapter(monkeypatch):
+    monkeypatch.setattr(job_mod, "_dataset_fingerprint", lambda path: "fp")
+    plain, aug = _job(), _job().replace(parts=(DataPart("RS", augment=1),))
+    assert aug.key() != plain.key() and aug.weights_key() != plain.weights_key()

@@ -1,0 +1,52 @@
+"""Look-jittered copies for router training: deterministic, same size, visibly another look, same content."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cl_service.data.augment import with_jittered_copies
+from cl_service.data.images import decode_image
+from cl_service.data.schema import Sample
+from cl_service.data.synth import BENCHMARKS
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return list(BENCHMARKS.get("acl-mini").generate("train", 2, 0))
+
+
+def test_copies_follow_the_originals_with_new_ids_and_the_same_question(samples):
+    out = with_jittered_copies(samples, 2, seed=7)
+    assert len(out) == 3 * len(samples)
+    assert out[:len(samples)] == samples
+    for k in (1, 2):
+        for s, c in zip(samples, out[k * len(samples):(k + 1) * len(samples)]):
+            assert c.id == f"{s.id}~aug{k}"
+            assert (c.task, c.question, c.answers, c.scorer) == (s.task, s.question, s.answers, s.scorer)
+            a, b = (np.asarray(decode_image(x), dtype=np.int16) for x in (s.images[0], c.images[0]))
+            assert a.shape == b.shape
+            assert np.abs(a - b).mean() > 5  # another look, not a copy
+
+
+def test_copies_are_deterministic_per_seed(samples):
+    a = with_jittered_copies(samples, 1, seed=7)[len(samples):]
+    b = with_jittered_copies(samples, 1, seed=7)[len(samples):]
+    c = with_jittered_copies(samples, 1, seed=8)[len(samples):]
+    assert [s.images for s in a] == [s.images for s in b]
+    assert [s.images for s in a] != [s.images for s in c]
+
+
+def test_zero_copies_is_identity_and_negative_is_an_error(samples):
+    assert with_jittered_copies(samples, 0) == list(samples)
+    with pytest.raises(ValueError, match="copies"):
+        with_jittered_copies(samples, -1)
+
+
+def test_non_square_images_keep_their_size():
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(buf, format="PNG")
+    s = Sample("AD", "train", "x", [buf.getvalue()], "q?", ["a"], "exact")
+    for c in with_jittered_copies([s], 4, seed=0)[1:]:
+        assert decode_image(c.images[0]).size == (96, 64)
