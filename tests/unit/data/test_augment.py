@@ -50,3 +50,28 @@ def test_non_square_images_keep_their_size():
     s = Sample("AD", "train", "x", [buf.getvalue()], "q?", ["a"], "exact")
     for c in with_jittered_copies([s], 4, seed=0)[1:]:
         assert decode_image(c.images[0]).size == (96, 64)
+
+
+def test_router_job_parts_carry_their_jittered_copies(tmp_path, samples):
+    from cl_service.adapters.lora import LoraCfg
+    from cl_service.data.shards import ShardWriter
+    from cl_service.routers.prompt import Pool
+    from cl_service.train.job import DataPart, TrainJob, load_parts
+    from cl_service.train.loop import TrainCfg
+
+    tasks = sorted({s.task for s in samples})
+    with ShardWriter(tmp_path / "ds", [{"name": t, "scorer": "exact", "description": t} for t in tasks]) as w:
+        w.add_all(samples)
+    pool = Pool(tuple(tasks), tuple(tasks))
+
+    def job(augment):
+        parts = tuple(DataPart(t, limit=1, seed=3, router_expert=t, augment=augment) for t in tasks)
+        return TrainJob(name="router", kind="router", task="*", out_dir=str(tmp_path / "r"), base_path="/b",
+                        dataset=str(tmp_path / "ds"), parts=parts, lora=LoraCfg(rank=2), train=TrainCfg(max_steps=1),
+                        router_pool=pool)
+
+    plain, aug = load_parts(job(0)), load_parts(job(2))
+    assert len(plain) == len(tasks) and len(aug) == 3 * len(tasks)
+    assert {s.answers[0] for s in aug} == set(pool.letters)  # copies keep their router target letter
+    assert sum(s.id.endswith("~aug2") for s in aug) == len(tasks)
+    assert aug == load_parts(job(2))  # deterministic: the same job trains on the same images
