@@ -306,44 +306,6 @@ def draw_text_centered(
     return draw_text(img, text, int(round(cx - tw / 2)), int(round(cy - th / 2)), colour, **kw)
 
 
-def scatter(
-    nrng: np.random.Generator,
-    sizes: Sequence[float],
-    h: int,
-    w: int,
-    gap: float = 2.0,
-    margin: float = 1.0,
-    avoid: np.ndarray | None = None,
-) -> list[tuple[float, float]]:
-    """Centres for objects of the given ``sizes`` that do not overlap each other (nor ``avoid``).
-
-    Objects are treated as discs of diameter ``size`` + ``gap``. Rejection sampling first; if the
-    scene is too crowded, falls back to a shuffled jittered grid so the requested count (which is
-    often the answer) is always honoured.
-    """
-    centres: list[tuple[float, float]] = []
-    for s in sizes:
-        r = s / 2.0
-        for _ in range(300):
-            cx = float(nrng.uniform(margin + r, w - margin - r))
-            cy = float(nrng.uniform(margin + r, h - margin - r))
-            if all((cx - x) ** 2 + (cy - y) ** 2 >= ((s + so) / 2.0 + gap) ** 2 for (x, y), so in zip(centres, sizes)):
-                if avoid is None or not avoid[int(cy), int(cx)]:
-                    centres.append((cx, cy))
-                    break
-        else:
-            return _grid_places(nrng, sizes, h, w)
-    return centres
-
-
-def _grid_places(nrng: np.random.Generator, sizes: Sequence[float], h: int, w: int) -> list[tuple[float, float]]:
-    n = len(sizes)
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    cells = nrng.permutation(rows * cols)[:n]
-    return [(w * (c % cols + 0.5) / cols, h * (c // cols + 0.5) / rows) for c in cells]
-
-
 # ---------------------------------------------------------------- textures
 def value_noise(nrng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
     """Smooth noise in [0, 1] of shape ``(h, w)``: random values on a ``cell``-spaced lattice,
