@@ -26,4 +26,10 @@ class Router(Protocol):
         ...
 
 
+def best_scores(experts: tuple[str, ...], scores) -> list[Route]:
+    """One route per row of ``scores`` (``[n, len(experts)]``): the highest-scoring expert, its score as raw."""
+    return [Route(experts[int(k)], f"{experts[int(k)]}:{row[int(k)]:.3f}", False)
+            for k, row in zip(scores.argmax(axis=1), scores)]
+
+
 ROUTERS: Registry[type] = Registry("router")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cl_service.data.schema import Sample
-from cl_service.routers.base import ROUTERS, Route
+from cl_service.routers.base import ROUTERS, Route, best_scores
 
 
 @ROUTERS.register("ridge")
@@ -56,9 +56,7 @@ class RidgeRouter:
     def route(self, samples: list[Sample]) -> list[Route]:
         if not samples:
             return []
-        s = self.scores(samples)
-        return [Route(self.experts[int(k)], f"{self.experts[int(k)]}:{row[int(k)]:.3f}", False)
-                for k, row in zip(s.argmax(axis=1), s)]
+        return best_scores(self.experts, self.scores(samples))
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays that rebuild the router with :meth:`from_state` (saved by :mod:`cl_service.routers.store`)."""
