@@ -20,6 +20,7 @@ from cl_service._cfgload import to_dict
 from cl_service._table import format_table
 from cl_service.adapters.registry import ADAPTER_META, is_complete
 from cl_service.config import RunCfg
+from cl_service.data.augment import with_jittered_copies
 from cl_service.data.shards import ShardDataset, ShardWriter, atomic_write_text
 from cl_service.eval.metrics import compute_cl_metrics
 from cl_service.eval.predictions import prediction_record, write_predictions
@@ -158,10 +159,13 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
     tests = {t: choose(ds.samples(t, "test"), cfg.data.test_limit, cfg.seed) for t in tasks}
     train_cache: dict[tuple, list] = {}
 
-    def train_samples(task: str, limit: int, seed: int):
-        key = (task, limit, seed)
+    def train_samples(task: str, limit: int, seed: int, augment: int = 0):
+        """A seeded choice of a task's training samples, with ``augment`` look-jittered copies of each;
+        computed once per run (every feature router of every stage asks for the same ones)."""
+        key = (task, limit, seed, augment)
         if key not in train_cache:
-            train_cache[key] = choose(ds.samples(task, "train"), limit, seed)
+            train_cache[key] = (with_jittered_copies(train_samples(task, limit, seed), augment, seed) if augment
+                                else choose(ds.samples(task, "train"), limit, seed))
         return train_cache[key]
 
     methods = {name: METHODS.get(name)() for name in cfg.methods}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-from cl_service.data.augment import with_jittered_copies
 from cl_service.methods.base import METHODS, Answer, StageContext
 from cl_service.methods.common import answer_by_expert, expert_job, seen_pool
 from cl_service.routers.base import Route
@@ -104,8 +103,7 @@ class _FeatureRouted:
         if router is None or router.experts != tuple(ctx.seen):
             t0 = time.perf_counter()
             rc = ctx.cfg.router
-            per_task = {t: with_jittered_copies(ctx.extra["train_samples"](t, rc.samples_per_task, ctx.cfg.seed + 7),
-                                                rc.augment, ctx.cfg.seed + 7)
+            per_task = {t: ctx.extra["train_samples"](t, rc.samples_per_task, ctx.cfg.seed + 7, rc.augment)
                         for t in ctx.seen}
             router = ROUTERS.get(self.router_kind).fit(ctx.engine, per_task)
             save_router(router, feature_router_dir(ctx, self.router_kind, ctx.stage),

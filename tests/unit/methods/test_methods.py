@@ -226,3 +226,16 @@ def test_extending_the_stream_reuses_adapters_and_reevaluates_on_the_new_task(ru
         assert len(new) == 3 and all(len(r) == 3 for r in new)
         assert [r[:2] for r in new[:2]] == old, name
         assert all(math.isfinite(v) for v in new[0] + new[1])  # stages 1-2 now scored on AD too
+
+
+def test_router_augment_trains_and_fits_routers_on_jittered_copies_too(tmp_path, tiny_base, dcl_shards):
+    """``router.augment=1``: the MLLM router trains on twice its samples, the feature routers fit on them."""
+    from cl_service.routers.store import ROUTER_META
+
+    out = tmp_path / "aug"
+    run_stream(_cfg(out, tiny_base, dcl_shards, ["methods=[mrlora,mrlora_proto]", "router.augment=1"]),
+               LocalTrainer(), log=lambda s: None)
+    log = json.loads(next((out / "adapters" / "router").rglob("train_log.json")).read_text())
+    assert log["samples"] == 2 * 2 * 4  # 2 tasks x 4 samples, each with one jittered copy
+    meta = json.loads((out / "routers" / "prototype" / "stage-1-Med" / ROUTER_META).read_text())
+    assert meta["augment"] == 1 and meta["experts"] == ["RS", "Med"]
