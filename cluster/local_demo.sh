@@ -22,6 +22,8 @@ RAY=$ROOT/.venv/bin/ray
 # Stop only this cluster's processes (`ray stop` would stop every Ray instance of the machine).
 cleanup() { timeout 60 "$PY" -m cl_service.on_ray.local stop --temp-dir "$TMP" --address "127.0.0.1:$PORT" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
+# `ray start` needs an auth token and does not create one: make it on a machine that never ran Ray.
+timeout 60 "$PY" -m cl_service.on_ray.local token
 timeout 120 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" --dashboard-host=127.0.0.1 \
   --dashboard-port="$DASH" --ray-client-server-port="${RAY_CLIENT_PORT:-23011}" --temp-dir="$TMP" \
   --disable-usage-stats >/dev/null

@@ -38,9 +38,22 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
         raise RuntimeError(f"`{' '.join(args)}` did not finish within {timeout:.0f} s") from None
 
 
+def ensure_auth_token(timeout: float = 60) -> None:
+    """Make sure a Ray auth token exists when token auth is on (the default). ``ray start`` refuses to start
+    without one and, unlike ``ray.init``, does not create it: on a machine that never ran Ray the demo and
+    the two-node cluster would fail. Creates ``~/.ray/auth_token`` only if no token is set or stored."""
+    env = ray_env()
+    if env.get("RAY_AUTH_MODE") != "token" or env.get("RAY_AUTH_TOKEN"):
+        return
+    res = _run([_ray_bin(), "get-auth-token", "--generate"], timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"ray get-auth-token --generate failed:\n{res.stdout}\n{res.stderr}")
+
+
 def start_head(temp_dir: str, num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
                timeout: float = 120, client_port: int = 10001) -> str:
     """Start a head node on loopback; returns the GCS address. Raises on failure with Ray's output."""
+    ensure_auth_token()
     args = [_ray_bin(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={port}",
             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
             f"--ray-client-server-port={client_port}", "--disable-usage-stats"]
@@ -125,6 +138,7 @@ def wait_for_nodes(n: int, timeout: float = 60) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cl_service.on_ray.local", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("token", help="create the Ray auth token if token auth is on and none exists")
     s = sub.add_parser("start")
     s.add_argument("--temp-dir", default="/tmp/clsvc-ray")
     s.add_argument("--num-cpus", type=int, default=None)
@@ -133,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--temp-dir", default="/tmp/clsvc-ray")
     t.add_argument("--address", default=None, help="its GCS address, e.g. 127.0.0.1:6379")
     a = p.parse_args(argv)
+    if a.cmd == "token":
+        ensure_auth_token()
+        return 0
     if a.cmd == "start":
         print(start_head(a.temp_dir, a.num_cpus, a.port))
     else:
