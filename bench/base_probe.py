@@ -13,7 +13,6 @@ the 2-core CPU). One JSON line per (recipe, task) is appended to ``--out`` as so
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import dataclasses
 import json
@@ -27,24 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import score_by_type  # noqa: E402
 from cl_service.adapters.lora import LoraCfg, attach_lora  # noqa: E402
 from cl_service.data.synth import BENCHMARKS  # noqa: E402
-from cl_service.eval.scorers import SCORERS  # noqa: E402
 from cl_service.models.config import PROFILES  # noqa: E402
 from cl_service.models.mllm import MLLM  # noqa: E402
 from cl_service.models.pretrain import GENERIC, PRETRAIN, _benchmarks, build_pretrained  # noqa: E402
 from cl_service.train.loop import Batches, TrainCfg, train_steps  # noqa: E402
-
-
-def score(m, items, by_type: bool = False):
-    ans = m.generate(items, max_new_tokens=12, batch_size=128)
-    groups: dict[str, list[int]] = collections.defaultdict(list)
-    for s, x in zip(items, ans):
-        groups[" ".join(s.question.split()[:3]) if by_type else "all"].append(
-            int(SCORERS.get(s.scorer)(x, s.answers, s.question, s.metadata)))
-    if not by_type:
-        return round(100 * sum(groups["all"]) / len(groups["all"]), 1)
-    return {k: round(100 * sum(v) / len(v)) for k, v in sorted(groups.items())}
 
 
 def main() -> None:
@@ -73,19 +61,20 @@ def main() -> None:
         base.to(a.device)
         head = {"recipe": recipe, "steps": steps, "vision_lr_scale": vls, "samples": samples,
                 "device": a.device, "build_s": round(time.time() - t0), "final_loss": round(summary["final_loss"], 3)}
-        row = {**head, "task": "generic", "by_type": score(base, generic_test, by_type=True)}
+        row = {**head, "task": "generic", "by_type": score_by_type(base, generic_test, 12, 128)[1]}
         print(json.dumps(row), flush=True)
         with open(a.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         for (bench, t), (train, test) in data.items():
             m = MLLM(copy.deepcopy(base.model), base.tokenizer, base.cfg)  # a fresh copy of the frozen base
-            zs = score(m, test)
+            zs, _ = score_by_type(m, test, 12, 128)
             params = attach_lora(m, LoraCfg(rank=16, alpha=32, dropout=0.05), seed=0)
             st = train_steps(m, Batches(train, lambda b, m=m: m.collate(b, train=True), 16, seed=0), params,
                              TrainCfg(lr=2e-3, epochs=5, batch_size=16, warmup_ratio=0.03, seed=0))
+            test_acc, test_by_type = score_by_type(m, test, 12, 128)  # one generation for both
             row = {**head, "benchmark": bench, "task": t, "steps_expert": st.step, "zero_shot": zs,
-                   "expert_train": score(m, train[:100]), "expert_test": score(m, test),
-                   "test_by_type": score(m, test, by_type=True)}
+                   "expert_train": score_by_type(m, train[:100], 12, 128)[0], "expert_test": test_acc,
+                   "test_by_type": test_by_type}
             print(json.dumps(row), flush=True)
             with open(a.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

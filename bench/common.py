@@ -153,3 +153,23 @@ def bench_model(name: str, device: str) -> tuple[ModelCfg, MLLM]:
     """Profile ``name`` with random weights on ``device`` (float32 on CPU, where bf16 matmuls are slow)."""
     cfg = profile(name, **({"dtype": "float32"} if device == "cpu" else {}))
     return cfg, build(cfg, device)
+
+
+def question_type(question: str) -> str:
+    """A question's type for per-type scores: its first three words (the synth templates differ there)."""
+    return " ".join(question.split()[:3])
+
+
+def score_by_type(m: MLLM, items: list[Sample], max_new_tokens: int = 8, batch_size: int = 64
+                  ) -> tuple[float, dict[str, int]]:
+    """Accuracy (%) of ``m``'s answers to ``items``, overall and per :func:`question_type`, from one generation."""
+    from collections import defaultdict
+
+    from cl_service.eval.scorers import SCORERS
+
+    ans = m.generate(items, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    by: dict[str, list[int]] = defaultdict(list)
+    for s, x in zip(items, ans):
+        by[question_type(s.question)].append(int(SCORERS.get(s.scorer)(x, s.answers, s.question, s.metadata)))
+    hits = [h for v in by.values() for h in v]
+    return round(100 * sum(hits) / max(1, len(hits)), 1), {k: round(100 * sum(v) / len(v)) for k, v in sorted(by.items())}

@@ -16,7 +16,6 @@ CPU, 2 threads, batch 16 (the run's global batch): ~0.4 s per step. Results are 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import time
@@ -28,17 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import score_by_type  # noqa: E402
 from cl_service.adapters.lora import LoraCfg, attach_lora  # noqa: E402
 from cl_service.data.synth import BENCHMARKS  # noqa: E402
-from cl_service.eval.scorers import SCORERS  # noqa: E402
 from cl_service.models.mllm import load_mllm  # noqa: E402
 from cl_service.models.store import ensure_base  # noqa: E402
 from cl_service.train.loop import Batches, TrainCfg, train_steps  # noqa: E402
-
-
-def question_type(question: str) -> str:
-    """A question's type: its first three words (the synth templates differ there)."""
-    return " ".join(question.split()[:3])
 
 
 def main() -> None:
@@ -65,22 +59,14 @@ def main() -> None:
         raise SystemExit(f"{a.benchmark} has no task {a.task!r}; tasks: {spec.task_names}")
     m = load_mllm(ensure_base("tiny", log=lambda s: None), device=a.device)
 
-    def score(items) -> tuple[float, dict[str, float]]:
-        ans = m.generate(items, max_new_tokens=8, batch_size=64)
-        by: dict[str, list[int]] = collections.defaultdict(list)
-        for s, x in zip(items, ans):
-            by[question_type(s.question)].append(int(SCORERS.get(s.scorer)(x, s.answers, s.question, s.metadata)))
-        hits = [h for v in by.values() for h in v]
-        return round(100 * sum(hits) / len(hits), 1), {k: round(100 * sum(v) / len(v)) for k, v in sorted(by.items())}
-
-    zs_test, _ = score(test)
+    zs_test, _ = score_by_type(m, test)
     params = attach_lora(m, LoraCfg(rank=a.rank, alpha=2 * a.rank), seed=a.seed)
     cfg = TrainCfg(lr=a.lr, epochs=a.epochs, batch_size=a.batch, seed=a.seed, autocast=a.autocast)
     t0 = time.time()
     st = train_steps(m, Batches(train, lambda b: m.collate(b, train=True), a.batch, seed=a.seed), params, cfg)
     train_s = round(time.time() - t0)
-    tr, tr_by = score(train[:100])
-    te, te_by = score(test)
+    tr, tr_by = score_by_type(m, train[:100])
+    te, te_by = score_by_type(m, test)
     row = {"benchmark": a.benchmark, "task": a.task, "tag": a.tag, "train": len(train), "epochs": a.epochs,
            "steps": st.step, "lr": a.lr, "autocast": a.autocast, "batch": a.batch, "seed": a.seed, "device": a.device, "rank": a.rank, "train_s": train_s,
            "loss_last": [round(x, 3) for x in st.losses[-5:]], "zero_shot_test": zs_test,
