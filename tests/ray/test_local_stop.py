@@ -28,3 +28,32 @@ def test_stop_cluster_spares_its_callers_and_kills_the_cluster_processes(tmp_pat
     finally:
         if sleeper.poll() is None:
             sleeper.kill()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_stop_cluster_stops_a_real_head_in_rays_order_without_waiting_out_sigterm():
+    """Signalled all at once, the raylet and the GCS waited on each other and ignored SIGTERM until the
+    30 s deadline; in Ray's order (raylet, agents, GCS) each exits at its SIGTERM, in seconds."""
+    import socket
+    import tempfile
+
+    from cl_service.on_ray.local import start_head, stop_cluster
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    tmp = tempfile.mkdtemp(prefix="clsvc-stop-", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    try:
+        start_head(tmp, num_cpus=1, port=port, dashboard_port=free_port(), client_port=free_port(), timeout=90)
+    finally:
+        t0 = time.monotonic()
+        n = stop_cluster(tmp, f"127.0.0.1:{port}", timeout=45)  # 15 s of SIGTERM grace per group
+        elapsed = time.monotonic() - t0
+    leftover = subprocess.run(["pgrep", "-f", tmp], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
+    assert n >= 3  # at least the GCS, the raylet and the dashboard
+    assert elapsed < 15, f"a group ignored SIGTERM and was killed after its grace period ({elapsed:.1f} s)"
