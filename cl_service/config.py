@@ -119,6 +119,9 @@ class RayCfg:
     """Ray Train storage (local folder, NFS mount, or s3://...); default: ``<out>/ray``."""
     timeout_s: float = 3600.0
     """Upper bound on one training run (a 2-core machine cannot always schedule what is asked)."""
+    poll_interval_s: float = 0.5
+    """How often Ray Train's controller polls its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default
+    2 s): a finished worker group is noticed up to one interval late, at every stage."""
 
 
 @dataclass(frozen=True)

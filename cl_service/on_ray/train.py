@@ -82,6 +82,8 @@ def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str,
 
     key = hashlib.sha256("".join(j.key() + j.out_dir for j in jobs).encode()).hexdigest()[:12]
     name = (jobs[0].name.replace("/", "_") + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")) + "-" + key
+    # Read by the TrainController, which Ray Train starts with the driver's value of this variable.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.poll_interval_s)
     config = {"jobs": jobs, "checkpoint_every": cfg.checkpoint_every, "threads": max(1, int(cfg.cpus_per_worker)),
               "strategy": cfg.strategy}
     return TorchTrainer(
