@@ -9,6 +9,7 @@ streams use. The result is frozen and saved as the base of every run (:mod:`cl_s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -93,6 +94,27 @@ def base_tokenizer(vocab_size: int, samples_per_task: int = 300, seed: int = 0):
 def pretrain_samples(n: int, seed: int = 0) -> list[Sample]:
     """``n`` training samples of the generic-captions corpus (question types balanced)."""
     return list(_benchmarks().get(GENERIC).generate("train", n, seed))
+
+
+def corpus_fingerprint(per_split: int = 4, seed: int = 0) -> str:
+    """A short digest of what a from-scratch base is built from, beyond its recipe: the first ``per_split``
+    samples of every built-in benchmark's splits (images, questions, answers; the generic corpus among
+    them) and an MLLM-router prompt. Code that changes the pre-training corpus or the tokenizer's text
+    changes it, so a base built by other code is not taken for this one."""
+    from cl_service.data.tasks import PAPER_TASKS
+    from cl_service.routers.prompt import Pool, router_prompt
+
+    h = hashlib.sha256()
+    benchmarks = _benchmarks()
+    for name in sorted(benchmarks.names()):
+        for split in ("train", "test"):
+            for s in benchmarks.get(name).generate(split, per_split, seed):
+                h.update("\0".join([s.id, s.question, *s.answers]).encode())
+                for img in s.images:
+                    h.update(img)
+    pool = Pool(tuple(PAPER_TASKS), tuple(t.description for t in PAPER_TASKS.values()))
+    h.update(prompt_text(router_prompt(pool, "?")).encode() + target_text("A").encode())
+    return h.hexdigest()[:16]
 
 
 def pretrain(mllm: MLLM, samples: list[Sample], cfg: PretrainCfg, seed: int = 0,

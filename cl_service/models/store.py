@@ -3,7 +3,8 @@
 Store folder: ``$CLSVC_MODEL_STORE``, else ``<repo>/.clsvc/models``. A base is a folder in the Hugging
 Face LLaVA layout (:meth:`cl_service.models.mllm.MLLM.save`) plus ``base.json`` — the recipe it was
 built with and its training summary. A base is *valid* when ``base.json`` records the same recipe
-(model dims, pre-training settings, seed) and the weights are there; :func:`build_base` reuses a valid
+(model dims, pre-training settings, seed, and the fingerprint of the corpus the code generates:
+:func:`~cl_service.models.pretrain.corpus_fingerprint`) and the weights are there; :func:`build_base` reuses a valid
 base and rebuilds anything else. Concurrent builders of one base wait on a file lock.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cl_service.models.config import PROFILES, ModelCfg
-from cl_service.models.pretrain import PRETRAIN, PretrainCfg, build_pretrained
+from cl_service.models.pretrain import PRETRAIN, PretrainCfg, build_pretrained, corpus_fingerprint
 
 BASE_META = "base.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +40,21 @@ def base_path(name: str) -> Path:
 
 
 def _recipe(model_cfg: ModelCfg, cfg: PretrainCfg, seed: int) -> dict:
-    return {"model": dataclasses.asdict(model_cfg), "pretrain": dataclasses.asdict(cfg), "seed": seed}
+    return {"model": dataclasses.asdict(model_cfg), "pretrain": dataclasses.asdict(cfg), "seed": seed,
+            "corpus": corpus_fingerprint(seed=seed)}
+
+
+def _stale_because(path: Path, recipe: dict) -> str | None:
+    """Why the base at ``path`` is not the one ``recipe`` builds (None when there is no readable base.json)."""
+    try:
+        m = json.loads((path / BASE_META).read_text())
+    except (OSError, ValueError):
+        return None
+    keys = [k for k in recipe if m.get(k) != json.loads(json.dumps(recipe[k]))]
+    if keys == ["corpus"]:
+        return (f"built {m.get('built', '?')} from another corpus (fingerprint {m.get('corpus') or 'not recorded'}, "
+                f"now {recipe['corpus']}): the data or tokenizer code changed")
+    return f"built {m.get('built', '?')} with another recipe ({', '.join(keys)})" if keys else None
 
 
 def is_valid_base(path: str | Path, recipe: dict | None = None) -> bool:
@@ -88,6 +103,9 @@ def build_base(profile: str, out: str | Path | None = None, steps: int | None = 
         if is_valid_base(out, recipe):
             log(f"base {profile}: reusing {out}")
             return out
+        why = _stale_because(out, recipe)
+        if why:
+            log(f"base {profile}: rebuilding {out}, {why}")
         t0 = time.perf_counter()
         mllm, summary = build_pretrained(model_cfg, cfg, seed=seed, progress=progress, log=log, device=device)
         mllm.save(out)

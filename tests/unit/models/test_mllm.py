@@ -226,3 +226,22 @@ def test_build_base_is_idempotent(tmp_path, monkeypatch):
     store.build_base("unit", steps=3, progress=False, log=logs.append, device="cpu")  # another recipe: rebuilt
     assert json.loads((path / store.BASE_META).read_text())["pretrain"]["steps"] == 3
     assert not any(p.requires_grad for p in load_mllm(path).model.parameters())
+
+
+def test_a_base_built_from_another_corpus_is_rebuilt_and_says_why(tmp_path, monkeypatch):
+    from cl_service.models import pretrain, store
+
+    if "unit" not in PROFILES:
+        PROFILES.register("unit", CFG)
+        pretrain.PRETRAIN.register("unit", pretrain.PretrainCfg(steps=2, batch_size=4, samples=8, tokenizer_samples=2))
+    monkeypatch.setenv("CLSVC_MODEL_STORE", str(tmp_path))
+    logs: list[str] = []
+    path = store.build_base("unit", progress=False, log=logs.append, device="cpu")
+    fp = pretrain.corpus_fingerprint()
+    assert json.loads((path / store.BASE_META).read_text())["corpus"] == fp
+    assert pretrain.corpus_fingerprint() == fp and len(fp) == 16  # deterministic
+    # the generators change (here: the fingerprint they would give): the stored base is stale
+    monkeypatch.setattr(store, "corpus_fingerprint", lambda seed=0: "0123456789abcdef")
+    store.build_base("unit", progress=False, log=logs.append, device="cpu")
+    assert any("another corpus" in line and fp in line and "0123456789abcdef" in line for line in logs), logs
+    assert json.loads((path / store.BASE_META).read_text())["corpus"] == "0123456789abcdef"
