@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "workloads/configs/acl_mini.yaml"),
                     help="run config whose router.lora / router.train recipe is used")
     ap.add_argument("--augment", type=int, default=0, help="look-jittered copies per router sample")
+    ap.add_argument("--swap", type=int, default=0, help="copies with another task's image (router.swap_images)")
     ap.add_argument("--samples", type=int, default=40, help="training items per task")
     ap.add_argument("--steps", type=int, default=480, help="optimizer steps (4 stages x 120 in acl_mini.yaml)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -54,8 +55,8 @@ def main() -> None:
     tasks = list(ds.tasks)
     pool = Pool(tuple(tasks), tuple(ds.task_meta(t)["description"] for t in tasks))
     base = str(ensure_base(cfg.base.profile, log=lambda s: None))
-    parts = tuple(DataPart(task=t, limit=a.samples, seed=cfg.seed + 7, router_expert=t, augment=a.augment)
-                  for t in tasks)
+    parts = tuple(DataPart(task=t, limit=a.samples, seed=cfg.seed + 7, router_expert=t, augment=a.augment,
+                           swap_images=a.swap) for t in tasks)
     with tempfile.TemporaryDirectory() as out_dir:
         job = TrainJob(name="router", kind="router", task="*", out_dir=out_dir, base_path=base, dataset=a.data,
                        parts=parts, lora=cfg.router.lora, router_pool=pool, seed=cfg.seed,
@@ -70,7 +71,7 @@ def main() -> None:
                 items = ds.samples(t, split)[:100]
                 routes = engine.route_mllm(items, out_dir, pool)
                 routed[f"{split}:{t}"] = round(100 * sum(r.expert == t for r in routes) / len(routes), 1)
-    row = {"data": ds.manifest.get("benchmark"), "augment": a.augment, "samples": a.samples, "steps": a.steps,
+    row = {"data": ds.manifest.get("benchmark"), "augment": a.augment, "swap": a.swap, "samples": a.samples, "steps": a.steps,
            "batch_size": a.batch_size, "train_s": round(train_s), "loss_last": [round(x, 3) for x in state.losses[-5:]],
            **routed}
     print(json.dumps(row), flush=True)

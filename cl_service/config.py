@@ -69,6 +69,10 @@ class RouterCfg:
     router and the feature routers alike: on a non-IID stream it keeps the router from keying on the
     training look (acl-mini, shifted GUI test at the end of the stream: 16% routed right without, 96% with one
     copy)."""
+    swap_images: int = 0
+    """MLLM router only: copies of each router training sample carrying an image of another seen task, with
+    its own question and target (:func:`cl_service.data.augment.with_swapped_images`). For streams whose
+    questions name their task (ACL), so the router keys on the question where the test look shifts."""
 
 
 @dataclass(frozen=True)

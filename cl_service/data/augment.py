@@ -13,6 +13,11 @@ The jitter is generic (RandAugment-style operations, no knowledge of any particu
 
 Copies are deterministic: copy ``k`` of sample ``id`` under ``seed`` is always the same image, so the
 job's hash (and resume by checksum) stays meaningful.
+
+:func:`with_swapped_images` goes further for streams whose questions name their task (ACL: "What is
+written", "What is the value of the expression", "Which button"): copies of a sample that carry another
+task's image and keep their own question and target, so the router learns that the question decides when
+the image's look does not.
 """
 
 from __future__ import annotations
@@ -64,4 +69,20 @@ def with_jittered_copies(samples: Sequence[Sample], copies: int, seed: int = 0) 
         for s in samples:
             rng = random.Random(f"{seed}:{s.task}:{s.id}:{k}")
             out.append(dataclasses.replace(s, id=f"{s.id}~aug{k}", images=[jitter_look(b, rng) for b in s.images]))
+    return out
+
+
+def with_swapped_images(samples: Sequence[Sample], donors: Sequence[Sample], copies: int, seed: int = 0) -> list[Sample]:
+    """``copies`` copies of each of ``samples`` whose images are those of a seeded choice among ``donors`` of
+    *another* task (ids suffixed ``~swap<k>``); question and answers stay. Empty when no donor has another task."""
+    if copies < 0:
+        raise ValueError(f"copies must be >= 0, got {copies}")
+    out: list[Sample] = []
+    for k in range(1, copies + 1):
+        for s in samples:
+            others = [d for d in donors if d.task != s.task]
+            if not others:
+                continue
+            d = others[random.Random(f"{seed}:{s.task}:{s.id}:swap{k}").randrange(len(others))]
+            out.append(dataclasses.replace(s, id=f"{s.id}~swap{k}", images=list(d.images)))
     return out

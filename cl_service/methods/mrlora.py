@@ -51,7 +51,7 @@ class MRLoRA:
         cfg = ctx.cfg.router
         pool = seen_pool(ctx)
         parts = tuple(DataPart(task=t, limit=cfg.samples_per_task, seed=ctx.cfg.seed + 7, router_expert=t,
-                               augment=cfg.augment) for t in ctx.seen)
+                               augment=cfg.augment, swap_images=cfg.swap_images) for t in ctx.seen)
         init = str(router_dir(ctx, ctx.stage - 1)) if cfg.mode == "continue" and ctx.stage > 1 else None
         jobs.append(TrainJob(name=f"router/stage-{ctx.stage}", kind="router", task="*",
                              out_dir=str(router_dir(ctx, ctx.stage)), base_path=ctx.extra["base_path"],

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cl_service._cfgload import to_dict
-from cl_service.data.augment import with_jittered_copies
+from cl_service.data.augment import with_jittered_copies, with_swapped_images
 from cl_service.data.schema import Sample
 from cl_service.data.shards import ShardDataset
 from cl_service.routers.prompt import Pool, router_sample
@@ -31,6 +31,7 @@ class DataPart:
     seed: int = 0
     router_expert: str | None = None  # wrap as router items whose target is this expert's letter
     augment: int = 0  # add this many look-jittered copies of each chosen sample (cl_service.data.augment)
+    swap_images: int = 0  # and this many copies with another part's task's image (the question keeps its task)
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,9 @@ class TrainJob:
         if not d["moe_experts"]:  # fields added later hash only when set: older results keep their keys
             d.pop("moe_experts")
         for part in d["parts"]:
-            if not part["augment"]:
-                part.pop("augment")
+            for k in ("augment", "swap_images"):
+                if not part[k]:
+                    part.pop(k)
         return d
 
     def key(self) -> str:
@@ -112,13 +114,19 @@ def choose(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
 
 def load_parts(job: TrainJob) -> list[Sample]:
     ds = ShardDataset(job.dataset)
-    out: list[Sample] = []
+    chosen_parts: list[list[Sample]] = []
     for part in job.parts:
         chosen = choose(ds.samples(part.task, part.split), part.limit, part.seed)
         if not chosen:
             raise ValueError(f"job {job.name}: no {part.split} samples of task {part.task} in {job.dataset}")
         if part.augment:
             chosen = with_jittered_copies(chosen, part.augment, part.seed)
+        chosen_parts.append(chosen)
+    out: list[Sample] = []
+    for part, chosen in zip(job.parts, chosen_parts):
+        if part.swap_images:  # images of the job's other parts (other tasks)
+            donors = [s for c in chosen_parts for s in c]
+            chosen = chosen + with_swapped_images(chosen, donors, part.swap_images, part.seed)
         if part.router_expert is not None:
             if job.router_pool is None:
                 raise ValueError(f"job {job.name}: router parts need a router_pool")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cl_service.data.augment import with_jittered_copies
+from cl_service.data.augment import with_jittered_copies, with_swapped_images
 from cl_service.data.images import decode_image
 from cl_service.data.schema import Sample
 from cl_service.data.synth import BENCHMARKS
@@ -64,8 +64,8 @@ def test_router_job_parts_carry_their_jittered_copies(tmp_path, samples):
         w.add_all(samples)
     pool = Pool(tuple(tasks), tuple(tasks))
 
-    def job(augment):
-        parts = tuple(DataPart(t, limit=1, seed=3, router_expert=t, augment=augment) for t in tasks)
+    def job(augment, swap=0):
+        parts = tuple(DataPart(t, limit=1, seed=3, router_expert=t, augment=augment, swap_images=swap) for t in tasks)
         return TrainJob(name="router", kind="router", task="*", out_dir=str(tmp_path / "r"), base_path="/b",
                         dataset=str(tmp_path / "ds"), parts=parts, lora=LoraCfg(rank=2), train=TrainCfg(max_steps=1),
                         router_pool=pool)
@@ -75,3 +75,27 @@ def test_router_job_parts_carry_their_jittered_copies(tmp_path, samples):
     assert {s.answers[0] for s in aug} == set(pool.letters)  # copies keep their router target letter
     assert sum(s.id.endswith("~aug2") for s in aug) == len(tasks)
     assert aug == load_parts(job(2))  # deterministic: the same job trains on the same images
+
+    # swapped copies: another task's image under this task's question and router letter
+    swapped = load_parts(job(0, swap=1))
+    assert len(swapped) == 2 * len(tasks)
+    own_image = {s.id: s.images for s in plain}
+    for s in swapped:
+        if "~swap1" in s.id:
+            original = s.id.removesuffix("~swap1")
+            assert s.images != own_image[original]
+            assert s.question == next(p for p in plain if p.id == original).question
+    assert job(0).key() != job(0, swap=1).key() and job(0).key() == job(0, swap=0).key()
+
+
+def test_swapped_copies_take_an_image_of_another_task(samples):
+    out = with_swapped_images(samples, samples, 2, seed=5)
+    assert len(out) == 2 * len(samples)
+    by_image = {s.images[0]: s.task for s in samples}
+    for s in out:
+        assert "~swap" in s.id and by_image[s.images[0]] != s.task
+    assert out == with_swapped_images(samples, samples, 2, seed=5)  # deterministic
+    one_task = [s for s in samples if s.task == samples[0].task]
+    assert with_swapped_images(one_task, one_task, 1) == []  # no donor of another task: no copies
+    with pytest.raises(ValueError, match="copies"):
+        with_swapped_images(samples, samples, -1)

@@ -23,6 +23,7 @@ def test_a_job_that_does_not_use_moelora_keeps_the_key_it_had_before_the_field_e
     del d["moe_experts"]  # what key() hashed before moelora was added
     for part in d["parts"]:
         del part["augment"]  # ... and before router data could be augmented
+        del part["swap_images"]  # ... or carry swapped images
     d.pop("out_dir")
     d.pop("name")
     d["dataset"], d["init_adapter"] = "fp", None
