@@ -77,12 +77,11 @@ def with_swapped_images(samples: Sequence[Sample], donors: Sequence[Sample], cop
     *another* task (ids suffixed ``~swap<k>``); question and answers stay. Empty when no donor has another task."""
     if copies < 0:
         raise ValueError(f"copies must be >= 0, got {copies}")
+    others = {t: [d for d in donors if d.task != t] for t in {s.task for s in samples}}
     out: list[Sample] = []
     for k in range(1, copies + 1):
         for s in samples:
-            others = [d for d in donors if d.task != s.task]
-            if not others:
-                continue
-            d = others[random.Random(f"{seed}:{s.task}:{s.id}:swap{k}").randrange(len(others))]
-            out.append(dataclasses.replace(s, id=f"{s.id}~swap{k}", images=list(d.images)))
+            if others[s.task]:
+                d = others[s.task][random.Random(f"{seed}:{s.task}:{s.id}:swap{k}").randrange(len(others[s.task]))]
+                out.append(dataclasses.replace(s, id=f"{s.id}~swap{k}", images=list(d.images)))
     return out
