@@ -98,9 +98,10 @@ def pretrain_samples(n: int, seed: int = 0) -> list[Sample]:
 
 def corpus_fingerprint(per_split: int = 4, seed: int = 0) -> str:
     """A short digest of what a from-scratch base is built from, beyond its recipe: the first ``per_split``
-    samples of every built-in benchmark's splits (images, questions, answers; the generic corpus among
-    them) and an MLLM-router prompt. Code that changes the pre-training corpus or the tokenizer's text
-    changes it, so a base built by other code is not taken for this one."""
+    samples of the pre-training corpus (images and text), the text of the first ``per_split`` samples of
+    every other built-in benchmark's splits (the tokenizer learns from it) and an MLLM-router prompt. Code
+    that changes what the base learns from changes it, so a base built by other code is not taken for this
+    one; a change to another benchmark's images alone does not."""
     from cl_service.data.tasks import PAPER_TASKS
     from cl_service.routers.prompt import Pool, router_prompt
 
@@ -110,8 +111,9 @@ def corpus_fingerprint(per_split: int = 4, seed: int = 0) -> str:
         for split in ("train", "test"):
             for s in benchmarks.get(name).generate(split, per_split, seed):
                 h.update("\0".join([s.id, s.question, *s.answers]).encode())
-                for img in s.images:
-                    h.update(img)
+                if name == GENERIC:
+                    for img in s.images:
+                        h.update(img)
     pool = Pool(tuple(PAPER_TASKS), tuple(t.description for t in PAPER_TASKS.values()))
     h.update(prompt_text(router_prompt(pool, "?")).encode() + target_text("A").encode())
     return h.hexdigest()[:16]
