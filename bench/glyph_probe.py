@@ -4,6 +4,7 @@ all weights, the glyph in a fixed cell or anywhere. Separates "the features do n
 linear probe on the frozen CLIP states reads it perfectly) from "training does not reach it".
 
     python -m bench.glyph_probe --runs fixed:lora:200:2e-3 random:full:1000:5e-4
+    python -m bench.glyph_probe --runs random:lora:300:2e-3:8:2 offgrid:lora:300:2e-3:8:2   # 8 letters, 2x2 patches
     python -m bench.glyph_probe --features     # linear probes on the frozen features, no training
 
 ``--features`` reads the glyph's own token: a linear probe (and nearest class mean) on every CLIP hidden
@@ -39,20 +40,29 @@ ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CELL = 8  # the tiny profile's patch side
 
 
-def draw_glyph_cell(img: np.ndarray, ch: str, col: int, row: int, colour: tuple[int, int, int]) -> None:
-    """One 5x7 glyph at the same place inside grid cell (``col``, ``row``): exactly one patch."""
-    x, y = col * CELL + (CELL - GLYPH_W) // 2, row * CELL + (CELL - GLYPH_H) // 2
-    img[y : y + GLYPH_H, x : x + GLYPH_W][GLYPHS[ch]] = np.asarray(colour, dtype=np.uint8)
+def draw_glyph_cell(img: np.ndarray, ch: str, col: int, row: int, colour: tuple[int, int, int], scale: int = 1) -> None:
+    """One 5x7 glyph, each font pixel ``scale``x``scale``, at the same place inside grid cell (``col``, ``row``)
+    of side ``scale * 8``: exactly one patch at scale 1, 2x2 patches at scale 2."""
+    cell, mask = CELL * scale, np.kron(GLYPHS[ch], np.ones((scale, scale), dtype=bool))
+    x, y = col * cell + (cell - mask.shape[1]) // 2, row * cell + (cell - mask.shape[0]) // 2
+    img[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = np.asarray(colour, dtype=np.uint8)
 
 
-def glyph_items(n: int, fixed: bool, split: str, seed: int, letters: str = ALPHABET) -> list[Sample]:
+def glyph_items(n: int, fixed: bool, split: str, seed: int, letters: str = ALPHABET, scale: int = 1,
+                offgrid: bool = False) -> list[Sample]:
     rng = np.random.default_rng(seed)
     out = []
+    cells = 8 // scale
     for i in range(n):
         img = canvas(64, 64, jitter((240, 235, 220), rng, 15))
-        col, row = (3, 3) if fixed else (int(rng.integers(8)), int(rng.integers(8)))
+        col, row = (cells // 2 - 1, cells // 2 - 1) if fixed else (int(rng.integers(cells)), int(rng.integers(cells)))
         ch = letters[int(rng.integers(len(letters)))]
-        draw_glyph_cell(img, ch, col, row, jitter((30, 30, 60), rng, 25))
+        if offgrid:  # anywhere, to the pixel: not aligned with the patches
+            mask = np.kron(GLYPHS[ch], np.ones((scale, scale), dtype=bool))
+            x, y = int(rng.integers(0, 64 - mask.shape[1])), int(rng.integers(0, 64 - mask.shape[0]))
+            img[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = np.asarray(jitter((30, 30, 60), rng, 25), np.uint8)
+        else:
+            draw_glyph_cell(img, ch, col, row, jitter((30, 30, 60), rng, 25), scale)
         out.append(Sample("Glyph", split, f"{split}-{i}", [encode_png(img)], "What letter is shown?", [ch], "exact"))
     return out
 
@@ -99,7 +109,8 @@ def features(base: MLLM, device: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", nargs="+", default=["fixed:lora:200:2e-3"], help="fixed|random:lora|full:steps:lr")
+    ap.add_argument("--runs", nargs="+", default=["fixed:lora:200:2e-3"],
+                    help="fixed|random|offgrid:lora|full:steps:lr[:letters[:scale]] (letters: the first N of A-Z, default 26)")
     ap.add_argument("--features", action="store_true", help="only the linear probes on the frozen features")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(REPO / "bench/results/gpu/glyph_probe.jsonl"))
@@ -114,9 +125,11 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         return
     for run in a.runs:
-        where, how, steps, lr = run.split(":")
-        train = glyph_items(4000, where == "fixed", "train", 0)
-        test = glyph_items(300, where == "fixed", "test", 1)
+        where, how, steps, lr, *more = run.split(":")
+        letters = ALPHABET[: int(more[0])] if more else ALPHABET
+        scale = int(more[1]) if len(more) > 1 else 1
+        train = glyph_items(4000, where == "fixed", "train", 0, letters, scale, where == "offgrid")
+        test = glyph_items(300, where == "fixed", "test", 1, letters, scale, where == "offgrid")
         m = MLLM(copy.deepcopy(base.model), base.tokenizer, base.cfg)
         if how == "full":
             params = list(m.model.parameters())
