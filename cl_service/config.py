@@ -72,9 +72,9 @@ class RouterCfg:
     swap_images: int = 0
     """MLLM router only: copies of each router training sample carrying an image of another seen task, with
     its own question and target (:func:`cl_service.data.augment.with_swapped_images`). For streams whose
-    questions name their task, so the router keys on the question where the test look shifts. Off in
-    ``acl_mini.yaml``: there two tasks both ask "How many ..." and, continued 120 steps per stage, the router
-    sent every VP item to OCR."""
+    questions name their task, so the router keys on the question where the test look shifts. On in
+    ``acl_mini.yaml`` with 240 router steps per stage; with 120 the router could not tell two tasks that both
+    ask "How many ..." apart and sent every VP item to OCR."""
 
 
 @dataclass(frozen=True)
