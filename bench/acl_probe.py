@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import append_row  # noqa: E402
 from cl_service.data.synth import BENCHMARKS  # noqa: E402
 from cl_service.eval.scorers import SCORERS  # noqa: E402
 from cl_service.models.config import PROFILES  # noqa: E402
@@ -64,9 +64,7 @@ def main() -> None:
     row = {"task": a.task, "init": a.init, "patch": a.patch if a.init == "random" else PROFILES.get("tiny").patch_size,
            "steps": a.steps, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale, "train_s": round(time.time() - t0),
            "loss_last": [round(x, 3) for x in st.losses[-5:]], "train_acc": acc(train[:100]), "test_acc": acc(test)}
-    print(json.dumps(row), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(a.out, row)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import score_by_type  # noqa: E402
+from bench.common import append_row, score_by_type  # noqa: E402
 from cl_service.adapters.lora import LoraCfg, attach_lora  # noqa: E402
 from cl_service.data.synth import BENCHMARKS  # noqa: E402
 from cl_service.models.config import PROFILES  # noqa: E402
@@ -42,7 +41,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(REPO / "bench/results/gpu/base_probe.jsonl"))
     a = ap.parse_args()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     generic_test = list(_benchmarks().get(GENERIC).generate("test", 600, 7))
     data = {}
     for bench in a.streams:
@@ -62,9 +60,7 @@ def main() -> None:
         head = {"recipe": recipe, "steps": steps, "vision_lr_scale": vls, "samples": samples,
                 "device": a.device, "build_s": round(time.time() - t0), "final_loss": round(summary["final_loss"], 3)}
         row = {**head, "task": "generic", "by_type": score_by_type(base, generic_test, 12, 128)[1]}
-        print(json.dumps(row), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(a.out, row)
         for (bench, t), (train, test) in data.items():
             m = MLLM(copy.deepcopy(base.model), base.tokenizer, base.cfg)  # a fresh copy of the frozen base
             zs, _ = score_by_type(m, test, 12, 128)
@@ -75,9 +71,7 @@ def main() -> None:
             row = {**head, "benchmark": bench, "task": t, "steps_expert": st.step, "zero_shot": zs,
                    "expert_train": score_by_type(m, train[:100], 12, 128)[0], "expert_test": test_acc,
                    "test_by_type": test_by_type}
-            print(json.dumps(row), flush=True)
-            with open(a.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(a.out, row)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,15 @@ def write_json(path: str | Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str))
 
 
+def append_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Print one result row and append it to the JSON-lines file ``path`` (a probe's results, as measured)."""
+    print(json.dumps(row), flush=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 class Timer:
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda

@@ -16,7 +16,6 @@ CPU, 2 threads, batch 16 (the run's global batch): ~0.4 s per step. Results are 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import score_by_type  # noqa: E402
+from bench.common import append_row, score_by_type  # noqa: E402
 from cl_service.adapters.lora import LoraCfg, attach_lora  # noqa: E402
 from cl_service.data.synth import BENCHMARKS  # noqa: E402
 from cl_service.models.mllm import load_mllm  # noqa: E402
@@ -71,9 +70,7 @@ def main() -> None:
            "steps": st.step, "lr": a.lr, "autocast": a.autocast, "batch": a.batch, "seed": a.seed, "device": a.device, "rank": a.rank, "train_s": train_s,
            "loss_last": [round(x, 3) for x in st.losses[-5:]], "zero_shot_test": zs_test,
            "train_acc": tr, "test_acc": te, "train_by_type": tr_by, "test_by_type": te_by}
-    print(json.dumps(row), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(a.out, row)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import score_by_type  # noqa: E402
+from bench.common import append_row, score_by_type  # noqa: E402
 from cl_service.adapters.lora import LoraCfg, attach_lora  # noqa: E402
 from cl_service.data.schema import Sample  # noqa: E402
-from cl_service.data.synth.render import GLYPH_H, GLYPH_W, GLYPHS, canvas, encode_png, jitter  # noqa: E402
+from cl_service.data.synth.render import GLYPHS, canvas, encode_png, jitter  # noqa: E402
 from cl_service.models.mllm import MLLM, load_mllm  # noqa: E402
 from cl_service.models.store import ensure_base  # noqa: E402
 from cl_service.train.loop import Batches, TrainCfg, train_steps  # noqa: E402
@@ -40,29 +39,36 @@ ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CELL = 8  # the tiny profile's patch side
 
 
-def draw_glyph_cell(img: np.ndarray, ch: str, col: int, row: int, colour: tuple[int, int, int], scale: int = 1) -> None:
-    """One 5x7 glyph, each font pixel ``scale``x``scale``, at the same place inside grid cell (``col``, ``row``)
-    of side ``scale * 8``: exactly one patch at scale 1, 2x2 patches at scale 2."""
-    cell, mask = CELL * scale, np.kron(GLYPHS[ch], np.ones((scale, scale), dtype=bool))
-    x, y = col * cell + (cell - mask.shape[1]) // 2, row * cell + (cell - mask.shape[0]) // 2
+FIXED = 3  # the grid cell (column and row) of the fixed-place glyph at scale 1
+
+
+def stamp(img: np.ndarray, ch: str, x: int, y: int, colour: tuple[int, int, int], scale: int = 1) -> tuple[int, int]:
+    """One 5x7 glyph, each font pixel ``scale``x``scale``, with its top-left corner at (``x``, ``y``); returns its
+    (width, height)."""
+    mask = np.kron(GLYPHS[ch], np.ones((scale, scale), dtype=bool))
     img[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = np.asarray(colour, dtype=np.uint8)
+    return mask.shape[1], mask.shape[0]
 
 
 def glyph_items(n: int, fixed: bool, split: str, seed: int, letters: str = ALPHABET, scale: int = 1,
                 offgrid: bool = False) -> list[Sample]:
+    """``n`` one-glyph items. On the grid (default), a glyph sits at the same place inside a cell of
+    ``scale * 8`` px: exactly one patch at scale 1, 2x2 patches at scale 2; ``fixed`` keeps it in one cell.
+    ``offgrid`` puts it anywhere, to the pixel, not aligned with the patches."""
     rng = np.random.default_rng(seed)
     out = []
-    cells = 8 // scale
+    cell = CELL * scale
+    cells = 64 // cell
+    w, h = 5 * scale, 7 * scale
     for i in range(n):
         img = canvas(64, 64, jitter((240, 235, 220), rng, 15))
-        col, row = (cells // 2 - 1, cells // 2 - 1) if fixed else (int(rng.integers(cells)), int(rng.integers(cells)))
+        col, row = (FIXED // scale, FIXED // scale) if fixed else (int(rng.integers(cells)), int(rng.integers(cells)))
         ch = letters[int(rng.integers(len(letters)))]
-        if offgrid:  # anywhere, to the pixel: not aligned with the patches
-            mask = np.kron(GLYPHS[ch], np.ones((scale, scale), dtype=bool))
-            x, y = int(rng.integers(0, 64 - mask.shape[1])), int(rng.integers(0, 64 - mask.shape[0]))
-            img[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = np.asarray(jitter((30, 30, 60), rng, 25), np.uint8)
+        if offgrid:
+            x, y = int(rng.integers(0, 64 - w)), int(rng.integers(0, 64 - h))
         else:
-            draw_glyph_cell(img, ch, col, row, jitter((30, 30, 60), rng, 25), scale)
+            x, y = col * cell + (cell - w) // 2, row * cell + (cell - h) // 2
+        stamp(img, ch, x, y, jitter((30, 30, 60), rng, 25), scale)
         out.append(Sample("Glyph", split, f"{split}-{i}", [encode_png(img)], "What letter is shown?", [ch], "exact"))
     return out
 
@@ -71,7 +77,7 @@ def features(base: MLLM, device: str) -> dict:
     """Linear-probe accuracy of the glyph's letter from its own token, per CLIP layer (train 1500 / test 500,
     fixed cell), and how much of the token varies with the letter before and after the projector."""
     train, test = glyph_items(1500, True, "train", 0), glyph_items(500, True, "test", 1)
-    cell = 3 * 8 + 3  # the fixed cell's patch index
+    cell = FIXED * 8 + FIXED  # the fixed cell's patch index
 
     def states(items: list[Sample]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -119,10 +125,7 @@ def main() -> None:
     base = load_mllm(ensure_base("tiny", log=lambda s: None), device=a.device)
     if a.features:
         row = features(base, a.device)
-        print(json.dumps(row), flush=True)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(a.out, row)
         return
     for run in a.runs:
         where, how, steps, lr, *more = run.split(":")
@@ -143,10 +146,7 @@ def main() -> None:
         row = {"run": run, "device": a.device, "train_s": round(time.time() - t0),
                "loss_last": [round(x, 3) for x in st.losses[-5:]],
                "train_acc": score_by_type(m, train[:300], 12, 128)[0], "test_acc": score_by_type(m, test, 12, 128)[0]}
-        print(json.dumps(row), flush=True)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(a.out, row)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.common import append_row  # noqa: E402
 from cl_service.config import load_run_cfg  # noqa: E402
 from cl_service.data.shards import ShardDataset  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
@@ -74,9 +74,7 @@ def main() -> None:
     row = {"data": ds.manifest.get("benchmark"), "augment": a.augment, "swap": a.swap, "samples": a.samples, "steps": a.steps,
            "batch_size": a.batch_size, "train_s": round(train_s), "loss_last": [round(x, 3) for x in state.losses[-5:]],
            **routed}
-    print(json.dumps(row), flush=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(a.out, row)
 
 
 if __name__ == "__main__":

@@ -44,13 +44,18 @@ def _recipe(model_cfg: ModelCfg, cfg: PretrainCfg, seed: int) -> dict:
             "corpus": corpus_fingerprint(seed=seed)}
 
 
+def _differs(meta: dict, recipe: dict) -> list[str]:
+    """The recipe keys whose value ``base.json`` (``meta``) records otherwise (compared as JSON)."""
+    return [k for k in recipe if meta.get(k) != json.loads(json.dumps(recipe[k]))]
+
+
 def _stale_because(path: Path, recipe: dict) -> str | None:
     """Why the base at ``path`` is not the one ``recipe`` builds (None when there is no readable base.json)."""
     try:
         m = json.loads((path / BASE_META).read_text())
     except (OSError, ValueError):
         return None
-    keys = [k for k in recipe if m.get(k) != json.loads(json.dumps(recipe[k]))]
+    keys = _differs(m, recipe)
     if keys == ["corpus"]:
         return (f"built {m.get('built', '?')} from another corpus (fingerprint {m.get('corpus') or 'not recorded'}, "
                 f"now {recipe['corpus']}): the data or tokenizer code changed")
@@ -69,7 +74,7 @@ def is_valid_base(path: str | Path, recipe: dict | None = None) -> bool:
         m = json.loads(meta.read_text())
     except ValueError:
         return False
-    return {k: m.get(k) for k in recipe} == json.loads(json.dumps(recipe))
+    return not _differs(m, recipe)
 
 
 @contextlib.contextmanager

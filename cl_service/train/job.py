@@ -122,10 +122,10 @@ def load_parts(job: TrainJob) -> list[Sample]:
         if part.augment:
             chosen = with_jittered_copies(chosen, part.augment, part.seed)
         chosen_parts.append(chosen)
+    donors = [s for c in chosen_parts for s in c]  # swapped images come from the job's other parts (tasks)
     out: list[Sample] = []
     for part, chosen in zip(job.parts, chosen_parts):
-        if part.swap_images:  # images of the job's other parts (other tasks)
-            donors = [s for c in chosen_parts for s in c]
+        if part.swap_images:
             chosen = chosen + with_swapped_images(chosen, donors, part.swap_images, part.seed)
         if part.router_expert is not None:
             if job.router_pool is None:
