@@ -313,6 +313,20 @@ class Engine:
 
         return np.stack(self._memoised(("question_features",), samples, compute))
 
+    @property
+    def text_dim(self) -> int:
+        """Width of the question half of :meth:`routing_features` (the decoder's hidden size)."""
+        return self.mllm.hidden_size
+
+    def routing_features(self, samples: Sequence[Sample]) -> np.ndarray:
+        """Base-model routing features ``[B, H_text + H_vision]``: the question alone, next to the images
+        (the nearest-neighbour router's input; :meth:`MLLM.routing_features`)."""
+        def compute(todo: list[Sample]) -> list[np.ndarray]:
+            with self.mllm.adapters_disabled():
+                return list(self.mllm.routing_features(todo, self.batch_size).numpy())
+
+        return np.stack(self._memoised(("routing_features",), samples, compute))
+
     def features(self, samples: Sequence[Sample], vision_states: torch.Tensor | None = None) -> np.ndarray:
         """Pooled base-model features ``[B, H]`` (the prototype router's input); ``vision_states`` as in
         :meth:`answer_mixed`."""

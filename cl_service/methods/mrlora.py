@@ -1,4 +1,5 @@
-"""``mrlora`` (MLLM router) and ``mrlora_proto`` (training-free prototype router).
+"""``mrlora`` (MLLM router) and the same experts behind training-free feature routers: ``mrlora_proto``
+(prototype: nearest class mean), ``mrlora_ridge`` (closed-form ridge), ``mrlora_knn`` (nearest neighbour).
 
 Parameter isolation: one expert LoRA per task, each trained from the frozen base (shared with
 ``oracle``). Inference is live two-stage: route every test item, then answer with base + the chosen
@@ -139,3 +140,11 @@ class MRLoRARidge(_FeatureRouted):
 
     name = "mrlora_ridge"
     router_kind = "ridge"
+
+
+@METHODS.register("mrlora_knn")
+class MRLoRANearest(_FeatureRouted):
+    """MR-LoRA's experts with the nearest-neighbour router over base question + image features."""
+
+    name = "mrlora_knn"
+    router_kind = "knn"

@@ -22,6 +22,7 @@ padding (training) and left padding (generation) give the same positions to the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -413,16 +414,48 @@ class MLLM:
                     position_ids=batch["position_ids"].to(self.device), use_cache=False).last_hidden_state
                 text = (mask.bool() & (ids != self.image_token_id) & (ids != self.bos_id)).unsqueeze(-1).to(h.dtype)
                 pooled = (h * text).sum(1) / text.sum(1).clamp(min=1)
-                per_image = vs.mean(1)  # [N_img, H_vision]
-                counts = torch.tensor([len(s.images) for s in chunk], device=per_image.device)
-                owner = torch.repeat_interleave(torch.arange(len(chunk), device=per_image.device), counts)
-                clip = torch.zeros(len(chunk), per_image.shape[-1], dtype=per_image.dtype, device=per_image.device)
-                clip.index_add_(0, owner, per_image)
-                clip = clip / counts.clamp(min=1).unsqueeze(-1).to(clip.dtype)
+                feats.append(torch.cat([pooled.float(), self._mean_clip(vs, chunk).float()], dim=-1).cpu())
+            return torch.cat(feats)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def routing_features(self, samples: Sequence[Sample], batch_size: int = 64) -> torch.Tensor:
+        """Routing features ``[B, H_text + H_vision]`` float32 on CPU: the question run through the decoder
+        *alone* (no image tokens), its last hidden state mean-pooled over the question's tokens, next to the
+        mean CLIP state of the sample's images. Unlike :meth:`question_features` the question's part does not
+        see the image, so a test split whose look shifts moves only the image part."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            feats = []
+            for i in range(0, len(samples), batch_size):
+                chunk = samples[i:i + batch_size]
+                batch = self.collate([dataclasses.replace(s, images=[]) for s in chunk], train=False, pixels=False)
+                ids = batch["input_ids"].to(self.device)
+                mask = batch["attention_mask"].to(self.device)
+                h = self.model.model.language_model(
+                    input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"].to(self.device),
+                    use_cache=False).last_hidden_state
+                text = (mask.bool() & (ids != self.bos_id)).unsqueeze(-1).to(h.dtype)
+                pooled = (h * text).sum(1) / text.sum(1).clamp(min=1)
+                pv = torch.cat([self.preprocess_images(s.images, s.id) for s in chunk])
+                clip = self._mean_clip(self.vision_states(pv), chunk)
                 feats.append(torch.cat([pooled.float(), clip.float()], dim=-1).cpu())
             return torch.cat(feats)
         finally:
             self.model.train(was_training)
+
+    @staticmethod
+    def _mean_clip(vs: torch.Tensor, chunk: Sequence[Sample]) -> torch.Tensor:
+        """``[B, H_vision]``: each sample's CLIP states ``vs`` (``[N_img, k, H]``, images in sample order)
+        averaged over its tokens and images."""
+        per_image = vs.mean(1)  # [N_img, H_vision]
+        counts = torch.tensor([len(s.images) for s in chunk], device=per_image.device)
+        owner = torch.repeat_interleave(torch.arange(len(chunk), device=per_image.device), counts)
+        clip = torch.zeros(len(chunk), per_image.shape[-1], dtype=per_image.dtype, device=per_image.device)
+        clip.index_add_(0, owner, per_image)
+        return clip / counts.clamp(min=1).unsqueeze(-1).to(clip.dtype)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

@@ -81,7 +81,7 @@ def _batcher(fn: Any, stage: StageCfg) -> Batcher:
 @serve.deployment(name="Router")
 class Router:
     """Stage one: choose an expert for each request. Kind ``mllm`` (base + the run's router LoRA, lettered
-    pool prompt), or ``prototype`` / ``ridge`` (the feature router the run saved under ``routers/<kind>/``)."""
+    pool prompt), or ``prototype`` / ``ridge`` / ``knn`` (the feature router the run saved under ``routers/<kind>/``)."""
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = from_dict(ServeCfg, cfg)

@@ -1,4 +1,4 @@
-"""Save and load the feature routers (prototype, ridge): ``router.safetensors`` + ``router.json``.
+"""Save and load the feature routers (prototype, ridge, knn): ``router.safetensors`` + ``router.json``.
 
 A run keeps one folder per (router kind, stage) under ``<out>/routers/<kind>/stage-<i>-<task>/`` so that
 serving and later analysis use exactly the router the evaluation used. Writes are atomic (the folder
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cl_service._atomic import replace_dir
-from cl_service.routers import prototype as _prototype, ridge as _ridge  # noqa: F401  (register the kinds)
+from cl_service.routers import nearest as _nearest, prototype as _prototype, ridge as _ridge  # noqa: F401  (register the kinds)
 from cl_service.routers.base import ROUTERS
 
 ROUTER_META = "router.json"

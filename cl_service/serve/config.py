@@ -59,8 +59,8 @@ class ServeCfg:
     or firewall the port on shared hosts."""
     http_port: int = 8000
     """Serve's HTTP proxy port (bound to 127.0.0.1; this app exposes nothing over HTTP)."""
-    router_kind: Literal["mllm", "prototype", "ridge"] = "mllm"
-    """``mllm``: the run's latest MLLM router (base + router LoRA); ``prototype`` / ``ridge``: the feature router
+    router_kind: Literal["mllm", "prototype", "ridge", "knn"] = "mllm"
+    """``mllm``: the run's latest MLLM router (base + router LoRA); ``prototype`` / ``ridge`` / ``knn``: the feature router
     the run saved under ``routers/<kind>/`` (a prototype router is fitted on the run's training data when the
     run saved none, with ``prototype_samples_per_task`` samples per task)."""
     prototype_samples_per_task: int | None = None

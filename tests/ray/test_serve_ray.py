@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.timeout(240)
 
 TOKEN = "test-secret-token"
-RUN_OVERRIDES = ["methods=[mrlora,mrlora_proto]", "expert.train.max_steps=2", "expert.train.batch_size=4",
+RUN_OVERRIDES = ["methods=[mrlora,mrlora_proto,mrlora_knn]", "expert.train.max_steps=2", "expert.train.batch_size=4",
                  "router.train.max_steps=2", "router.samples_per_task=4", "expert.lora.rank=4", "router.lora.rank=4",
                  "eval.max_new_tokens=3", "ray.num_workers=0"]
 
@@ -129,14 +129,15 @@ def test_live_answers_equal_offline_evaluation_and_batch(app):
     assert max(sizes) > 1  # requests of different clients shared a forward pass
 
 
-def test_prototype_router_kind_serves_the_runs_saved_router(app):
-    """A second app with ``router_kind=prototype``: routes equal the offline mrlora_proto evaluation's."""
+@pytest.mark.parametrize("kind, method", [("prototype", "mrlora_proto"), ("knn", "mrlora_knn")])
+def test_feature_router_kind_serves_the_runs_saved_router(app, kind, method):
+    """A second app with a feature ``router_kind``: routes equal the offline evaluation's of its method."""
     from ray import serve
 
     from cl_service.on_ray import serve as clserve
     from cl_service.serve.client import Client
 
-    cfg = clserve.override(app["cfg"], app_name="clsvc-proto", route_prefix="/clsvc-proto", router_kind="prototype")
+    cfg = clserve.override(app["cfg"], app_name=f"clsvc-{kind}", route_prefix=f"/clsvc-{kind}", router_kind=kind)
     serve.run_many([serve.RunTarget(target=clserve.build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     try:
@@ -145,8 +146,8 @@ def test_prototype_router_kind_serves_the_runs_saved_router(app):
         with Client(f"127.0.0.1:{app['port']}", application=cfg.app_name) as c:  # this app has no token
             for t, s in items:
                 r = c.predict(s.images, s.question, timeout=60)
-                ref = _offline(app["out"], "stage-1-Med", t, "mrlora_proto")[s.id]
-                assert (r.answer, r.expert, r.router.kind) == (ref["text"], ref["metadata"]["expert"], "prototype")
+                ref = _offline(app["out"], "stage-1-Med", t, method)[s.id]
+                assert (r.answer, r.expert, r.router.kind) == (ref["text"], ref["metadata"]["expert"], kind)
     finally:
         serve.delete(cfg.app_name)
 

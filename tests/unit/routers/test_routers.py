@@ -118,3 +118,66 @@ def test_question_features_of_the_real_model(tiny_base, dcl_shards):
     assert f.shape == (5, cfg.text_hidden + cfg.vision_hidden) and np.isfinite(f).all()
     eng.batch_size = 2
     np.testing.assert_allclose(f, eng.question_features(samples), atol=1e-4)
+
+
+class _TemplateFeatures:
+    """routing_features = [question half | image half] keyed by the sample's first two image bytes: byte 0
+    picks a question template, byte 1 an image look. A task may use several templates."""
+
+    text_dim = 4
+
+    def routing_features(self, samples):
+        out = np.zeros((len(samples), 8))
+        for i, s in enumerate(samples):
+            out[i, s.images[0][0]] = 1.0
+            out[i, 4 + s.images[0][1]] = 1.0
+        return out + 0.01
+
+
+def _tpl(task, template, look, n=3):
+    return [Sample(task, "train", f"{task}{template}{i}", [bytes([template, look])], "q", ["a"], "exact") for i in range(n)]
+
+
+def test_knn_router_routes_by_the_nearest_key_and_round_trips(tmp_path):
+    """OCR asks two question templates (0, 1), VP a third (2); every test item carries the other task's
+    look, and the question half still sends each to its task. Keys are unit length per half."""
+    from cl_service.routers.nearest import NearestRouter
+    from cl_service.routers.store import load_router, save_router
+
+    eng = _TemplateFeatures()
+    per_task = {"OCR": _tpl("OCR", 0, 0) + _tpl("OCR", 1, 0), "VP": _tpl("VP", 2, 1)}
+    r = NearestRouter.fit(eng, per_task)
+    test = _tpl("?", 0, 1, 1) + _tpl("?", 1, 1, 1) + _tpl("?", 2, 0, 1)  # each with the other task's look
+    assert [x.expert for x in r.route(test)] == ["OCR", "OCR", "VP"] and r.route([]) == []
+    assert r.keys.shape == (9, 8) and np.allclose(np.linalg.norm(r.keys[:, :4], axis=1), 1, atol=1e-5)
+    back = load_router(save_router(r, tmp_path / "knn"), eng)
+    assert back.kind == "knn" and back.experts == ("OCR", "VP")
+    np.testing.assert_array_equal(r.scores(test), back.scores(test))
+    with pytest.raises(ValueError, match="at least one sample"):
+        NearestRouter.fit(eng, {"OCR": [], "VP": _tpl("VP", 2, 1)})
+
+
+@pytest.mark.timeout(180)
+def test_routing_features_of_the_real_model_see_the_question_alone(tiny_base, dcl_shards):
+    """[B, H_text + H_vision], batch-invariant; the question half does not change with the image, the image
+    half is question_features' image half."""
+    import dataclasses
+
+    import torch
+
+    from cl_service.data.shards import ShardDataset
+    from cl_service.engine import Engine
+
+    torch.set_num_threads(1)
+    ds = ShardDataset(dcl_shards)
+    samples = ds.samples("RS", "train")[:3] + ds.samples("AD", "train")[:2]
+    eng = Engine(tiny_base)
+    f = eng.routing_features(samples)
+    d = eng.text_dim
+    assert f.shape == (5, d + eng.mllm.cfg.vision_hidden) and np.isfinite(f).all()
+    np.testing.assert_allclose(f[:, d:], eng.question_features(samples)[:, d:], atol=1e-5)
+    other = [dataclasses.replace(s, id=s.id + "-x", images=samples[-1].images) for s in samples]
+    np.testing.assert_allclose(eng.routing_features(other)[:, :d], f[:, :d], atol=1e-4)
+    eng.batch_size = 2
+    eng.memo = None
+    np.testing.assert_allclose(f, eng.routing_features(samples), atol=1e-4)
