@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 CONFIG=${CONFIG:-workloads/configs/dcl_mini.yaml}
 OUT=${OUT:-runs/dcl-mini}
-# The five methods plus mrlora_proto, so the report puts the MLLM and the prototype router side by side.
-METHODS=${METHODS:-mrlora,mrlora_proto,lora_ft,lora_ft_replay,oracle,zero_shot}
+# The five methods plus mrlora_proto and mrlora_knn, so the report puts the MLLM router and two
+# training-free ones (prototype: class means; knn: nearest neighbour) side by side.
+METHODS=${METHODS:-mrlora,mrlora_proto,mrlora_knn,lora_ft,lora_ft_replay,oracle,zero_shot}
 EXTRA=${EXTRA:-}   # extra key=value overrides of the run config
 # Ports: the Ray client server must sit outside the worker port range (10002-19999 by default).
 PORT=${RAY_PORT:-6381}
