@@ -394,54 +394,45 @@ class MLLM:
         finally:
             self.model.train(was_training)
 
-    @torch.no_grad()
     def question_features(self, samples: Sequence[Sample], batch_size: int = 64) -> torch.Tensor:
         """Routing features ``[B, H_text + H_vision]`` float32 on CPU: the decoder's last hidden state
         mean-pooled over the question's tokens (image tokens excluded), next to the mean CLIP state of the
         sample's images. Keeps the question's signal from being drowned by the image tokens."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            feats = []
-            for i in range(0, len(samples), batch_size):
-                chunk = samples[i:i + batch_size]
-                batch = self.collate(chunk, train=False)
-                ids = batch["input_ids"].to(self.device)
-                mask = batch["attention_mask"].to(self.device)
-                vs = self.vision_states(batch["pixel_values"])
-                h = self.model.model.language_model(
-                    inputs_embeds=self.embed(batch, vs), attention_mask=mask,
-                    position_ids=batch["position_ids"].to(self.device), use_cache=False).last_hidden_state
-                text = (mask.bool() & (ids != self.image_token_id) & (ids != self.bos_id)).unsqueeze(-1).to(h.dtype)
-                pooled = (h * text).sum(1) / text.sum(1).clamp(min=1)
-                feats.append(torch.cat([pooled.float(), self._mean_clip(vs, chunk).float()], dim=-1).cpu())
-            return torch.cat(feats)
-        finally:
-            self.model.train(was_training)
+        return self._question_and_images(samples, batch_size, alone=False)
 
-    @torch.no_grad()
     def routing_features(self, samples: Sequence[Sample], batch_size: int = 64) -> torch.Tensor:
         """Routing features ``[B, H_text + H_vision]`` float32 on CPU: the question run through the decoder
         *alone* (no image tokens), its last hidden state mean-pooled over the question's tokens, next to the
         mean CLIP state of the sample's images. Unlike :meth:`question_features` the question's part does not
         see the image, so a test split whose look shifts moves only the image part."""
+        return self._question_and_images(samples, batch_size, alone=True)
+
+    @torch.no_grad()
+    def _question_and_images(self, samples: Sequence[Sample], batch_size: int, alone: bool) -> torch.Tensor:
+        """The decoder state pooled over each question's tokens (the question after its image tokens, or
+        ``alone``) next to each sample's mean CLIP state: ``[B, H_text + H_vision]``."""
         was_training = self.model.training
         self.model.eval()
         try:
             feats = []
             for i in range(0, len(samples), batch_size):
                 chunk = samples[i:i + batch_size]
-                batch = self.collate([dataclasses.replace(s, images=[]) for s in chunk], train=False, pixels=False)
+                if alone:
+                    batch = self.collate([dataclasses.replace(s, images=[]) for s in chunk], train=False, pixels=False)
+                    vs = self.vision_states(torch.cat([self.preprocess_images(s.images, s.id) for s in chunk]))
+                    inputs = {"input_ids": batch["input_ids"].to(self.device)}
+                else:
+                    batch = self.collate(chunk, train=False)
+                    vs = self.vision_states(batch["pixel_values"])
+                    inputs = {"inputs_embeds": self.embed(batch, vs)}
                 ids = batch["input_ids"].to(self.device)
                 mask = batch["attention_mask"].to(self.device)
                 h = self.model.model.language_model(
-                    input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"].to(self.device),
+                    **inputs, attention_mask=mask, position_ids=batch["position_ids"].to(self.device),
                     use_cache=False).last_hidden_state
-                text = (mask.bool() & (ids != self.bos_id)).unsqueeze(-1).to(h.dtype)
+                text = (mask.bool() & (ids != self.image_token_id) & (ids != self.bos_id)).unsqueeze(-1).to(h.dtype)
                 pooled = (h * text).sum(1) / text.sum(1).clamp(min=1)
-                pv = torch.cat([self.preprocess_images(s.images, s.id) for s in chunk])
-                clip = self._mean_clip(self.vision_states(pv), chunk)
-                feats.append(torch.cat([pooled.float(), clip.float()], dim=-1).cpu())
+                feats.append(torch.cat([pooled.float(), self._mean_clip(vs, chunk).float()], dim=-1).cpu())
             return torch.cat(feats)
         finally:
             self.model.train(was_training)
