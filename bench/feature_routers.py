@@ -31,14 +31,13 @@ if str(REPO) not in sys.path:
 
 from bench.common import append_row  # noqa: E402
 from cl_service.config import load_run_cfg  # noqa: E402
-from cl_service.data.augment import with_jittered_copies  # noqa: E402
 from cl_service.data.shards import ShardDataset  # noqa: E402
 from cl_service.engine import Engine  # noqa: E402
 from cl_service.models.store import ensure_base  # noqa: E402
 from cl_service.routers.nearest import NearestRouter  # noqa: E402
 from cl_service.routers.prototype import PrototypeRouter  # noqa: E402
 from cl_service.routers.ridge import RidgeRouter  # noqa: E402
-from cl_service.train.job import choose  # noqa: E402
+from cl_service.train.job import choose, choose_with_copies  # noqa: E402
 
 
 class _RoutingMeans:
@@ -61,9 +60,7 @@ def main() -> None:
     cfg = load_run_cfg(a.config)
     ds = ShardDataset(Path(a.run) / "data")
     rc, seed = cfg.router, cfg.seed + 7
-    fit = {t: choose(ds.samples(t, "train"), rc.samples_per_task, seed) for t in ds.tasks}
-    if rc.augment:
-        fit = {t: with_jittered_copies(s, rc.augment, seed) for t, s in fit.items()}
+    fit = {t: choose_with_copies(ds, t, "train", rc.samples_per_task, seed, rc.augment) for t in ds.tasks}
     test = {t: choose(ds.samples(t, "test"), cfg.data.test_limit, cfg.seed) for t in ds.tasks}
     engine = Engine(str(ensure_base(cfg.base.profile)), cfg)
     engine.enable_memo()

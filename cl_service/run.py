@@ -20,7 +20,6 @@ from cl_service._cfgload import to_dict
 from cl_service._table import format_table
 from cl_service.adapters.registry import ADAPTER_META, is_complete
 from cl_service.config import RunCfg
-from cl_service.data.augment import with_jittered_copies
 from cl_service.data.shards import ShardDataset, ShardWriter, atomic_write_text
 from cl_service.eval.metrics import compute_cl_metrics
 from cl_service.eval.predictions import prediction_record, write_predictions
@@ -28,7 +27,7 @@ from cl_service.eval.report import write_metrics, write_report
 from cl_service.eval.scorers import SCORERS
 from cl_service.methods import METHODS
 from cl_service.methods.base import StageContext
-from cl_service.train.job import TrainJob, choose
+from cl_service.train.job import TrainJob, choose, choose_with_copies
 
 Log = Callable[[str], None]
 
@@ -164,8 +163,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
         computed once per run (every feature router of every stage asks for the same ones)."""
         key = (task, limit, seed, augment)
         if key not in train_cache:
-            train_cache[key] = (with_jittered_copies(train_samples(task, limit, seed), augment, seed) if augment
-                                else choose(ds.samples(task, "train"), limit, seed))
+            train_cache[key] = choose_with_copies(ds, task, "train", limit, seed, augment)
         return train_cache[key]
 
     methods = {name: METHODS.get(name)() for name in cfg.methods}

@@ -134,12 +134,13 @@ class Router:
             else:
                 from cl_service.data.shards import ShardDataset
                 from cl_service.routers.prototype import PrototypeRouter
-                from cl_service.train.job import choose
+                from cl_service.train.job import choose_with_copies
 
                 ds = ShardDataset(self.run.resolved["dataset"])
                 n = self.cfg.prototype_samples_per_task or int(self.run.run_setting("router", "samples_per_task", 20))
                 seed = int(self.run.resolved.get("seed", 0)) + 7  # the seed the feature-routed methods use
-                per_task = {t: choose(ds.samples(t, "train"), n, seed) for t in experts}
+                augment = int(self.run.run_setting("router", "augment", 0))
+                per_task = {t: choose_with_copies(ds, t, "train", n, seed, augment) for t in experts}
                 self._prototypes[key] = PrototypeRouter.fit(self.engine, per_task)
         return self._prototypes[key]
 

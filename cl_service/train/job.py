@@ -112,15 +112,22 @@ def choose(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
     return [samples[i] for i in sorted(idx[:limit])]
 
 
+def choose_with_copies(ds: ShardDataset, task: str, split: str, limit: int | None, seed: int,
+                       augment: int = 0) -> list[Sample]:
+    """A seeded choice of ``limit`` samples of a task's split, followed by ``augment`` look-jittered copies of
+    each (:func:`cl_service.data.augment.with_jittered_copies`): what a job part trains on and what the feature
+    routers fit on."""
+    chosen = choose(ds.samples(task, split), limit, seed)
+    return with_jittered_copies(chosen, augment, seed) if augment else chosen
+
+
 def load_parts(job: TrainJob) -> list[Sample]:
     ds = ShardDataset(job.dataset)
     chosen_parts: list[list[Sample]] = []
     for part in job.parts:
-        chosen = choose(ds.samples(part.task, part.split), part.limit, part.seed)
+        chosen = choose_with_copies(ds, part.task, part.split, part.limit, part.seed, part.augment)
         if not chosen:
             raise ValueError(f"job {job.name}: no {part.split} samples of task {part.task} in {job.dataset}")
-        if part.augment:
-            chosen = with_jittered_copies(chosen, part.augment, part.seed)
         chosen_parts.append(chosen)
     donors = [s for c in chosen_parts for s in c]  # swapped images come from the job's other parts (tasks)
     out: list[Sample] = []

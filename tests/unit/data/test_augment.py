@@ -75,6 +75,13 @@ def test_router_job_parts_carry_their_jittered_copies(tmp_path, samples):
     assert {s.answers[0] for s in aug} == set(pool.letters)  # copies keep their router target letter
     assert sum(s.id.endswith("~aug2") for s in aug) == len(tasks)
     assert aug == load_parts(job(2))  # deterministic: the same job trains on the same images
+    # the feature routers fit on the same samples as the MLLM router's job part (choose_with_copies)
+    from cl_service.data.shards import ShardDataset
+    from cl_service.train.job import choose_with_copies
+
+    fit = [s for t in tasks for s in choose_with_copies(ShardDataset(tmp_path / "ds"), t, "train", 1, 3, 2)]
+    assert sorted(s.id for s in fit) == sorted(s.id for s in aug)
+    assert {s.id: s.images for s in fit} == {s.id: s.images for s in aug}
 
     # swapped copies: another task's image under this task's question and router letter
     swapped = load_parts(job(0, swap=1))
