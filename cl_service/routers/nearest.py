@@ -24,6 +24,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
 
 
+def _embed(f: np.ndarray, text_mean: np.ndarray) -> np.ndarray:
+    """``[n, H_text + H_vision]`` routing features -> the compared vectors: the question half centred on
+    ``text_mean``, each half unit length."""
+    d = len(text_mean)
+    return np.hstack([_unit(f[:, :d] - text_mean), _unit(f[:, d:])]).astype(np.float32)
+
+
 @ROUTERS.register("knn")
 @dataclass
 class NearestRouter:
@@ -47,14 +54,12 @@ class NearestRouter:
             feats.append(f)
             labels.append(np.full(len(f), k, dtype=np.int64))
         X = np.concatenate(feats)
-        router = cls(tuple(per_task), X, np.concatenate(labels), X[:, :int(engine.text_dim)].mean(0), engine)
-        router.keys = router.embed(X)
-        return router
+        text_mean = X[:, :int(engine.text_dim)].mean(0)
+        return cls(tuple(per_task), _embed(X, text_mean), np.concatenate(labels), text_mean, engine)
 
     def embed(self, f: np.ndarray) -> np.ndarray:
-        """Raw routing features -> the compared vectors: each half unit length, the question half centred."""
-        d = len(self.text_mean)
-        return np.hstack([_unit(f[:, :d] - self.text_mean), _unit(f[:, d:])]).astype(np.float32)
+        """Raw routing features -> the compared vectors (see :func:`_embed`)."""
+        return _embed(f, self.text_mean)
 
     def scores(self, samples: list[Sample]) -> np.ndarray:
         """``[n, E]``: per expert, the similarity of its nearest key (in [-2, 2])."""
