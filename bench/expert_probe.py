@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
 
 from bench.common import append_row, score_by_type  # noqa: E402
 from cl_service.adapters.lora import LoraCfg, attach_lora  # noqa: E402
+from cl_service.data.augment import with_jittered_copies  # noqa: E402
 from cl_service.data.synth import BENCHMARKS  # noqa: E402
 from cl_service.models.mllm import load_mllm  # noqa: E402
 from cl_service.models.store import ensure_base  # noqa: E402
@@ -47,6 +48,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="LoRA init and data order (the data stay seed 0, as in the run)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda to probe many recipes quickly")
     ap.add_argument("--autocast", choices=("none", "bfloat16"), default="none", help="TrainCfg.autocast")
+    ap.add_argument("--vision", action="store_true", help="LoRA on the CLIP tower too (expert.lora.vision)")
+    ap.add_argument("--augment", type=int, default=0, help="look-jittered copies of each training item (expert.augment)")
+    ap.add_argument("--base", default="", help="a built base's folder, taken as is (default: the tiny base of the store, "
+                    "rebuilt if the code's corpus changed)")
     ap.add_argument("--tag", default="", help="free text recorded with the row (e.g. what the data change was)")
     ap.add_argument("--out", default=str(REPO / "bench/results/cpu/expert_probe.jsonl"))
     a = ap.parse_args()
@@ -54,22 +59,27 @@ def main() -> None:
     spec = BENCHMARKS.get(a.benchmark)
     train = [s for s in spec.generate("train", a.train, 0) if s.task == a.task]
     test = [s for s in spec.generate("test", a.test, 0) if s.task == a.task]
+    seen = train
+    iid = [s for s in spec.generate("train", a.test, 1) if s.task == a.task]  # the training look, unseen items
+    if a.augment:
+        train = with_jittered_copies(train, a.augment, 0)
     if not train:
         raise SystemExit(f"{a.benchmark} has no task {a.task!r}; tasks: {spec.task_names}")
-    m = load_mllm(ensure_base("tiny", log=lambda s: None), device=a.device)
+    m = load_mllm(Path(a.base) if a.base else ensure_base("tiny", log=lambda s: None), device=a.device)
 
     zs_test, _ = score_by_type(m, test)
-    params = attach_lora(m, LoraCfg(rank=a.rank, alpha=2 * a.rank), seed=a.seed)
+    params = attach_lora(m, LoraCfg(rank=a.rank, alpha=2 * a.rank, vision=a.vision), seed=a.seed)
     cfg = TrainCfg(lr=a.lr, epochs=a.epochs, batch_size=a.batch, seed=a.seed, autocast=a.autocast)
     t0 = time.time()
     st = train_steps(m, Batches(train, lambda b: m.collate(b, train=True), a.batch, seed=a.seed), params, cfg)
     train_s = round(time.time() - t0)
-    tr, tr_by = score_by_type(m, train[:100])
+    tr, tr_by = score_by_type(m, seen[:100])
     te, te_by = score_by_type(m, test)
-    row = {"benchmark": a.benchmark, "task": a.task, "tag": a.tag, "train": len(train), "epochs": a.epochs,
-           "steps": st.step, "lr": a.lr, "autocast": a.autocast, "batch": a.batch, "seed": a.seed, "device": a.device, "rank": a.rank, "train_s": train_s,
+    iid_acc, _ = score_by_type(m, iid)
+    row = {"benchmark": a.benchmark, "task": a.task, "tag": a.tag, "train": len(seen), "augment": a.augment, "epochs": a.epochs,
+           "steps": st.step, "lr": a.lr, "autocast": a.autocast, "batch": a.batch, "seed": a.seed, "device": a.device, "rank": a.rank, "vision": a.vision, "train_s": train_s,
            "loss_last": [round(x, 3) for x in st.losses[-5:]], "zero_shot_test": zs_test,
-           "train_acc": tr, "test_acc": te, "train_by_type": tr_by, "test_by_type": te_by}
+           "train_acc": tr, "iid_acc": iid_acc, "test_acc": te, "train_by_type": tr_by, "test_by_type": te_by}
     append_row(a.out, row)
 
 
