@@ -19,7 +19,7 @@ class DataCfg:
     """Where the task stream comes from."""
 
     benchmark: str = "dcl-mini"
-    """Built-in benchmark generated when ``path`` is not set (``dcl-mini`` | ``acl-mini``)."""
+    """Built-in benchmark generated when ``path`` is not set (``dcl-mini`` | ``acl-mini`` | ``acl-glyphs``)."""
     path: str | None = None
     """A shard dataset from ``clsvc data ingest``/``synth``; its stream order is used."""
     train_per_task: int = 300
@@ -67,14 +67,14 @@ class RouterCfg:
     augment: int = 0
     """Look-jittered copies of each router training sample (:mod:`cl_service.data.augment`), for the MLLM
     router and the feature routers alike: on a non-IID stream it keeps the router from keying on the
-    training look (acl-mini, shifted GUI test at the end of the stream: 16% routed right without, 96% with one
-    copy)."""
+    training look (acl-glyphs, then acl-mini, shifted GUI test at the end of the stream: 16% routed right
+    without, 96% with one copy)."""
     swap_images: int = 0
     """MLLM router only: copies of each router training sample carrying an image of another seen task, with
     its own question and target (:func:`cl_service.data.augment.with_swapped_images`). For streams whose
     questions name their task, so the router keys on the question where the test look shifts. On in
-    ``acl_mini.yaml`` with 240 router steps per stage; with 120 the router could not tell two tasks that both
-    ask "How many ..." apart and sent every VP item to OCR."""
+    ``acl_mini.yaml`` with 240 router steps per stage; with 120 (on acl-glyphs, then acl-mini) the router
+    could not tell two tasks that both ask "How many ..." apart and sent every VP item to OCR."""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Training-free nearest-neighbour router: every fit sample is a labelled key, and a request goes to the
 expert of its most similar key (cosine).
 
-Why neighbours and not class means (the ``prototype`` router): a task mixes question templates (acl-mini's
+Why neighbours and not class means (the ``prototype`` router): a task mixes question templates (acl-glyphs'
 OCR asks for the word, its first letter or its length), so its mean lies between them, and "How many
-letters are in the word?" lands nearer VP's "How many circles are there?" mean than OCR's own.
+letters are in the word?" lands nearer VP's "How many circles are there?" mean than OCR's own (measured on
+that stream when it was acl-mini).
 
 Features are :meth:`Engine.routing_features`: the question through the base decoder *alone* (centred on the
 fit data's mean, then unit length) next to the mean CLIP state of the images (unit length), so that the

@@ -19,6 +19,7 @@ from cl_service.data.tasks import task_info
 pytestmark = pytest.mark.timeout(120)
 
 BENCHES = ["dcl-mini", "acl-mini", "generic-captions"]
+ALL = [*BENCHES, "acl-glyphs"]  # acl-glyphs shares acl-mini's looks, so it stays out of the look tests
 N = 48  # samples per task: a multiple of 2, 3 and 4, so every question type gets the same share
 YES_NO = {"yes", "no"}
 DIGITS = {str(i) for i in range(10)}
@@ -29,7 +30,7 @@ LETTERS = set("ABCD")
 def samples() -> dict[tuple[str, str, int], list]:
     """(benchmark, split, seed) -> samples; generated once for the module."""
     out = {}
-    for b in BENCHES:
+    for b in ALL:
         for split, seed in [("train", 0), ("train", 1), ("test", 0)]:
             out[(b, split, seed)] = list(BENCHMARKS.get(b).generate(split, N, seed))
     return out
@@ -97,7 +98,7 @@ def test_font_covers_answer_alphabet_and_sizes_match() -> None:
 
 
 # ---------------------------------------------------------------- determinism and form
-@pytest.mark.parametrize("bench", BENCHES)
+@pytest.mark.parametrize("bench", ALL)
 def test_same_seed_same_bytes_other_seed_other_images(bench: str, samples: dict) -> None:
     spec = BENCHMARKS.get(bench)
     again = list(spec.generate("train", N, 0))
@@ -110,7 +111,7 @@ def test_same_seed_same_bytes_other_seed_other_images(bench: str, samples: dict)
     assert all(a.images != b.images for a, b in zip(first, samples[(bench, "test", 0)]))
 
 
-@pytest.mark.parametrize("bench", BENCHES)
+@pytest.mark.parametrize("bench", ALL)
 def test_samples_well_formed(bench: str, samples: dict) -> None:
     scorers = {t.name: t.scorer for t in BENCHMARKS.get(bench).tasks}
     for (b, split, _), ss in samples.items():
@@ -128,7 +129,7 @@ def test_samples_well_formed(bench: str, samples: dict) -> None:
 
 
 # ---------------------------------------------------------------- question types and answers
-@pytest.mark.parametrize("bench", BENCHES)
+@pytest.mark.parametrize("bench", ALL)
 def test_every_task_has_several_balanced_question_types(bench: str, samples: dict) -> None:
     for task, ss in _by_task(samples[(bench, "train", 0)]).items():
         types = collections.Counter(s.metadata["qtype"] for s in ss)
@@ -140,7 +141,7 @@ def test_every_task_has_several_balanced_question_types(bench: str, samples: dic
 
 def test_answers_are_not_predictable_from_the_question_text(samples: dict) -> None:
     """Where a question string recurs, its answers vary: the image carries the answer."""
-    for bench in BENCHES:
+    for bench in ALL:
         big = list(BENCHMARKS.get(bench).generate("train", 4 * N, 2))
         by_q: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
         for s in big:
@@ -181,16 +182,21 @@ def test_scorer_specific_fields(samples: dict) -> None:
             assert s.answer in LETTERS
     for s in dcl["Fin"]:  # the Fin scorer strips spaces and '.' from predictions only
         assert re.fullmatch(r"yes|no|[A-D]|\d", s.answer)
-    acl = _by_task(samples[("acl-mini", "train", 0)])
-    for s in acl["Math"]:
-        m = s.metadata
-        assert m["answer_type"] == "integer"
-        if m["question_type"] == "multi_choice":
-            assert len(set(m["choices"])) == 4 and s.answer in LETTERS
-        else:
-            assert m["question_type"] == "free_form" and s.answer in DIGITS and "choices" not in m
-    assert {s.metadata["type"] for s in acl["VP"]} == {"simple", "complex", "compare"}
-    assert all(s.answers == [s.answer, s.answer.lower()] for s in acl["OCR"] if s.metadata["answer_type"] == "word")
+    for bench, vp_types in [("acl-mini", {"simple", "complex", "compare", "size"}),
+                            ("acl-glyphs", {"simple", "complex", "compare"})]:
+        acl = _by_task(samples[(bench, "train", 0)])
+        for s in acl["Math"] + acl["GUI"]:  # the math and gui scorers read option letters against metadata choices
+            m = s.metadata
+            qtype = m.get("question_type") or ("multi_choice" if "choices" in m else "letter")
+            if qtype == "multi_choice":
+                assert len(set(m["choices"])) == len(m["choices"]) >= 2, s.question
+                assert s.answer in "ABCD"[: len(m["choices"])] and f"A. {m['choices'][0]}" in s.question
+            elif qtype == "free_form":
+                assert m["answer_type"] == "integer" and "choices" not in m and s.answer.isdigit()
+            else:  # acl-glyphs' GUI: "Answer with the letter." of a labelled button
+                assert s.task == "GUI" and s.answer in LETTERS
+        assert {s.metadata["type"] for s in acl["VP"]} == vp_types
+        assert all(s.answers == [s.answer, s.answer.lower()] for s in acl["OCR"] if s.metadata["answer_type"] == "word")
 
 
 # ---------------------------------------------------------------- looks
@@ -225,13 +231,22 @@ def test_tasks_look_distinct(samples: dict) -> None:
         assert sorted(dist.values())[1] > 1.5 * dist[t], (t, dist)
 
 
+def _mean_image(ss: list) -> np.ndarray:
+    return np.mean([_decode(s.images[0]).astype(np.float32) / 255 for s in ss], axis=0)
+
+
+@pytest.mark.parametrize("bench", ["acl-mini", "acl-glyphs"])
 @pytest.mark.parametrize("task", ["OCR", "Math", "VP", "GUI"])
-def test_acl_test_split_is_shifted(task: str, samples: dict) -> None:
-    train0 = _mean_hist(_by_task(samples[("acl-mini", "train", 0)])[task])
-    train1 = _mean_hist(_by_task(samples[("acl-mini", "train", 1)])[task])
-    test = _mean_hist(_by_task(samples[("acl-mini", "test", 0)])[task])
-    # train vs test differ far more than two independent train draws do
-    assert np.abs(train0 - test).sum() > 2 * max(np.abs(train0 - train1).sum(), 0.2)
+def test_acl_test_split_is_shifted(bench: str, task: str, samples: dict) -> None:
+    """Train and test differ far more than two independent train draws do: in their colours (mean colour
+    histogram) or in their layout (mean image: sizes, frames, where things are)."""
+    train0, train1, test = (_by_task(samples[(bench, split, seed)])[task]
+                            for split, seed in [("train", 0), ("train", 1), ("test", 0)])
+    h0, h1, ht = (_mean_hist(ss) for ss in (train0, train1, test))
+    m0, m1, mt = (_mean_image(ss) for ss in (train0, train1, test))
+    colours = np.abs(h0 - ht).sum() > 2 * max(np.abs(h0 - h1).sum(), 0.2)
+    layout = np.abs(m0 - mt).mean() > 2 * np.abs(m0 - m1).mean()
+    assert colours or layout
 
 
 def test_dcl_test_split_is_not_shifted(samples: dict) -> None:
