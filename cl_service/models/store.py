@@ -41,7 +41,7 @@ def base_path(name: str) -> Path:
 
 def _recipe(model_cfg: ModelCfg, cfg: PretrainCfg, seed: int) -> dict:
     return {"model": dataclasses.asdict(model_cfg), "pretrain": dataclasses.asdict(cfg), "seed": seed,
-            "corpus": corpus_fingerprint(seed=seed)}
+            "corpus": corpus_fingerprint(seed=seed, names=cfg.tokenizer_benchmarks)}
 
 
 def _differs(meta: dict, recipe: dict) -> list[str]:

@@ -351,5 +351,6 @@ ACL_GLYPHS = BenchmarkSpec(
     ),
     iid=False,
     summary="ability stream OCR → Math → VP → GUI with glyph reading (for a capable base); shifted test renders",
+    seed_key="acl-mini",  # its samples are those it generated as acl-mini
 )
 BENCHMARKS.register(ACL_GLYPHS.name, ACL_GLYPHS)

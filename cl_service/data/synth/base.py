@@ -29,6 +29,9 @@ class BenchmarkSpec:
     tasks: tuple[TaskSpec, ...]
     iid: bool
     summary: str
+    seed_key: str = ""
+    """The name its random streams derive from (default: ``name``). A renamed benchmark keeps its old one, so it
+    still generates the samples, and the tokenizer corpus, that earlier results were measured on."""
 
     @property
     def task_names(self) -> list[str]:
@@ -37,7 +40,7 @@ class BenchmarkSpec:
     def generate(self, split: str, n_per_task: int, seed: int) -> Iterator[Sample]:
         """Yield ``n_per_task`` samples of every task in stream order; deterministic in (seed, task, split)."""
         for task in self.tasks:
-            rng = random.Random(_derive_seed(seed, self.name, task.name, split))
+            rng = random.Random(_derive_seed(seed, self.seed_key or self.name, task.name, split))
             for i in range(n_per_task):
                 yield task.make(rng, split, i)
 

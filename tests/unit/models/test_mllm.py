@@ -241,7 +241,25 @@ def test_a_base_built_from_another_corpus_is_rebuilt_and_says_why(tmp_path, monk
     assert json.loads((path / store.BASE_META).read_text())["corpus"] == fp
     assert pretrain.corpus_fingerprint() == fp and len(fp) == 16  # deterministic
     # the generators change (here: the fingerprint they would give): the stored base is stale
-    monkeypatch.setattr(store, "corpus_fingerprint", lambda seed=0: "0123456789abcdef")
+    monkeypatch.setattr(store, "corpus_fingerprint", lambda seed=0, names=(): "0123456789abcdef")
     store.build_base("unit", progress=False, log=logs.append, device="cpu")
     assert any("another corpus" in line and fp in line and "0123456789abcdef" in line for line in logs), logs
     assert json.loads((path / store.BASE_META).read_text())["corpus"] == "0123456789abcdef"
+
+
+def test_the_tokenizer_corpus_is_a_fixed_list_of_benchmarks(monkeypatch):
+    """A stream added or reworded outside ``tokenizer_benchmarks`` changes neither the tokenizer's texts nor the
+    corpus fingerprint, so the base stays the one its results were measured on."""
+    import dataclasses
+
+    from cl_service.data.synth import BENCHMARKS
+    from cl_service.models import pretrain
+
+    cfg = pretrain.PRETRAIN.get("tiny")
+    assert "acl-mini" not in cfg.tokenizer_benchmarks and set(cfg.tokenizer_benchmarks) <= set(BENCHMARKS.names())
+    texts, fp = list(pretrain.corpus_texts(2, 0)), pretrain.corpus_fingerprint()
+    extra = dataclasses.replace(BENCHMARKS.get("acl-mini"), name="unit-extra")
+    monkeypatch.setitem(BENCHMARKS._items, "unit-extra", extra)
+    assert "unit-extra" in BENCHMARKS.names()
+    assert list(pretrain.corpus_texts(2, 0)) == texts and pretrain.corpus_fingerprint() == fp
+    assert pretrain.corpus_fingerprint(names=(*cfg.tokenizer_benchmarks, "unit-extra")) != fp
