@@ -49,7 +49,7 @@ from cl_service.data.synth.render import (
     polygon_mask,
     rect_mask,
     shape_mask,
-    text_size,
+    squared_paper,
     texture,
 )
 
@@ -145,13 +145,7 @@ def _ink_on_paper(nrng: np.random.Generator, shifted: bool) -> tuple[np.ndarray,
     else:
         paper, grid, step = (250, 250, 246), (170, 200, 235), 8
         ink, fill = pick(nrng, [(15, 15, 15), (20, 30, 90)]), pick(nrng, [COLOURS["blue"], COLOURS["red"]])
-    img = canvas(S, S, jitter(paper, nrng, 5))
-    off = int(nrng.integers(step))
-    lines = np.zeros((S, S), dtype=bool)
-    lines[off::step, :] = True
-    lines[:, off::step] = True
-    paint(img, lines, grid)
-    paint(img, rect_mask(S, S, 5, 0, 6, S), (220, 90, 90))  # the margin line
+    img = squared_paper(nrng, S, paper, grid, step)
     return img, jitter(ink, nrng, 10), jitter(fill, nrng, 12)
 
 

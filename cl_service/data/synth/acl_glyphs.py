@@ -45,6 +45,7 @@ from cl_service.data.synth.render import (
     rect_mask,
     scatter,
     shape_mask,
+    squared_paper,
     text_size,
     texture,
 )
@@ -89,13 +90,7 @@ def _exercise_paper(nrng: np.random.Generator, shifted: bool) -> tuple[np.ndarra
         ink = pick(nrng, [COLOURS["red"], COLOURS["purple"], COLOURS["blue"]])
     else:
         paper, grid, step, ink = (35, 70, 50), (70, 105, 85), 6, (240, 240, 235)
-    img = canvas(S, S, jitter(paper, nrng, 5))
-    off = int(nrng.integers(step))
-    lines = np.zeros((S, S), dtype=bool)
-    lines[off::step, :] = True
-    lines[:, off::step] = True
-    paint(img, lines, grid)
-    paint(img, rect_mask(S, S, 5, 0, 6, S), (220, 90, 90))  # the margin line
+    img = squared_paper(nrng, S, paper, grid, step)
     return img, jitter(ink, nrng, 10)
 
 

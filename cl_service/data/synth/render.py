@@ -307,6 +307,20 @@ def draw_text_centered(
 
 
 # ---------------------------------------------------------------- textures
+def squared_paper(nrng: np.random.Generator, size: int, paper: RGB | Sequence[int], grid: RGB | Sequence[int],
+                  step: int) -> np.ndarray:
+    """Exercise paper: ``paper`` (jittered) ruled in ``grid`` squares of ``step`` px at a random offset, with a
+    red margin line at x = 5."""
+    img = canvas(size, size, jitter(paper, nrng, 5))
+    off = int(nrng.integers(step))
+    lines = np.zeros((size, size), dtype=bool)
+    lines[off::step, :] = True
+    lines[:, off::step] = True
+    paint(img, lines, grid)
+    paint(img, rect_mask(size, size, 5, 0, 6, size), (220, 90, 90))  # the margin line
+    return img
+
+
 def value_noise(nrng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
     """Smooth noise in [0, 1] of shape ``(h, w)``: random values on a ``cell``-spaced lattice,
     bilinearly interpolated. Larger ``cell`` = blotchier texture."""
