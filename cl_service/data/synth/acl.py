@@ -4,27 +4,28 @@ of the tiny base.
 Four abilities in the paper's order. As in the paper, the stream is non-IID: the ``test`` split of every
 task is drawn from a *shifted* distribution (other themes, colours, backgrounds, frames and shades), while
 ``train`` stays on the base distribution. Each ability is asked about the evidence a 3.8 M-parameter
-model trained from scratch can learn to see in 64×64 px: extents, layout, areas, shapes, colours, counts
-and positions. Reading glyphs (words, expressions, button labels) is not among them: its experts did not
+model trained from scratch learns to see in 64×64 px at places it has seen: extents, layout, areas, colours,
+counts and states. Reading glyphs (words, expressions, button labels) is not among them: its experts did not
 learn it with 10× the data and 40× the steps (``bench/results/gpu/expert_probe.jsonl``). That stream is kept
 as ``acl-glyphs`` (:mod:`.acl_glyphs`) for bases that can read.
 
 | task | question types → answers |
 |---|---|
-| OCR | which sign word (4, one per length) · letter count 2-5 · lines of text 1-3 · text colour |
+| OCR | which sign word (3, one per length) · letter count 2-4 · lines of text 1-3 · text colour (red, blue, green) |
 | Math | shaded percentage of a circle (25-100) · polygon sides 3-6 · function increasing/decreasing (A/B) · tallest bar (A-C) |
-| VP | count one shape, alone (1-4) or among distractors (0-3) · more red than blue? yes/no · bigger of circle and square |
+| VP | objects in a 3×3 tray (1-5) · red ones among others (0-3) · more red than blue? yes/no · bigger object: left/right |
 | GUI | switch on/off (A/B) · message kind by its colour (A-D) · slider level (A-C) · box checked (A/B) |
 
 | task | train look | test shift |
 |---|---|---|
 | OCR | white or cream sign band, black or navy ink, muted wall | pastel band, brown or green ink, drop shadow, other walls |
 | Math | white paper, blue 8 px grid, dark ink, blue or red fills | tinted paper, green 6 px grid, coloured ink, other fills |
-| VP | flat 8.5-14.5 px shapes on white | 7-9 or 14-16 px outlined shapes in other shades on textured tinted paper |
+| VP | flat 12-15 px shapes in the cells of a 3×3 tray on white | 10-12 px outlined shapes in other shades, cell lines, textured tinted paper |
 | GUI | grey-blue page, blue title bar | warm or mint page, dark title bar; other sizes, frames, accents and layouts |
 
 The shifts keep light backgrounds: a theme that inverts polarity flips the cues the tiny model learns
-(checked boxes measured 100% on the training look and 16% on a dark theme).
+(checked boxes measured 100% on the training look and 16% on a dark theme). Expert scores per question type:
+``python -m bench.expert_probe --benchmark acl-mini --task T``.
 """
 
 from __future__ import annotations
