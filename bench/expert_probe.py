@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda to probe many recipes quickly")
     ap.add_argument("--autocast", choices=("none", "bfloat16"), default="none", help="TrainCfg.autocast")
     ap.add_argument("--vision", action="store_true", help="LoRA on the CLIP tower too (expert.lora.vision)")
-    ap.add_argument("--augment", type=int, default=0, help="look-jittered copies of each training item (expert.augment)")
+    ap.add_argument("--augment", type=int, default=0, help="look-jittered copies of each training item (cl_service.data.augment; the run has no such expert option)")
     ap.add_argument("--base", default="", help="a built base's folder, taken as is (default: the tiny base of the store, "
                     "rebuilt if the code's corpus changed)")
     ap.add_argument("--tag", default="", help="free text recorded with the row (e.g. what the data change was)")
