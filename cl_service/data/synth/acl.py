@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from cl_service.data.synth._common import LETTERS, options_text, paper_task, pick, yes_no
-from cl_service.data.synth.acl_glyphs import VP_COLOURS, VP_SHAPES
+from cl_service.data.synth.acl_glyphs import TEST_WALLS, VP_COLOURS, VP_SHAPES, WALLS, red_blue_counts
 from cl_service.data.synth.base import BENCHMARKS, BenchmarkSpec
 from cl_service.data.synth.render import (
     COLOURS,
@@ -75,8 +75,6 @@ COUNT_WORDS: dict[int, tuple[str, ...]] = {
 LINE_WORDS = ("AB", "CD", "EF", "GH", "IJ", "KL", "MN")
 TEXT_COLOURS = ("red", "blue", "green")
 BOLD = {"sx": 2, "bold": 1, "spacing": 2}  # 16 px tall, 2-4 letters fit
-WALLS: tuple[RGB, ...] = ((120, 110, 100), (100, 115, 105), (125, 120, 135))
-TEST_WALLS: tuple[RGB, ...] = ((150, 90, 70), (70, 100, 140), (90, 130, 80))
 
 
 def _sign(nrng: np.random.Generator, lines: list[str], shifted: bool, ink: RGB | None = None) -> np.ndarray:
@@ -254,9 +252,7 @@ def _count_red(nrng: np.random.Generator, split: str) -> Q:
 
 
 def _more_red(nrng: np.random.Generator, split: str) -> Q:
-    hi, lo = sorted(int(v) for v in nrng.choice(np.arange(1, 5), size=2, replace=False))[::-1]
-    yes = bool(nrng.random() < 0.5)
-    red, blue = (hi, lo) if yes else (lo, hi)
+    red, blue, yes = red_blue_counts(nrng)
     img = _tray(nrng, ["red"] * red + ["blue"] * blue, split == "test")
     return img, "Are there more red objects than blue objects?", [yes_no(yes)], {"type": "compare"}
 

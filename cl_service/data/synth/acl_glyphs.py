@@ -55,13 +55,14 @@ S = 64
 
 
 WALLS: tuple[RGB, ...] = ((120, 110, 100), (100, 115, 105), (125, 120, 135))
+TEST_WALLS: tuple[RGB, ...] = ((150, 90, 70), (70, 100, 140), (90, 130, 80))
 
 
 def _sign(nrng: np.random.Generator, cy: float, text_h: int, shifted: bool) -> tuple[np.ndarray, RGB]:
     """OCR look: a bordered sign band across a muted textured wall; returns image and ink colour.
     Train: light band, dark ink. Test: dark band with light ink, or a saturated band, over
     another wall colour."""
-    wall = pick(nrng, [(150, 90, 70), (70, 100, 140), (90, 130, 80)] if shifted else WALLS)
+    wall = pick(nrng, TEST_WALLS if shifted else WALLS)
     img = texture(nrng, S, S, jitter(wall, nrng, 10), jitter(tuple(v + 40 for v in wall), nrng, 10), cell=6, grain=0.3)
     edge: RGB
     if not shifted:
@@ -241,10 +242,15 @@ def _count_complex(nrng: np.random.Generator, split: str) -> Q:
     return _objects(nrng, specs, split == "test"), f"How many {kind}s are there?", [str(n)], {"type": "complex"}
 
 
-def _more_red(nrng: np.random.Generator, split: str) -> Q:
+def red_blue_counts(nrng: np.random.Generator) -> tuple[int, int, bool]:
+    """Two different counts 1-4 of red and of blue objects, and whether red has more (drawn first, 50/50)."""
     hi, lo = sorted(int(v) for v in nrng.choice(np.arange(1, 5), size=2, replace=False))[::-1]
     yes = bool(nrng.random() < 0.5)
-    red, blue = (hi, lo) if yes else (lo, hi)
+    return (hi, lo, yes) if yes else (lo, hi, yes)
+
+
+def _more_red(nrng: np.random.Generator, split: str) -> Q:
+    red, blue, yes = red_blue_counts(nrng)
     specs = [(pick(nrng, VP_SHAPES), "red") for _ in range(red)] + [(pick(nrng, VP_SHAPES), "blue") for _ in range(blue)]
     specs += [(pick(nrng, VP_SHAPES), pick(nrng, ["green", "yellow"])) for _ in range(int(nrng.integers(0, 3)))]
     specs = [specs[int(i)] for i in nrng.permutation(len(specs))]
