@@ -149,6 +149,14 @@ def _cmd_base_build(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_base_assemble(a: argparse.Namespace) -> int:
+    from cl_service.models.assemble import assemble_base
+
+    path = assemble_base(a.llm, a.vision, a.projector, a.out, dtype=a.dtype, force=a.force)
+    print(f"assembled base ready: {path} (prompt_style auto = mllm-cl; base.path={path})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ run
 def _cmd_run(a: argparse.Namespace) -> int:
     from cl_service.on_ray.stream import parse_args, run
@@ -320,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="rebuild even if a valid base exists")
     s.set_defaults(func=_cmd_base_build)
+    s = base.add_parser("assemble", help="write a llava-hf base from an LLM folder, a CLIP folder and a LLaVA "
+                                         "projector (vicuna-7b-v1.5 + clip-vit-large-patch14-336 + mm_projector.bin)")
+    s.add_argument("--llm", required=True, help="LlamaForCausalLM folder with its tokenizer")
+    s.add_argument("--vision", required=True, help="CLIPModel or CLIPVisionModel folder with preprocessor_config.json")
+    s.add_argument("--projector", required=True, help="LLaVA-1.5 stage-1 mm_projector.bin")
+    s.add_argument("--out", required=True, help="the new base folder (then base.path=<it>)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+    s.set_defaults(func=_cmd_base_assemble)
 
     s = sub.add_parser("run", help="run a continual-learning stream (MR-LoRA and baselines)",
                        description="Same options as workloads/run_stream.py; training runs on Ray Train "

@@ -1,14 +1,12 @@
-"""The MLLM: a transformers ``LlavaForConditionalGeneration`` + its tokenizer + PIL image preprocessing.
+"""The MLLM: a transformers ``LlavaForConditionalGeneration`` + its tokenizer + its prompt style.
 
-Prompt template (the one place it is defined; :func:`prompt_text` / :func:`target_text`)::
-
-    <s><image>×(k·n) "\\n" question "\\nAnswer:"      target: " " answer "</s>"
-
-``k`` = image tokens per image (``(image_size/patch_size)²``, CLS dropped), ``n`` = images of the
-sample: every image gets its own block of ``k`` tokens, blocks back to back in the sample's image
-order (``pixel_values`` rows follow the same order, sample after sample). Images of any size are
-resized (stretched) to ``image_size``×``image_size``; tiled views such as the 2×3 driving cameras
-arrive as one already-tiled image and stay one block.
+How a sample becomes token ids and pixels is the base's prompt style (:mod:`cl_service.models.prompting`:
+``clsvc`` for our tiny bases, ``llava-hf`` for a checkpoint's own chat template and processor, ``mllm-cl`` for
+the reference code's vicuna_v1 conversation); :meth:`MLLM.encode` and :meth:`MLLM.preprocess_images` are the
+only entry points, so training, generation, routing features and serving all speak it. In every style each
+image gets its own block of ``k`` ``<image>`` tokens (``k`` = ``(image_size/patch_size)²``, CLS dropped),
+blocks in the sample's image order (``pixel_values`` rows follow the same order, sample after sample); tiled
+views such as the 2×3 driving cameras arrive as one already-tiled image and stay one block.
 
 Forward passes always go through :meth:`MLLM.embed`: CLIP hidden state ``vision_feature_layer`` (CLS
 dropped) → projector → scattered into the token embeddings at the ``<image>`` positions → Llama.
@@ -24,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import io
 import json
 import os
 import shutil
@@ -32,9 +29,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
@@ -49,7 +44,12 @@ from transformers.cache_utils import DynamicLayer
 from cl_service._atomic import replace_dir
 from cl_service.data.schema import Sample
 from cl_service.models.config import ModelCfg
+from cl_service.models.prompting import (ANSWER_CUE, ClsvcFormat, PromptFormat, load_format, prompt_text,
+                                        resolve_style, target_text)
 from cl_service.models.tokenizer import IMAGE_TOKEN
+
+__all__ = ["ANSWER_CUE", "IGNORE", "MLLM", "MODEL_CFG_FILE", "build_mllm", "llava_config", "load_mllm",
+           "prompt_text", "target_text"]
 
 #: Projected image features ``[N_img, k, H]``, or a function ``pixel_values -> features``.
 ImageFeatures = "torch.Tensor | Callable[[torch.Tensor], torch.Tensor]"
@@ -58,18 +58,7 @@ MODEL_CFG_FILE = "clsvc_model.json"
 #: CLIP's normalisation (LLaVA-1.5 inherits it); also used for the tiny models so real bases plug in.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-ANSWER_CUE = "\nAnswer:"
 IGNORE = -100
-
-
-def prompt_text(question: str) -> str:
-    """The text after the image blocks: ``"\\n" + question + "\\nAnswer:"``."""
-    return "\n" + question.strip() + ANSWER_CUE
-
-
-def target_text(answer: str, eos: str = "</s>") -> str:
-    """The supervised continuation: ``" " + answer + eos``."""
-    return " " + answer.strip() + eos
 
 
 def llava_config(cfg: ModelCfg, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
@@ -101,13 +90,16 @@ def _dtype(name: str) -> torch.dtype:
 
 class MLLM:
     """A LLaVA model with its tokenizer and preprocessing. ``peft`` is set once LoRA is attached
-    (:func:`cl_service.adapters.lora.attach_lora`); the LoRA layers live inside ``model`` either way."""
+    (:func:`cl_service.adapters.lora.attach_lora`); the LoRA layers live inside ``model`` either way.
+    ``prompt`` is the prompt style (:mod:`cl_service.models.prompting`; default ``clsvc``)."""
 
     def __init__(self, model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, cfg: ModelCfg,
-                 image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD) -> None:
+                 image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD,
+                 prompt: PromptFormat | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.prompt: PromptFormat = prompt if prompt is not None else ClsvcFormat()
         self.peft = None  # peft.PeftModel, set by attach_lora/load_adapter
         self._disabled_lock = threading.Lock()
         self._disabled_depth = 0
@@ -179,42 +171,17 @@ class MLLM:
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess_images(self, images: Sequence[bytes], sample_id: str = "?") -> torch.Tensor:
-        """Encoded images → ``[n, 3, S, S]`` float32, resized to ``S = image_size`` and CLIP-normalised.
-
-        Raises ``ValueError`` naming ``sample_id`` when an image does not decode.
-        """
-        out = []
-        for i, data in enumerate(images):
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    im = im.convert("RGB")
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise ValueError(f"sample {sample_id!r}: image {i} does not decode ({type(e).__name__}: {e})") from None
-            if im.size != (self.image_size, self.image_size):
-                im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
-            x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-            out.append((x - self._mean) / self._std)
-        if not out:
-            raise ValueError(f"sample {sample_id!r} has no image")
-        return torch.stack(out)
+        """Encoded images → ``[n, 3, S, S]`` float32 as the prompt style prepares them (``clsvc``: resized to
+        ``S = image_size`` and CLIP-normalised). Raises ``ValueError`` naming ``sample_id`` when an image
+        does not decode."""
+        return self.prompt.pixels(self, images, sample_id)
 
     def encode(self, sample: Sample, with_target: bool) -> tuple[list[int], int]:
-        """Token ids of one sample and the length of its prompt part (labels start there).
+        """Token ids of one sample in the prompt style and the length of its prompt part (labels start there).
 
         The question is cut from the left when the whole would exceed ``cfg.max_length``.
         """
-        tok = self.tokenizer
-        head = [self.bos_id] + [self.image_token_id] * (self.tokens_per_image * len(sample.images))
-        prompt = tok(prompt_text(sample.question), add_special_tokens=False).input_ids
-        target = tok(target_text(sample.answer, tok.eos_token), add_special_tokens=False).input_ids if with_target else []
-        room = self.cfg.max_length - len(head) - len(target)
-        if room < 4:
-            raise ValueError(f"sample {sample.id!r}: {len(sample.images)} image(s) and the answer do not fit "
-                             f"max_length={self.cfg.max_length}")
-        if len(prompt) > room:
-            prompt = prompt[len(prompt) - room:]
-        ids = head + prompt + target
-        return ids, len(head) + len(prompt)
+        return self.prompt.encode(self, sample, with_target)
 
     def collate(self, samples: Sequence[Sample], train: bool, pixels: bool = True) -> dict[str, torch.Tensor]:
         """Batch ``samples``.
@@ -535,11 +502,15 @@ def build_mllm(cfg: ModelCfg, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
     return MLLM(model, tokenizer, cfg)
 
 
-def load_mllm(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None) -> MLLM:
+def load_mllm(path: str | Path, dtype: str | None = None, device: str | torch.device | None = None,
+              prompt_style: str = "auto") -> MLLM:
     """Load a local checkpoint in the Hugging Face LLaVA layout (ours or a real one); never downloads.
 
     Our saved bases carry ``clsvc_model.json``; for other checkpoints the :class:`ModelCfg` is derived
     from ``config.json`` and the image normalisation from ``preprocessor_config.json`` when present.
+    ``prompt_style`` (``BaseCfg.prompt_style``): ``auto`` | ``clsvc`` | ``llava-hf`` | ``mllm-cl``, see
+    :func:`cl_service.models.prompting.resolve_style`; ``llava-hf``/``mllm-cl`` use the folder's processor
+    (its tokenizer, chat template and image processor).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -564,10 +535,20 @@ def load_mllm(path: str | Path, dtype: str | None = None, device: str | torch.de
     if device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    prompt, tokenizer = load_format(resolve_style(path, prompt_style), path)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     mean, std = CLIP_MEAN, CLIP_STD
     pp = path / "preprocessor_config.json"
     if pp.is_file():
         p = json.loads(pp.read_text())
         mean, std = p.get("image_mean", mean), p.get("image_std", std)
-    return MLLM(model, tokenizer, cfg, mean, std)
+    ip = getattr(prompt, "image_processor", None)
+    if ip is not None:
+        mean, std = ip.image_mean, ip.image_std
+        crop = getattr(ip, "crop_size", None) or {}
+        side = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
+        if getattr(ip, "do_center_crop", False) and side not in (None, hf.vision_config.image_size):
+            raise ValueError(f"{path}: the image processor crops to {side} px but the vision tower takes "
+                             f"{hf.vision_config.image_size} px")
+    return MLLM(model, tokenizer, cfg, mean, std, prompt=prompt)
