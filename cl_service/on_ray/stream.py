@@ -31,21 +31,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[RunCfg, argparse.Name
 
 
 def run(cfg: RunCfg, log=print) -> dict:
-    """Run ``cfg``; training on Ray Train unless ``ray.num_workers == 0`` (then in this process)."""
+    """Run ``cfg``; training on Ray Train unless ``ray.num_workers == 0`` (then in this process, and so is
+    evaluation); evaluation on evaluator actors (:mod:`cl_service.on_ray.evaluate`) or in this driver."""
     from cl_service.run import LocalTrainer, run_stream
 
     if cfg.ray.num_workers == 0:
         if cfg.ray.strategy != "ddp":
             raise ValueError(f"ray.strategy={cfg.ray.strategy} needs Ray Train workers (ray.num_workers >= 1)")
-        return run_stream(cfg, LocalTrainer(), log=log)
+        from cl_service.models.placement import train_device
+
+        return run_stream(cfg, LocalTrainer(train_device(cfg)), log=log)
     import ray
-    import torch
 
+    from cl_service.on_ray.evaluate import make_evaluator
     from cl_service.on_ray.train import RayTrainer
-
-    # Evaluation runs here, between training runs (the workers are idle then). Ray starts a job's driver with
-    # OMP_NUM_THREADS=1, which left one of a 2-core machine's cores idle through every evaluation.
-    torch.set_num_threads(cfg.eval.threads or len(os.sched_getaffinity(0)))
 
     started = False
     if not ray.is_initialized():
@@ -60,7 +59,8 @@ def run(cfg: RunCfg, log=print) -> dict:
     try:
         storage = cfg.ray.storage_path or str(Path(cfg.out).resolve() / "ray")
         env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(cfg.ray.cpus_per_worker)))}
-        return run_stream(cfg, RayTrainer(cfg.ray, storage, env), log=log)
+        # Evaluation: evaluator actors holding the base (eval.num_workers), or this driver between training runs.
+        return run_stream(cfg, RayTrainer(cfg.ray, storage, env), log=log, evaluator=make_evaluator(cfg, log, env))
     finally:
         if started:
             ray.shutdown()

@@ -1,0 +1,231 @@
+"""One (method, stage) evaluation unit of a continual-learning run, and the state an evaluating process keeps.
+
+A unit is one row of a method's accuracy matrix: after stage ``i``'s training, the method answers the test
+items of every task of the stream. :func:`evaluate_stage` computes it and returns the stage record and the
+prediction records; :func:`write_stage` (the run's driver) puts them into the results folder. A
+:class:`StageEvaluator` is what one evaluating process holds for the whole run — the base loaded once in an
+:class:`~cl_service.engine.Engine` with its memo on, the test items, the feature routers' training-sample
+cache, each method's ``ctx.extra`` — whether that process is the driver (:class:`LocalEvaluator`) or a Ray
+actor (:mod:`cl_service.on_ray.evaluate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from cl_service.adapters.registry import ADAPTER_META
+from cl_service.data.schema import Sample
+from cl_service.data.shards import ShardDataset, atomic_write_text
+from cl_service.eval.predictions import prediction_record, write_predictions
+from cl_service.eval.scorers import SCORERS
+from cl_service.methods import METHODS
+from cl_service.methods.base import StageContext
+from cl_service.train.job import choose, choose_with_copies
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """What every evaluating process needs to know about the run; picklable (sent once to each Ray actor)."""
+
+    cfg: Any                    # the RunCfg
+    out: str                    # the results folder, absolute (adapters are read from it)
+    base_path: str              # the base checkpoint, absolute
+    data_path: str              # the shard dataset, absolute
+    tasks: tuple[str, ...]      # the stream, in order
+
+
+@dataclass
+class StageResult:
+    """One evaluated (method, stage) unit."""
+
+    record: dict[str, Any]
+    """The stage record (``stages/<method>/stage-<i>-<task>.json``): row, router accuracy and timing, adapters."""
+    predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Test task -> its prediction records, in test order (``predictions/<method>/stage-<i>-<task>/<t>.jsonl``)."""
+
+
+def adapter_digest(folder: Path) -> str | None:
+    p = folder / ADAPTER_META
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
+
+
+def rel_path(p: Path, out: Path) -> str:
+    """Adapter folders are recorded relative to the run folder, so a copied run folder stays valid."""
+    try:
+        return str(p.resolve().relative_to(out))
+    except ValueError:
+        return str(p)
+
+
+def stage_record_path(out: Path, method: str, stage: int, task: str) -> Path:
+    return out / "stages" / method / f"stage-{stage}-{task}.json"
+
+
+def load_stage_record(path: Path, out: Path, tasks: list[str]) -> dict[str, Any] | None:
+    """A finished evaluation record, if it evaluated the same task list (a stream extended with more tasks
+    re-evaluates its finished stages on the new ones; their adapters are reused) and its adapters are
+    unchanged since it was written."""
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    if rec.get("tasks", tasks) != tasks or len(rec.get("row", [])) != len(tasks):
+        return None
+    for folder, digest in rec.get("adapters", {}).items():
+        if adapter_digest(out / folder) != digest:
+            return None
+    return rec
+
+
+def score(samples: Sequence[Sample], answers) -> float:
+    """Mean score in percent of ``answers`` against the samples' references (each sample's own scorer)."""
+    total = 0.0
+    for s, a in zip(samples, answers):
+        total += SCORERS.get(s.scorer)(a.text, s.answers, s.question, s.metadata)
+    return 100.0 * total / max(1, len(samples))
+
+
+def evaluate_stage(method: Any, ctx: StageContext, tests: dict[str, list[Sample]], train_s: float) -> StageResult:
+    """Evaluate ``method`` after stage ``ctx.stage`` on the test items of every task of the stream.
+
+    ``ctx.engine`` answers (its adapters-used set is reset first: the record lists the adapters this unit
+    read, with their digests, so a resumed run knows when to recompute it). ``train_s`` is the stage's
+    training time, recorded alongside. Stages a method does not evaluate (``joint`` before the last) give
+    a row of ``None`` and no predictions.
+    """
+    engine, tasks, out = ctx.engine, ctx.tasks, Path(ctx.run_dir)
+    name, task, T = method.name, ctx.task, len(ctx.tasks)
+    engine.reset_used()
+    t1 = time.perf_counter()
+    ctx.extra["router_stats"] = {"seconds": 0.0, "requests": 0}
+    row: list[float | None] = [None] * T
+    routed: dict[str, float] = {}
+    fallbacks = 0
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    if method.evaluates(ctx):
+        for j, t in enumerate(tasks):
+            answers = method.predict(ctx, tests[t])
+            row[j] = score(tests[t], answers)
+            if method.routed:
+                routed[t] = 100.0 * sum(a.expert == t for a in answers) / max(1, len(answers))
+                fallbacks += sum(a.fallback for a in answers)
+            predictions[t] = [prediction_record(s.id, s.question, a.text, f"{name}@{task}",
+                                                {"expert": a.expert, "router_raw": a.router_raw,
+                                                 "fallback": a.fallback})
+                              for s, a in zip(tests[t], answers)]
+    rs = ctx.extra["router_stats"]
+    rec = {"method": name, "stage": ctx.stage, "task": task, "tasks": list(tasks), "row": row,
+           "router_accuracy": routed, "router_seconds": rs["seconds"], "router_requests": rs["requests"],
+           "fallbacks": fallbacks, "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
+           "adapters": {rel_path(p, out): adapter_digest(p) for p in engine.used_adapters()}}
+    engine.reset_used()
+    return StageResult(rec, predictions)
+
+
+def write_stage(out: Path, result: StageResult) -> None:
+    """Write a unit's predictions, then its stage record (last: the record marks the unit done)."""
+    rec = result.record
+    name, stage, task = rec["method"], rec["stage"], rec["task"]
+    for t, lines in result.predictions.items():
+        write_predictions(out / "predictions" / name / f"stage-{stage}-{task}" / f"{t}.jsonl", lines)
+    atomic_write_text(stage_record_path(out, name, stage, task), json.dumps(rec, indent=2))
+
+
+def eval_uses_gpu(cfg: Any) -> bool:
+    """``eval.use_gpu``, or ``ray.use_gpu`` when it is unset."""
+    return bool(cfg.ray.use_gpu if cfg.eval.use_gpu is None else cfg.eval.use_gpu)
+
+
+def default_engine(base_path: str, cfg: Any, device: str | None = None):
+    """The engine of an evaluating process: the base in the run's dtype
+    (:func:`cl_service.models.placement.resolve_base_dtype`) on ``device`` (None: CPU)."""
+    from cl_service.engine import Engine
+    from cl_service.models.mllm import load_mllm
+    from cl_service.models.placement import resolve_base_dtype
+
+    return Engine(load_mllm(base_path, dtype=resolve_base_dtype(cfg), device=device,
+                            prompt_style=cfg.base.prompt_style), cfg)
+
+
+class StageEvaluator:
+    """What one evaluating process holds across the stages of a run; :meth:`evaluate` computes one unit.
+
+    Args:
+        setup: the run (:class:`EvalSetup`).
+        engine: the engine to answer with (memo gets enabled); None: built with ``engine_factory``.
+        engine_factory: ``(base_path, cfg) -> Engine`` when ``engine`` is None; default :func:`default_engine`
+            on ``device``.
+        device: where the default engine's base goes (``"cuda"``); None = CPU.
+    """
+
+    def __init__(self, setup: EvalSetup, engine: Any = None, engine_factory: Callable | None = None,
+                 device: str | None = None) -> None:
+        cfg = setup.cfg
+        self.setup = setup
+        self.out = Path(setup.out)
+        self.tasks = list(setup.tasks)
+        self.ds = ShardDataset(setup.data_path)
+        self.descriptions = {t: self.ds.task_meta(t)["description"] for t in self.tasks}
+        if engine is None:
+            engine = (engine_factory(setup.base_path, cfg) if engine_factory is not None
+                      else default_engine(setup.base_path, cfg, device))
+        self.engine = engine
+        self.engine.enable_memo()  # the same expert answers the same test item at every stage: compute it once
+        self.tests = {t: choose(self.ds.samples(t, "test"), cfg.data.test_limit, cfg.seed) for t in self.tasks}
+        self._train_cache: dict[tuple, list] = {}
+        self._methods: dict[str, Any] = {}
+        self._extras: dict[str, dict[str, Any]] = {}
+
+    def train_samples(self, task: str, limit: int, seed: int, augment: int = 0) -> list[Sample]:
+        """A seeded choice of a task's training samples, with ``augment`` look-jittered copies of each;
+        computed once per process (every feature router of every stage asks for the same ones)."""
+        key = (task, limit, seed, augment)
+        if key not in self._train_cache:
+            self._train_cache[key] = choose_with_copies(self.ds, task, "train", limit, seed, augment)
+        return self._train_cache[key]
+
+    def evaluate(self, method: str, stage: int, train_s: float = 0.0) -> StageResult:
+        """Unit (``method``, ``stage``); adapters changed on disk since the last unit are reloaded."""
+        if method not in self._methods:
+            self._methods[method] = METHODS.get(method)()
+            self._extras[method] = {"base_path": self.setup.base_path, "dataset": self.setup.data_path,
+                                    "train_samples": self.train_samples}
+        self.engine.forget_missing()
+        ctx = StageContext(stage, self.tasks, self.descriptions, self.out, self.setup.cfg, self.engine,
+                           self._extras[method])
+        return evaluate_stage(self._methods[method], ctx, self.tests, train_s)
+
+
+class LocalEvaluator:
+    """Evaluator backend of :func:`cl_service.run.run_stream` in the calling process: one
+    :class:`StageEvaluator`, built at the first unit (a run whose units are all finished never loads the
+    base). Its base goes on ``cuda`` when evaluation uses GPUs (:func:`eval_uses_gpu`) and CUDA is available."""
+
+    def __init__(self, engine_factory: Callable | None = None) -> None:
+        self.engine_factory = engine_factory
+        self.setup: EvalSetup | None = None
+        self._ev: StageEvaluator | None = None
+
+    def start(self, setup: EvalSetup) -> None:
+        self.setup, self._ev = setup, None
+
+    def evaluate(self, stage: int, methods: Sequence[str], train_s: float) -> Iterator[tuple[str, StageResult]]:
+        if not methods:
+            return
+        if self._ev is None:
+            assert self.setup is not None, "start() first"
+            self._ev = StageEvaluator(self.setup, engine_factory=self.engine_factory, device=self._device())
+        for name in methods:
+            yield name, self._ev.evaluate(name, stage, train_s)
+
+    def _device(self) -> str | None:
+        from cl_service.models.placement import eval_device
+
+        return eval_device(self.setup.cfg)
+
+    def close(self) -> None:
+        self._ev = None
