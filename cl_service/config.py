@@ -42,6 +42,17 @@ class BaseCfg:
     """Model profile; with ``path`` unset the profile's pre-trained base in the model store is used (built if missing)."""
     path: str | None = None
     """A local checkpoint in the Hugging Face LLaVA layout (real base models plug in here)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Parameter dtype of the base wherever it is loaded (training workers, evaluators, serving). ``auto``:
+    ``bfloat16`` when the run trains on GPUs (``ray.use_gpu``), else the checkpoint's own (float32 for the
+    tiny profile's base)."""
+    prompt_style: Literal["auto", "clsvc", "llava-hf", "mllm-cl"] = "auto"
+    """How questions become prompts and images become pixels. ``clsvc``: our tiny bases' format
+    (``"\n" + question + "\nAnswer:"``, images resized to a square); ``llava-hf``: the checkpoint's own chat
+    template and ``AutoProcessor`` (shortest-edge resize + centre crop); ``mllm-cl``: the reference code's
+    vicuna_v1 conversation (system prompt, ``USER: <image>\n... ASSISTANT:``) with images padded to a square
+    in CLIP's mean colour. ``auto``: ``clsvc`` for bases built by cl-service (``clsvc_model.json``),
+    ``llava-hf`` for other checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -99,8 +110,20 @@ class MoELoraCfg:
 
 @dataclass(frozen=True)
 class EvalCfg:
+    """How the (method, stage) evaluation units of a run are computed."""
+
     batch_size: int = 64
     max_new_tokens: int = 8
+    num_workers: int | None = None
+    """Evaluator actors (Ray), each holding the base once and loading adapters as needed. 0: evaluate in the
+    driver's own process (always so with ``ray.num_workers=0``). None (auto): one per GPU of the cluster
+    when ``eval.use_gpu``, else 0."""
+    use_gpu: bool | None = None
+    """Evaluate on GPUs (each actor's base on its GPU; in the driver: ``cuda``). None: as ``ray.use_gpu``."""
+    num_gpus: float = 1.0
+    """GPUs reserved per evaluator actor; fractions (0.5) let two share one GPU."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per evaluator actor."""
     threads: int = 0
     """Torch threads of the evaluating process (the Ray job's driver, idle while workers train); 0 = every CPU
     this process may use. A ``ray job submit`` driver otherwise inherits Ray's ``OMP_NUM_THREADS=1``."""
@@ -113,6 +136,11 @@ class RayCfg:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    """Train on GPUs: each worker's base and adapter on its GPU (``ray.train.torch.get_device()``), NCCL;
+    also turns on the GPU defaults of ``base.dtype`` and the ``auto`` options of ``expert/router.train``."""
+    gpus_per_worker: float = 1.0
+    """GPUs reserved per training worker with ``use_gpu``; 0.5 lets a worker share its GPU with an evaluator
+    actor (``eval.num_gpus=0.5``), so both keep the base resident on a one-GPU machine."""
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     """``deepspeed`` = DeepSpeed ZeRO-2."""
     parallel_experts: bool = False
@@ -122,7 +150,8 @@ class RayCfg:
     checkpoint_every: int = 50
     """Steps between in-training checkpoints."""
     storage_path: str | None = None
-    """Ray Train storage (local folder, NFS mount, or s3://...); default: ``<out>/ray``."""
+    """Ray Train storage (local folder, NFS mount, or s3://...): in-training checkpoints, and every finished
+    adapter on its way back to the driver's results folder; default: ``<out>/ray`` (one machine)."""
     timeout_s: float = 3600.0
     """Upper bound on one training run (a 2-core machine cannot always schedule what is asked)."""
     poll_interval_s: float = 0.5

@@ -25,6 +25,7 @@ from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
 from cl_service.engine.multilora import MultiLoRA
 from cl_service.models.mllm import MLLM, load_mllm
+from cl_service.models.prompting import first_answer_tokens
 from cl_service.routers.base import Route
 from cl_service.routers.prompt import Pool, parse_choice, router_sample
 
@@ -39,13 +40,16 @@ class Engine:
         cfg: a ``RunCfg`` (``eval.batch_size``, ``eval.max_new_tokens``, ``router.max_new_tokens``) or None.
         max_loaded: adapters kept in memory at once (least recently used ones are dropped).
         device: where a base loaded from a folder goes (e.g. ``"cuda"``); None = where it loads (CPU).
+        dtype, prompt_style: how a base loaded from a folder is loaded (:func:`load_mllm`).
         fused_kernels: on a GPU, run the decoder's norms, rotary embedding and SwiGLU through fused kernels
             (:meth:`MLLM.fuse_kernels`); no effect on the CPU.
     """
 
     def __init__(self, base: str | Path | MLLM, cfg: Any = None, max_loaded: int = 32,
-                 fused_lora: bool = False, device: str | None = None, fused_kernels: bool = True) -> None:
-        self.mllm = base if isinstance(base, MLLM) else load_mllm(base, device=device)
+                 fused_lora: bool = False, device: str | None = None, fused_kernels: bool = True,
+                 dtype: str | None = None, prompt_style: str = "auto") -> None:
+        self.mllm = base if isinstance(base, MLLM) else load_mllm(base, dtype=dtype, device=device,
+                                                                   prompt_style=prompt_style)
         if fused_kernels and self.mllm.device.type == "cuda":
             self.mllm.fuse_kernels()
         #: answer/route_mllm through the stacked multi-adapter path (:mod:`cl_service.engine.multilora`)
@@ -69,8 +73,8 @@ class Engine:
         self.memo: dict | None = None  # see enable_memo
         self._decoders: ThreadPoolExecutor | None = None
         self._moelora: dict[str, Any] = {}  # loaded MoE-LoRAs (see moelora_active)
-        tok = self.mllm.tokenizer
-        self._letter_ids = {L: tok(" " + L, add_special_tokens=False).input_ids[0] for L in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+        # the first token the base emits for each letter after its prompt (not a bare "▁" before it)
+        self._letter_ids = first_answer_tokens(self.mllm, "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
     # ------------------------------------------------------------------ adapters
     def _activate(self, path: str | None) -> None:

@@ -62,7 +62,7 @@ def _engine(base: str, run: Catalog, stage: StageCfg, max_loaded: int = 16):
     torch.set_num_threads(max(1, stage.torch_threads))
     # Ray sets CUDA_VISIBLE_DEVICES to the replica's (possibly shared) GPU.
     device = "cuda" if stage.num_gpus > 0 and torch.cuda.is_available() else None
-    engine = Engine(base, max_loaded=max_loaded, device=device)
+    engine = Engine(base, max_loaded=max_loaded, device=device, **run.base_settings())
     engine.batch_size = max(engine.batch_size, stage.max_batch_size)  # a Serve batch is one engine pass
     engine.max_new_tokens = int(run.run_setting("eval", "max_new_tokens", engine.max_new_tokens))
     engine.router_max_new_tokens = int(run.run_setting("router", "max_new_tokens", engine.router_max_new_tokens))

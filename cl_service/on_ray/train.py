@@ -1,15 +1,21 @@
 """Ray Train backend: each training job runs in a ``TorchTrainer`` (DDP over gloo/NCCL, or DeepSpeed ZeRO-2).
 
 All jobs of a stage run in one worker group, one after another (a group start costs ~20 s on a small
-machine); with ``parallel_experts`` each job gets its own concurrent run. The workers call the same :func:`cl_service.train.runner.run_train_job` as the in-process backend, with
-their rank and world size, and with checkpoint hooks: every ``checkpoint_every`` steps rank 0 saves
-the adapter and the optimizer/scheduler state and reports it; a restarted worker group
-(``FailureConfig(max_failures)``) resumes from ``ray.train.get_checkpoint()`` instead of step 0.
+machine); with ``parallel_experts`` each job gets its own concurrent run. The workers call the same
+:func:`cl_service.train.runner.run_train_job` as the in-process backend, on ``ray.train.torch.get_device()``
+(their GPU with ``ray.use_gpu``), with their rank and world size, and with checkpoint hooks: every
+``checkpoint_every`` steps rank 0 saves the adapter and the optimizer/scheduler state (under DeepSpeed every
+rank its optimizer partition) and reports it; a restarted worker group (``FailureConfig(max_failures)``)
+resumes from ``ray.train.get_checkpoint()`` instead of step 0. Finished adapters come back to the driver
+as checkpoints under ``ray.storage_path`` (:func:`collect_adapters`): workers never write the driver's
+results folder, so nodes need no shared filesystem for results.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -18,7 +24,7 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cl_service.config import RayCfg
@@ -26,43 +32,78 @@ from cl_service.train.job import TrainJob
 
 
 def _train_fn(config: dict[str, Any]) -> None:
-    """Train the jobs of one stage, in order, in this worker group (one group start per stage, not per job)."""
-    import torch
+    """Train the jobs of one stage, in order, in this worker group (one group start per stage, not per job).
 
-    from cl_service.adapters.registry import is_complete
+    Nothing is written to the driver's results folder: each finished adapter goes back as a Ray Train
+    checkpoint (``final`` = 1, the adapter under ``adapter/``), which the driver copies into place. Every
+    checkpoint also lists the jobs this group has finished (``done.json``), so a restarted group skips them
+    without looking at the driver's files."""
+    import torch
+    import ray.train.torch
+
     from cl_service.train.runner import load_resume, run_train_job
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     jobs: list[TrainJob] = config["jobs"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    resume, resume_job = None, None
+    device = ray.train.torch.get_device()
+    resume, resume_job, done = None, None, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = load_resume(d)
+            resume = load_resume(d, rank)
             marker = Path(d) / "job.txt"
             resume_job = marker.read_text() if marker.is_file() else None
-    # Decided once, before any rank trains, so every rank skips the same jobs (a restarted group
-    # skips the adapters already published).
-    pending = [j for j in jobs if not is_complete(j.out_dir, j.key())]
+            done_file = Path(d) / _DONE
+            done = json.loads(done_file.read_text()) if done_file.is_file() else []
     fail_at = int(os.environ.get("CLSVC_FAIL_AT_STEP", "0"))  # test hook: kill the worker once, mid-training
-    for job in pending:
-        def on_checkpoint(step: int, loss: float, save, job=job) -> None:
-            # Every rank reports (report() is a barrier); only rank 0 attaches the files.
-            with tempfile.TemporaryDirectory() as d:
+    for job in jobs:
+        if job.key() in done:
+            continue
+
+        def report(metrics: dict[str, Any], fill=None, name: str | None = None, job=job) -> None:
+            # Every rank reports (report() is a barrier) from its own folder; Ray Train merges them.
+            with tempfile.TemporaryDirectory(prefix="clsvc-ckpt-") as d:
+                if fill is not None:
+                    fill(d)
                 if rank == 0:
-                    save(d)
                     (Path(d) / "job.txt").write_text(job.key())
-                ray.train.report({"job": job.name, "step": step, "loss": loss},
-                                 checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+                    (Path(d) / _DONE).write_text(json.dumps(done))
+                has_files = any(Path(d).iterdir())
+                ray.train.report({"job": job.key(), "name": job.name, **metrics, "keep": _keep_score(metrics)},
+                                 checkpoint=Checkpoint.from_directory(d) if has_files else None,
+                                 checkpoint_dir_name=name)
+
+        def on_checkpoint(step: int, loss: float, save, report=report, job=job) -> None:
+            # One name for every rank's part (under DeepSpeed each rank adds its optimizer partition).
+            report({"step": step, "loss": loss, "final": 0}, fill=save,
+                   name=f"resume-{job.name.replace('/', '_')}-{job.key()}-step{step}")
 
         mine = resume if resume_job == job.key() else None
-        run_train_job(job, rank=rank, world_size=world, resume=mine, on_checkpoint=on_checkpoint,
-                      checkpoint_every=int(config["checkpoint_every"]),
-                      fail_at_step=fail_at if ckpt is None else 0,
-                      log=_say if rank == 0 else None,
-                      strategy=config.get("strategy", "ddp"))
+        with tempfile.TemporaryDirectory(prefix="clsvc-adapter-") as staging:
+            adapter = Path(staging) / _ADAPTER
+            run_train_job(job, rank=rank, world_size=world, resume=mine, on_checkpoint=on_checkpoint,
+                          checkpoint_every=int(config["checkpoint_every"]),
+                          fail_at_step=fail_at if ckpt is None else 0,
+                          log=_say if rank == 0 else None,
+                          strategy=config.get("strategy", "ddp"), device=device, dest=adapter)
+            done.append(job.key())
+            report({"final": 1}, fill=(lambda d: shutil.move(str(adapter), Path(d) / _ADAPTER)) if rank == 0 else None,
+                   name=f"final-{job.name.replace('/', '_')}-{job.key()}")
+        resume = None
+
+
+#: Checkpoint layout: the finished adapter's folder, and the keys of the jobs a worker group has finished.
+_ADAPTER = "adapter"
+_DONE = "done.json"
+
+
+def _keep_score(metrics: dict[str, Any]) -> float:
+    """Retention score: every final adapter outranks every in-training checkpoint, and a later in-training
+    checkpoint outranks an earlier one, so ``num_to_keep = jobs + 1`` keeps all adapters and the latest
+    resume point."""
+    return (1e12 if metrics.get("final") else 0.0) + time.time()
 
 
 def _say(message: str) -> None:
@@ -74,7 +115,8 @@ def _say(message: str) -> None:
 
 def _scaling(cfg: RayCfg) -> ScalingConfig:
     return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                         resources_per_worker={"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {}))
+                         resources_per_worker={"CPU": cfg.cpus_per_worker}
+                         | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}))
 
 
 def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str] | None = None) -> TorchTrainer:
@@ -93,6 +135,10 @@ def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             # every finished adapter (scored above any resume point) + the latest resume point
+                             checkpoint_config=CheckpointConfig(num_to_keep=len(jobs) + 1,
+                                                                checkpoint_score_attribute="keep",
+                                                                checkpoint_score_order="max"),
                              worker_runtime_env={"env_vars": env or {}}),
     )
 
@@ -115,26 +161,57 @@ class RayTrainer:
                 for r in not_ready:
                     ray.cancel(r, force=True)
                 raise TimeoutError(f"{len(not_ready)} training job(s) did not finish in {self.cfg.timeout_s:.0f} s")
-            for name, ref in refs.items():
-                times[name] = ray.get(ref)
+            for job in jobs:
+                seconds, finals = ray.get(refs[job.name])
+                collect_adapters([job], finals)
+                times[job.name] = seconds
             return times
-        total = _fit(jobs, self.cfg, self.storage, self.env)
-        return {"+".join(j.name for j in jobs) if len(jobs) > 1 else jobs[0].name: total}
+        seconds, finals = _fit(jobs, self.cfg, self.storage, self.env)
+        collect_adapters(jobs, finals)
+        return {"+".join(j.name for j in jobs) if len(jobs) > 1 else jobs[0].name: seconds}
 
 
-def _fit(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str]) -> float:
-    from cl_service.adapters.registry import is_complete
-
+def _fit(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str]
+         ) -> tuple[float, list[tuple[Checkpoint, dict[str, Any]]]]:
+    """Train ``jobs`` in one worker group; seconds taken and the final-adapter checkpoints (with metrics)."""
     t0 = time.perf_counter()
     result = make_trainer(jobs, cfg, storage, env).fit()
     if result.error is not None:
         raise RuntimeError(f"training of {[j.name for j in jobs]} failed: {result.error}")
+    finals = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("final")]
+    return time.perf_counter() - t0, finals
+
+
+def collect_adapters(jobs: list[TrainJob], finals: list[tuple[Checkpoint, dict[str, Any]]]) -> None:
+    """Copy each job's finished adapter from its checkpoint (under ``ray.storage_path``: a local folder, NFS
+    or ``s3://``) into the job's ``out_dir`` on this machine, verified by its checksums, atomically; then
+    delete that checkpoint (the adapter now lives in the results folder)."""
+    from cl_service.adapters.registry import AdapterError, commit_dir, publish_dir, read_adapter
+
+    by_key = {m["job"]: c for c, m in finals}
     for job in jobs:
-        if not is_complete(job.out_dir, job.key()):
-            raise RuntimeError(f"training job {job.name} finished but its adapter {job.out_dir} is not complete")
-    return time.perf_counter() - t0
+        ckpt = by_key.get(job.key())
+        if ckpt is None:
+            raise RuntimeError(f"training job {job.name} finished but reported no adapter checkpoint")
+        stage = publish_dir(job.out_dir)
+        with ckpt.as_directory() as d:
+            src = Path(d) / _ADAPTER
+            if not src.is_dir():
+                raise RuntimeError(f"the checkpoint of {job.name} ({ckpt.path}) holds no adapter folder")
+            for f in src.iterdir():
+                shutil.copy2(f, stage / f.name)
+        try:
+            read_adapter(stage, job.key())
+        except AdapterError as e:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise RuntimeError(f"the adapter of {job.name} did not arrive intact: {e}") from None
+        commit_dir(stage, job.out_dir)
+        try:
+            ckpt.filesystem.delete_dir(ckpt.path)
+        except OSError:
+            pass  # storage that refuses deletes keeps a copy; the results folder has the adapter
 
 
 @ray.remote(num_cpus=0)
-def _fit_remote(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str]) -> float:
+def _fit_remote(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str]):
     return _fit(jobs, cfg, storage, env)

@@ -126,6 +126,11 @@ class Catalog:
     def run_setting(self, section: str, key: str, default: Any) -> Any:
         return self.resolved.get("config", {}).get(section, {}).get(key, default)
 
+    def base_settings(self) -> dict[str, Any]:
+        """How to load the run's base for serving, as the run evaluated it: its prompt style and dtype
+        (``base_dtype`` of ``config.resolved.json``; None: the checkpoint's own)."""
+        return {"dtype": self.resolved.get("base_dtype"), "prompt_style": self.run_setting("base", "prompt_style", "auto")}
+
 
 @dataclass(frozen=True)
 class Limits:

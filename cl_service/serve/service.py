@@ -49,7 +49,7 @@ class RunModel:
         if engine is None:
             from cl_service.engine.engine import Engine
 
-            engine = Engine(self.catalog.resolved["base"], device=device)
+            engine = Engine(self.catalog.resolved["base"], device=device, **self.catalog.base_settings())
             engine.max_new_tokens = int(self.catalog.run_setting("eval", "max_new_tokens", engine.max_new_tokens))
             engine.router_max_new_tokens = int(self.catalog.run_setting("router", "max_new_tokens",
                                                                         engine.router_max_new_tokens))

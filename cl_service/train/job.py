@@ -51,11 +51,23 @@ class TrainJob:
     seed: int = 0
     orth_lambda: float = 0.0   # kind "olora" with init_adapter: grow it by one block, orthogonality penalty
     moe_experts: int = 0       # kind "moelora": LoRA experts per Linear (token-gated), continued from init_adapter
+    base_dtype: str | None = None  # the base's dtype while training (None: the checkpoint's own)
+    prompt_style: str = "auto"     # BaseCfg.prompt_style: how samples become prompts and pixels
 
     def _fields(self) -> dict:
         d = to_dict(self)
         if not d["moe_experts"]:  # fields added later hash only when set: older results keep their keys
             d.pop("moe_experts")
+        if d["base_dtype"] is None:
+            d.pop("base_dtype")
+        if d["prompt_style"] == "auto":
+            d.pop("prompt_style")
+        # Training options added later hash only off their CPU values (what every earlier run used).
+        for k, plain in (("lora_fp32_inputs", True), ("fused_optimizer", False), ("activation_checkpointing", False)):
+            if d["train"].get(k) in (plain, None):
+                d["train"].pop(k, None)
+        if d["train"].get("autocast") == "auto":
+            d["train"]["autocast"] = "none" if self.base_dtype in (None, "float32") else "auto"
         for part in d["parts"]:
             for k in ("augment", "swap_images"):
                 if not part[k]:

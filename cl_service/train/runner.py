@@ -20,15 +20,17 @@ import torch
 from transformers.utils import logging as _hf_logging
 from safetensors.torch import load_file, save_file
 
-from cl_service.adapters.lora import attach_lora, load_adapter, save_adapter
+from cl_service.adapters.lora import attach_lora, load_adapter, save_adapter, set_input_casting
 from cl_service.adapters.registry import ADAPTER_META, commit_dir, finalize_adapter, publish_dir, read_adapter
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.train.job import TrainJob, load_parts
-from cl_service.train.loop import Batches, TrainState, train_steps
+from cl_service.train.loop import Batches, Prefetched, TrainState, train_steps
 
 ADAPTER_NAME = "job"  # not "train": peft adapter names become module attributes
 _WEIGHTS = "trainable.safetensors"
 _STATE = "train_state.pt"
+_ZERO = "zero_optimizer_rank{rank}.pt"
+_RNG = "rng_rank{rank}.pt"
 
 _hf_logging.disable_progress_bar()  # one bar per adapter load floods job logs
 
@@ -56,18 +58,34 @@ def _trainable(mllm: MLLM) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in mllm.model.named_parameters() if p.requires_grad}
 
 
-def save_resume(folder: str | Path, mllm: MLLM, state: TrainState) -> None:
-    """Write what a resumed run needs: the trainable weights and the :class:`TrainState`."""
+def save_resume(folder: str | Path, mllm: MLLM, state: TrainState, rank: int = 0, zero_engine: Any = None) -> None:
+    """Write what a resumed run needs: (rank 0) the trainable weights and the :class:`TrainState`; every
+    rank its RNG state and, under DeepSpeed (``zero_engine``), its partition of the optimizer. Every rank calls it
+    with its own folder; Ray Train merges the ranks' folders into one checkpoint."""
     folder = Path(folder)
-    save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(mllm).items()}, str(folder / _WEIGHTS))
-    state.save(folder / _STATE)
+    if rank == 0:
+        save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(mllm).items()}, str(folder / _WEIGHTS))
+        state.save(folder / _STATE)
+    # Each rank's own RNG (dropout): ranks draw different amounts (their batches differ in length).
+    torch.save(state.rng, folder / _RNG.format(rank=rank))
+    if zero_engine is not None:
+        from cl_service.train.zero import zero_optimizer_state
+
+        torch.save(zero_optimizer_state(zero_engine), folder / _ZERO.format(rank=rank))
 
 
-def load_resume(folder: str | Path) -> dict[str, Any] | None:
+def load_resume(folder: str | Path, rank: int = 0) -> dict[str, Any] | None:
     folder = Path(folder)
     if not (folder / _WEIGHTS).is_file() or not (folder / _STATE).is_file():
         return None
-    return {"weights": load_file(str(folder / _WEIGHTS)), "state": TrainState.load(folder / _STATE)}
+    out = {"weights": load_file(str(folder / _WEIGHTS)), "state": TrainState.load(folder / _STATE)}
+    rng = folder / _RNG.format(rank=rank)
+    if rng.is_file():
+        out["state"].rng = torch.load(rng, weights_only=False)
+    zero = folder / _ZERO.format(rank=rank)
+    if zero.is_file():
+        out["zero_optimizer"] = torch.load(zero, weights_only=False, map_location="cpu")
+    return out
 
 
 def _rank_share(samples: list, rank: int, world: int) -> list:
@@ -83,15 +101,29 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
                   on_checkpoint: Callable[[int, float, Callable[[str], None]], None] | None = None,
                   checkpoint_every: int = 0, fail_at_step: int = 0,
                   log: Callable[[str], None] | None = None,
-                  on_done: Callable[[MLLM], None] | None = None, strategy: str = "ddp") -> TrainState:
-    """Train the job's adapter and (rank 0) publish it to ``job.out_dir``. Returns the final state.
+                  on_done: Callable[[MLLM], None] | None = None, strategy: str = "ddp",
+                  device: str | torch.device | None = None, dest: str | Path | None = None) -> TrainState:
+    """Train the job's adapter and (rank 0) publish it to ``dest`` (default ``job.out_dir``). Returns the
+    final state.
 
-    ``strategy``: ``ddp`` (DistributedDataParallel when ``world_size > 1``) or ``deepspeed`` (ZeRO-2,
-    :mod:`cl_service.train.zero`; needs an initialised process group)."""
+    ``device``: where the base and the adapter live (a Ray Train worker's ``ray.train.torch.get_device()``;
+    None = the CPU); the base is loaded in ``job.base_dtype``. ``strategy``: ``ddp``
+    (DistributedDataParallel when ``world_size > 1``) or ``deepspeed`` (ZeRO-2, :mod:`cl_service.train.zero`;
+    needs an initialised process group). ``train_log.json`` in the published folder records the loss of
+    every step, the step times and the tokens of every step (so tokens/s inside the run)."""
     if strategy not in ("ddp", "deepspeed"):
         raise ValueError(f"unknown strategy {strategy!r}; known: ddp, deepspeed")
     t0 = time.perf_counter()
-    mllm = load_mllm(job.base_path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    mllm = load_job_base(job, device)
+    load_s = time.perf_counter() - t0
+    if job.train.activation_checkpointing:
+        mllm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     penalty = None
     if job.kind == "olora" and job.init_adapter:
         from cl_service.adapters.olora import grow_lora
@@ -109,6 +141,8 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         params = load_adapter(mllm, job.init_adapter, ADAPTER_NAME, trainable=True)
     else:
         params = attach_lora(mllm, job.lora, ADAPTER_NAME, seed=job.seed)
+    if job.train.lora_fp32_inputs is False or (job.train.lora_fp32_inputs is None and _autocast_on(job, device)):
+        set_input_casting(mllm, False)
     state = None
     resumed_from = 0
     if resume is not None:
@@ -124,47 +158,101 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         if log:
             log(f"{job.name}: resuming from step {resumed_from}")
     samples = _rank_share(load_parts(job), rank, world_size)
-    batches = Batches(samples, lambda b: mllm.collate(b, train=True), job.train.batch_size, seed=job.train.seed + job.seed)
+    batches: Any = Batches(samples, lambda b: mllm.collate(b, train=True), job.train.batch_size,
+                           seed=job.train.seed + job.seed)
+    if device.type == "cuda":  # decode and collate the next micro-batches while the GPU runs this one
+        batches = Prefetched(batches)
+    batches = _Counted(batches)
     model: Any = mllm if penalty is None else _LossModule(mllm, penalty)
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(_LossModule(mllm, penalty), broadcast_buffers=False)
+    if world_size > 1 and strategy == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(
+            _LossModule(mllm, penalty), device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    clock = {"t": time.perf_counter(), "tokens": 0}
+    step_s: list[float] = []
+    step_tokens: list[int] = []
 
     def on_step(st: TrainState) -> None:
+        now = time.perf_counter()
+        step_s.append(now - clock["t"])
+        step_tokens.append(batches.tokens - clock["tokens"])
+        clock["t"], clock["tokens"] = now, batches.tokens
         if fail_at_step and st.step == fail_at_step:
             # Test hook: die like a killed worker. The pause lets Ray Train's controller register the
             # last reported checkpoint first (it polls workers), as it would for a kill at any later time.
             time.sleep(3)
             os._exit(17)
         if on_checkpoint and checkpoint_every and st.step % checkpoint_every == 0 and st.step < st.total_steps:
-            on_checkpoint(st.step, st.losses[-1], lambda d: save_resume(d, mllm, st))
+            on_checkpoint(st.step, st.losses[-1], lambda d: save_resume(d, mllm, st, rank, zero.get("engine")))
+            clock["t"] = time.perf_counter()  # the checkpoint's write is not a training step
         if log and (st.step % 20 == 0 or st.step == st.total_steps):
             log(f"{job.name}: step {st.step}/{st.total_steps} loss {st.losses[-1]:.4f}")
 
+    zero: dict[str, Any] = {}  # the DeepSpeed engine, once built (its optimizer goes into checkpoints)
+    t_train = time.perf_counter()
     if strategy == "deepspeed":
         from cl_service.train.zero import train_steps_zero
 
-        state = train_steps_zero(_LossModule(mllm, penalty), batches, params, job.train, state, on_step)
+        state = train_steps_zero(_LossModule(mllm, penalty), batches, params, job.train, state, on_step,
+                                 optimizer_state=resume.get("zero_optimizer") if resume else None,
+                                 on_engine=lambda e: zero.__setitem__("engine", e))
     else:
         state = train_steps(model, batches, params, job.train, state, on_step)
+    train_s = time.perf_counter() - t_train
     if rank == 0:
-        stage = publish_dir(job.out_dir)
+        final = Path(dest) if dest is not None else Path(job.out_dir)
+        stage = publish_dir(final)
         if job.kind == "moelora":
             from cl_service.adapters.moelora import save_moelora
 
             save_moelora(mllm, stage)
         else:
             save_adapter(mllm, stage, ADAPTER_NAME)
+        timed = step_s[2:] if len(step_s) > 4 else step_s  # the first steps warm up kernels and caches
+        tokens_per_s = (sum(step_tokens[len(step_s) - len(timed):]) * world_size / sum(timed)) if timed else None
         (stage / "train_log.json").write_text(json.dumps(
             {"job": job.name, "steps": state.step, "losses": state.losses, "samples": len(samples) * world_size,
              "world_size": world_size, "resumed_from_step": resumed_from,
-             "seconds": round(time.perf_counter() - t0, 3)}))
+             "seconds": round(time.perf_counter() - t0, 3), "load_seconds": round(load_s, 3),
+             "train_seconds": round(train_s, 3), "device": str(device), "dtype": str(mllm.dtype).replace("torch.", ""),
+             "step_seconds": [round(x, 5) for x in step_s], "step_tokens": step_tokens,
+             "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+             "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
+             "train": {"autocast": job.train.autocast, "lora_fp32_inputs": job.train.lora_fp32_inputs,
+                       "fused_optimizer": job.train.fused_optimizer,
+                       "activation_checkpointing": job.train.activation_checkpointing, "strategy": strategy}}))
         finalize_adapter(stage, id=adapter_id(job), kind=job.kind, task=job.task, description=job.description,
                          base=job.base_path, job_key=job.key(),
                          extra={"router_pool": list(job.router_pool.experts) if job.router_pool else None})
-        commit_dir(stage, job.out_dir)
+        commit_dir(stage, final)
     if on_done is not None:
         on_done(mllm)
     return state
+
+
+def _autocast_on(job: TrainJob, device: torch.device) -> bool:
+    a = job.train.autocast
+    return a == "bfloat16" or (a == "auto" and device.type == "cuda")
+
+
+def load_job_base(job: TrainJob, device: torch.device) -> MLLM:
+    """The job's frozen base on ``device``, in ``job.base_dtype`` (None: the checkpoint's own dtype)."""
+    return load_mllm(job.base_path, dtype=job.base_dtype, device=device, prompt_style=job.prompt_style)
+
+
+class _Counted:
+    """Micro-batches passed through, counting their (unpadded) tokens as they are consumed."""
+
+    def __init__(self, batches: Any) -> None:
+        self.inner, self.tokens = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def epoch(self, epoch: int, start: int = 0):
+        for b in self.inner.epoch(epoch, start):
+            self.tokens += int(b["attention_mask"].sum())
+            yield b
 
 
 def clone_adapter(src: TrainJob, dst: TrainJob) -> None:

@@ -3,8 +3,8 @@
 Same data order, schedule, clipping, accumulation and :class:`TrainState` as the plain loop; the
 DeepSpeed engine partitions gradients and AdamW state across the data-parallel ranks (ZeRO stage 2)
 and does the all-reduce. Needs an initialised ``torch.distributed`` group (a Ray Train worker, or
-torchrun). Resuming restores the weights, step, schedule position and data position; the AdamW moments
-are partitioned per rank and restart from zero after a resume.
+torchrun). Resuming restores the weights, step, schedule position and data position, and each rank's
+partition of the optimizer (AdamW moments and fp32 master weights) from :func:`zero_optimizer_state`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,21 @@ def zero2_config(cfg: TrainCfg) -> dict[str, Any]:
     }
 
 
+def zero_optimizer_state(engine: Any) -> dict[str, Any]:
+    """This rank's partition of the ZeRO-2 optimizer (moments, fp32 master weights, loss scaler)."""
+    return engine.optimizer.state_dict()
+
+
 def train_steps_zero(module: torch.nn.Module, batches: Any, params: Sequence[torch.nn.Parameter], cfg: TrainCfg,
                      state: TrainState | None = None,
-                     on_step: Callable[[TrainState], bool | None] | None = None) -> TrainState:
-    """Optimise ``params`` of ``module`` (``module(batch) -> loss``) under a ZeRO-2 engine."""
+                     on_step: Callable[[TrainState], bool | None] | None = None,
+                     optimizer_state: dict[str, Any] | None = None,
+                     on_engine: Callable[[Any], None] | None = None) -> TrainState:
+    """Optimise ``params`` of ``module`` (``module(batch) -> loss``) under a ZeRO-2 engine.
+
+    ``optimizer_state``: this rank's :func:`zero_optimizer_state` saved at the checkpoint ``state`` comes
+    from (restored after the engine is built). ``on_engine(engine)`` hands the engine to the caller, which
+    needs it to save that state at its checkpoints."""
     import deepspeed
     import deepspeed.comm.torch as ds_torch
 
@@ -54,6 +65,15 @@ def train_steps_zero(module: torch.nn.Module, batches: Any, params: Sequence[tor
         sched.load_state_dict(state.scheduler)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                            config=zero2_config(cfg), dist_init_required=False)
+    if optimizer_state is not None:
+        import torch.distributed as dist
+
+        # Rigid (non-elastic) ZeRO checkpoints: each rank reads the entry of its own data-parallel rank.
+        parts: list[Any] = [None] * dist.get_world_size()
+        parts[dist.get_rank()] = optimizer_state
+        engine.optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
+    if on_engine is not None:
+        on_engine(engine)
     if fresh or state.rng is None:
         torch.manual_seed(cfg.seed)
     else:

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cl_service.adapters.lora import LoraCfg
 from cl_service.adapters.registry import read_adapter
@@ -44,6 +45,14 @@ def test_two_gloo_workers_train_and_a_killed_worker_resumes_from_checkpoint(ray_
     assert all(l == l and l < 1e4 for l in log["losses"])  # finite
     # Progress reaches the worker logs (which Ray forwards to the job log) once per line, not twice.
     assert _worker_log_count(ray_local, "expert/Med: step 2/2 loss") - before == 1
+    # The adapters came back through Ray Train checkpoints (the workers never wrote the results folder),
+    # and those checkpoints were removed once copied.
+    assert not list((tmp_path / "storage").rglob("final-*/adapter"))
+    # Resumed = uninterrupted: weights, optimizer, data position and each rank's RNG (LoRA dropout) restored.
+    whole = job.replace(out_dir=str(tmp_path / "uninterrupted"))
+    RayTrainer(cfg, str(tmp_path / "storage2")).fit([whole])
+    ref = json.loads(open(f"{whole.out_dir}/train_log.json").read())
+    assert ref["resumed_from_step"] == 0 and log["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
 
 
 def test_deepspeed_zero2_trains_on_two_gloo_workers_and_resumes(ray_local, tmp_path, tiny_base, dcl_shards):
@@ -60,3 +69,14 @@ def test_deepspeed_zero2_trains_on_two_gloo_workers_and_resumes(ray_local, tmp_p
     assert log["world_size"] == 2 and log["resumed_from_step"] == 2
     assert log["steps"] == 4 and all(l == l and l < 1e4 for l in log["losses"])
     assert log["losses"][0] != log["losses"][-1]  # it trained
+    # The ZeRO-2 optimizer partitions (AdamW moments, fp32 master weights) come back with the resume: the
+    # killed-and-resumed run ends where an uninterrupted one does, loss for loss and weight for weight.
+    whole = job.replace(out_dir=str(tmp_path / "uninterrupted"))
+    RayTrainer(cfg, str(tmp_path / "storage2")).fit([whole])
+    ref = json.loads(open(f"{whole.out_dir}/train_log.json").read())
+    assert ref["resumed_from_step"] == 0
+    assert log["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(next(Path(d).glob("*.safetensors"))) for d in (job.out_dir, whole.out_dir))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)

@@ -11,9 +11,9 @@ from cl_service.train.job import DataPart, TrainJob
 from cl_service.train.loop import TrainCfg
 
 
-def _job(**kw):
+def _job(train=None, **kw):
     return TrainJob(name="expert/RS", kind="expert", task="RS", out_dir="/x/e", base_path="/b", dataset="/d",
-                    parts=(DataPart("RS"),), lora=LoraCfg(rank=4), train=TrainCfg(max_steps=3), **kw)
+                    parts=(DataPart("RS"),), lora=LoraCfg(rank=4), train=train or TrainCfg(max_steps=3), **kw)
 
 
 def test_a_job_that_does_not_use_moelora_keeps_the_key_it_had_before_the_field_existed(monkeypatch):
@@ -21,6 +21,10 @@ def test_a_job_that_does_not_use_moelora_keeps_the_key_it_had_before_the_field_e
     j = _job()
     d = to_dict(j)
     del d["moe_experts"]  # what key() hashed before moelora was added
+    del d["base_dtype"], d["prompt_style"]  # ... before the base's dtype and prompt style were run settings
+    for k in ("lora_fp32_inputs", "fused_optimizer", "activation_checkpointing"):
+        del d["train"][k]  # ... and before the GPU training options were
+    d["train"]["autocast"] = "none"  # ... whose CPU value 'auto' stands for
     for part in d["parts"]:
         del part["augment"]  # ... and before router data could be augmented
         del part["swap_images"]  # ... or carry swapped images
@@ -35,3 +39,17 @@ def test_augmented_router_data_is_another_adapter(monkeypatch):
     monkeypatch.setattr(job_mod, "_dataset_fingerprint", lambda path: "fp")
     plain, aug = _job(), _job().replace(parts=(DataPart("RS", augment=1),))
     assert aug.key() != plain.key() and aug.weights_key() != plain.weights_key()
+
+
+def test_cpu_resolved_training_options_keep_the_old_key_and_gpu_ones_change_it(monkeypatch):
+    from cl_service.train.loop import resolve_train_cfg
+
+    monkeypatch.setattr(job_mod, "_dataset_fingerprint", lambda path: "fp")
+    old = _job(train=TrainCfg(max_steps=3, autocast="none"))
+    cpu = _job(train=resolve_train_cfg(TrainCfg(max_steps=3), gpu=False))
+    gpu = _job(train=resolve_train_cfg(TrainCfg(max_steps=3), gpu=True), base_dtype="bfloat16")
+    assert cpu.train.autocast == "none" and cpu.train.lora_fp32_inputs is True and cpu.train.fused_optimizer is False
+    assert gpu.train.autocast == "bfloat16" and gpu.train.lora_fp32_inputs is False and gpu.train.fused_optimizer
+    assert cpu.key() == old.key() and cpu.weights_key() == old.weights_key()
+    assert gpu.key() != cpu.key() and gpu.weights_key() != cpu.weights_key()
+    assert _job(base_dtype="bfloat16").key() != old.key()
