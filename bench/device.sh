@@ -5,6 +5,8 @@
 #   bash bench/device.sh serve    # H100: two-stage serving (~4 min)
 #   bash bench/device.sh x2       # 2 GPUs: 1 GPU vs DDP vs two experts at once
 #   bash bench/device.sh serve_ray  # H100: two-stage serving through Ray Serve's gRPC proxy (~7 min)
+#   bash bench/device.sh real       # clsvc run + clsvc serve on a 7B-shaped llava-hf base (bench/real_run.py)
+#   bash bench/device.sh gpu_tests  # tests/gpu + bench.train's ray/inproc anchor
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 DS_BUILD_OPS=0 \
@@ -37,6 +39,11 @@ case "${1:-train}" in
     timeout 480 python3 -m bench.serve --out "$OUT/serve.json" ${SERVE_ARGS:-} ;;
   serve_ray)
     timeout 560 python3 -m bench.serve_ray --out "$OUT/serve_ray.json" ${SERVE_ARGS:-} ;;
+  real)  # the product path on one GPU: clsvc run + clsvc serve at LLaVA-1.5-7B shape (~8 min)
+    timeout 570 python3 -m bench.real_run --out "$OUT/real_run.json" --run-timeout 420 ${REAL_ARGS:-} ;;
+  gpu_tests)  # tests/gpu (the fast paths and the 2-task stream on the GPU) + the training anchor
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+    timeout 250 python3 -m bench.train --suite h100 --only ray,inproc --timeout 110 --out "$OUT/train_anchor.json" ;;
   x2)
     timeout 560 python3 -m bench.train --suite x2 --timeout 240 --out "$OUT/train_x2.json" ;;
   *) echo "unknown suite $1"; exit 2 ;;

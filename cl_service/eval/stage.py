@@ -121,7 +121,8 @@ def evaluate_stage(method: Any, ctx: StageContext, tests: dict[str, list[Sample]
     rec = {"method": name, "stage": ctx.stage, "task": task, "tasks": list(tasks), "row": row,
            "router_accuracy": routed, "router_seconds": rs["seconds"], "router_requests": rs["requests"],
            "fallbacks": fallbacks, "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
-           "adapters": {rel_path(p, out): adapter_digest(p) for p in engine.used_adapters()}}
+           "adapters": {rel_path(p, out): adapter_digest(p) for p in engine.used_adapters()},
+           "device": str(engine.mllm.device)}
     engine.reset_used()
     return StageResult(rec, predictions)
 

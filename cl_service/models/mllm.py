@@ -531,8 +531,11 @@ def load_mllm(path: str | Path, dtype: str | None = None, device: str | torch.de
             vision_feature_layer=hf.vision_feature_layer if isinstance(hf.vision_feature_layer, int) else -2,
             dtype=dtype or "float32")
     cfg = ModelCfg.from_dict({**json.loads(cfg.to_json()), "path": str(path), **({"dtype": dtype} if dtype else {})})
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_dtype(cfg.dtype), local_files_only=True)
-    if device is not None:
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    # On a GPU the weights go straight to it (a 7B base is 14 GB: no second copy through host memory).
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_dtype(cfg.dtype), local_files_only=True,
+                                                          **({"device_map": {"": torch.device(device)}} if on_gpu else {}))
+    if device is not None and not on_gpu:
         model.to(device)
     model.eval().requires_grad_(False)
     prompt, tokenizer = load_format(resolve_style(path, prompt_style), path)

@@ -20,7 +20,7 @@ import torch
 from transformers.utils import logging as _hf_logging
 from safetensors.torch import load_file, save_file
 
-from cl_service.adapters.lora import attach_lora, load_adapter, save_adapter, set_input_casting
+from cl_service.adapters.lora import attach_lora, load_adapter, remove_lora, save_adapter, set_input_casting
 from cl_service.adapters.registry import ADAPTER_META, commit_dir, finalize_adapter, publish_dir, read_adapter
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.train.job import TrainJob, load_parts
@@ -120,7 +120,7 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
-    mllm = load_job_base(job, device)
+    mllm = _acquire_base(job, device)
     load_s = time.perf_counter() - t0
     if job.train.activation_checkpointing:
         mllm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -227,6 +227,7 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         commit_dir(stage, final)
     if on_done is not None:
         on_done(mllm)
+    _release_base(job, device, mllm, reusable=job.kind != "moelora" and strategy != "deepspeed")
     return state
 
 
@@ -238,6 +239,40 @@ def _autocast_on(job: TrainJob, device: torch.device) -> bool:
 def load_job_base(job: TrainJob, device: torch.device) -> MLLM:
     """The job's frozen base on ``device``, in ``job.base_dtype`` (None: the checkpoint's own dtype)."""
     return load_mllm(job.base_path, dtype=job.base_dtype, device=device, prompt_style=job.prompt_style)
+
+
+#: The base of the last job this process trained, kept for the next (a Ray Train worker trains every job of
+#: a stage in turn; at 7B each load moves 14 GB). One entry: ``key -> (MLLM, folder fingerprint)``.
+_BASE_CACHE: dict[tuple, tuple[MLLM, tuple]] = {}
+
+
+def _base_key(job: TrainJob, device: torch.device) -> tuple:
+    return (str(Path(job.base_path).resolve()), job.base_dtype, str(device), job.prompt_style)
+
+
+def _folder_fingerprint(path: str) -> tuple:
+    """Names, sizes and modification times of a checkpoint folder's files: a base rebuilt in place differs."""
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(path).iterdir() if f.is_file()))
+
+
+def _acquire_base(job: TrainJob, device: torch.device) -> MLLM:
+    hit = _BASE_CACHE.pop(_base_key(job, device), None)
+    _BASE_CACHE.clear()  # another base, dtype or device: let the old one go before loading
+    if hit is not None and hit[1] == _folder_fingerprint(job.base_path):
+        return hit[0]
+    return load_job_base(job, device)
+
+
+def _release_base(job: TrainJob, device: torch.device, mllm: MLLM, reusable: bool) -> None:
+    """Strip the job's adapter and keep the plain base for the next job of this process (peft LoRA jobs; a
+    MoE-LoRA's hooks and a DeepSpeed engine's changes to the module are not undone, so their base is dropped)."""
+    if not reusable:
+        return
+    remove_lora(mllm)
+    if job.train.activation_checkpointing:
+        mllm.model.gradient_checkpointing_disable()
+    mllm.model.eval().requires_grad_(False)
+    _BASE_CACHE[_base_key(job, device)] = (mllm, _folder_fingerprint(job.base_path))
 
 
 class _Counted:
