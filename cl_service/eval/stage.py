@@ -143,13 +143,18 @@ def eval_uses_gpu(cfg: Any) -> bool:
 
 def default_engine(base_path: str, cfg: Any, device: str | None = None):
     """The engine of an evaluating process: the base in the run's dtype
-    (:func:`cl_service.models.placement.resolve_base_dtype`) on ``device`` (None: CPU)."""
+    (:func:`cl_service.models.placement.resolve_base_dtype`) on ``device`` (None: CPU). On a GPU it answers
+    through the stacked multi-adapter path and the fused kernels (the serving engine's fast path, within one
+    bf16 step of peft's); the CPU keeps peft's own path, bit for bit what earlier runs computed."""
+    import torch
+
     from cl_service.engine import Engine
     from cl_service.models.mllm import load_mllm
     from cl_service.models.placement import resolve_base_dtype
 
+    gpu = device is not None and torch.device(device).type == "cuda"
     return Engine(load_mllm(base_path, dtype=resolve_base_dtype(cfg), device=device,
-                            prompt_style=cfg.base.prompt_style), cfg)
+                            prompt_style=cfg.base.prompt_style), cfg, fused_lora=gpu)
 
 
 class StageEvaluator:
