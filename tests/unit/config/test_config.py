@@ -36,6 +36,8 @@ def test_shipped_workload_configs_load():
     for name in ("dcl_mini", "acl_mini"):
         cfg = load_run_cfg(f"workloads/configs/{name}.yaml")
         assert cfg.data.benchmark == name.replace("_", "-")
+    gpu = load_run_cfg("workloads/configs/dcl_7b_gpu.yaml")
+    assert gpu.ray.use_gpu and gpu.ray.gpus_per_worker + gpu.eval.num_gpus <= 1.0 and gpu.expert.lora.rank == 128
 
 
 def test_registry_rejects_duplicates_and_lists_known():
