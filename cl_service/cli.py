@@ -143,7 +143,13 @@ def _cmd_base_build(a: argparse.Namespace) -> int:
     from cl_service.models.store import base_path, build_base
 
     if a.force:
-        shutil.rmtree(a.out or base_path(a.profile), ignore_errors=True)
+        target = Path(a.out or base_path(a.profile))
+        # --force deletes a base this command built (its base.json), or an empty folder: never anything else.
+        if target.exists() and not (target / "base.json").is_file() and any(target.iterdir()):
+            print(f"error: --force would delete {target}, which is not a base built by 'clsvc base build' "
+                  "(no base.json); delete it yourself or pick another --out", file=sys.stderr)
+            return 2
+        shutil.rmtree(target, ignore_errors=True)
     path = build_base(a.profile, out=a.out, steps=a.steps, seed=a.seed, progress=True)
     print(f"base model ready: {path}")
     return 0
@@ -277,9 +283,53 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _first_line(obj: object) -> str:
+    """A registered object's one-line description: its summary, its docstring, or its module's docstring."""
+    import sys as _sys
+
+    doc = getattr(obj, "summary", None) or getattr(obj, "__doc__", None)
+    if not doc or doc.startswith(getattr(obj, "__name__", "?") + "("):  # none, or a dataclass's signature
+        doc = getattr(_sys.modules.get(getattr(obj, "__module__", "")), "__doc__", None) or ""
+    line = " ".join(str(doc).strip().split("\n\n")[0].split())
+    return line if len(line) <= 110 else line[:107].rsplit(" ", 1)[0] + " ..."
+
+
+def _cmd_ls(a: argparse.Namespace) -> int:
+    """The registries' names with a one-line description each."""
+    if a.what == "methods":
+        from cl_service.methods import METHODS as reg
+    elif a.what == "benchmarks":
+        from cl_service.data.synth import BENCHMARKS as reg
+    elif a.what == "scorers":
+        from cl_service.eval.scorers import SCORERS as reg
+    elif a.what == "routers":
+        import cl_service.routers.nearest  # noqa: F401  (each router kind registers on import)
+        import cl_service.routers.prototype  # noqa: F401
+        import cl_service.routers.ridge  # noqa: F401
+        from cl_service.routers.base import ROUTERS as reg
+    else:
+        from cl_service.models.config import PROFILES as reg
+    for name in reg.names():
+        obj = reg.get(name)
+        if a.what == "profiles":
+            line = (f"{obj.image_size} px / {obj.patch_size} px patches, decoder {obj.text_layers}x{obj.text_hidden}, "
+                    f"vision {obj.vision_layers}x{obj.vision_hidden}, {obj.dtype}")
+        else:
+            line = _first_line(obj)
+        print(f"{name:16s} {line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cl_service import __version__
+
     p = argparse.ArgumentParser(prog="clsvc", description="cl-service: continual learning of multimodal LLMs")
+    p.add_argument("--version", action="version", version=f"clsvc {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("ls", help="list what the registries hold: methods, benchmarks, scorers, routers, profiles")
+    s.add_argument("what", choices=("methods", "benchmarks", "scorers", "routers", "profiles"))
+    s.set_defaults(func=_cmd_ls)
 
     data = sub.add_parser("data", help="task streams as Arrow shards").add_subparsers(dest="data_cmd", required=True)
     s = data.add_parser("synth", help="generate a built-in benchmark into shards")

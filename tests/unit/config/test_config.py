@@ -47,3 +47,28 @@ def test_registry_rejects_duplicates_and_lists_known():
         r.register("a", 2)
     with pytest.raises(UnknownName, match="unknown thing 'b'; known: a"):
         r.get("b")
+
+
+def test_clsvc_ls_lists_every_registry_with_descriptions(capsys):
+    from cl_service.cli import main
+
+    for what, expect in (("methods", "mrlora"), ("benchmarks", "dcl-mini"), ("scorers", "med"), ("routers", "knn"),
+                         ("profiles", "llava-7b")):
+        assert main(["ls", what]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        row = next(l for l in lines if l.split()[0] == expect)
+        assert len(row.split()) > 2, row  # a name and a description
+    try:
+        main(["--version"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert capsys.readouterr().out.startswith("clsvc ")
+
+
+def test_base_build_force_refuses_to_delete_a_folder_that_is_not_a_built_base(tmp_path, capsys):
+    from cl_service.cli import main
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["base", "build", "--profile", "tiny", "--out", str(tmp_path), "--force"]) == 2
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert "not a base built by" in capsys.readouterr().err
