@@ -30,7 +30,7 @@ def validate_image(data: bytes) -> bytes:
             buf = io.BytesIO()
             im.convert("RGB").save(buf, format="PNG")
             return buf.getvalue()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"not a decodable image ({type(e).__name__}: {e})") from None
 
 
@@ -39,7 +39,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"not a decodable image ({type(e).__name__}: {e})") from None
 
 

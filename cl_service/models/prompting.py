@@ -93,7 +93,7 @@ def decode_image(data: bytes, i: int, sample_id: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"sample {sample_id!r}: image {i} does not decode ({type(e).__name__}: {e})") from None
 
 

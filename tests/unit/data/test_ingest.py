@@ -155,3 +155,17 @@ def test_inspect_verifies_checksums(tmp_path, capsys, dcl_shards):
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     assert main(["data", "inspect", str(ds)]) == 1
     assert "CORRUPT" in capsys.readouterr().err
+
+
+def test_a_decompression_bomb_is_a_bad_image_not_a_crash(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from cl_service.data.images import BadImage, validate_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # the image is now 4x over twice the limit
+    with pytest.raises(BadImage, match="DecompressionBombError"):
+        validate_image(buf.getvalue())
