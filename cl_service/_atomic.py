@@ -30,3 +30,19 @@ def replace_dir(stage: str | os.PathLike, final: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(stage, final)
+
+
+def write_folder(final: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """Write a flat folder of files (name -> bytes) through a staging folder next to ``final`` and
+    :func:`replace_dir`: readers see the old folder or the whole new one, never a mix."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    for name, data in files.items():
+        if Path(name).name != name or name.startswith("."):
+            raise ValueError(f"{final}: {name!r} is not a plain file name")
+        (stage / name).write_bytes(data)
+    replace_dir(stage, final)
+    return final

@@ -51,6 +51,15 @@ def finalize_adapter(folder: str | Path, *, id: str, kind: str, task: str, descr
     return meta
 
 
+def adapter_digest(folder: str | Path) -> str | None:
+    """Short sha256 of a folder's ``adapter.json`` (None without one): it lists every file's checksum, so
+    it names the adapter's content wherever the folder lives."""
+    import hashlib
+
+    p = Path(folder) / ADAPTER_META
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
+
+
 def read_adapter(folder: str | Path, job_key: str | None = None, verify: bool = True) -> dict[str, Any]:
     """The adapter's metadata; raises :class:`AdapterError` if incomplete, corrupt or of another job."""
     folder = Path(folder)

@@ -11,14 +11,14 @@ actor (:mod:`cl_service.on_ray.evaluate`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from cl_service.adapters.registry import ADAPTER_META
+from cl_service._atomic import write_folder
+from cl_service.adapters.registry import adapter_digest
 from cl_service.data.schema import Sample
 from cl_service.data.shards import ShardDataset, atomic_write_text
 from cl_service.eval.predictions import prediction_record, write_predictions
@@ -47,11 +47,9 @@ class StageResult:
     """The stage record (``stages/<method>/stage-<i>-<task>.json``): row, router accuracy and timing, adapters."""
     predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Test task -> its prediction records, in test order (``predictions/<method>/stage-<i>-<task>/<t>.jsonl``)."""
-
-
-def adapter_digest(folder: Path) -> str | None:
-    p = folder / ADAPTER_META
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
+    folders: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    """Folders the unit produced (a feature router, ``routers/<kind>/stage-<i>-<task>``): path relative to the
+    run folder -> {file name: bytes}. The evaluator may run on another node, so the driver writes them."""
 
 
 def rel_path(p: Path, out: Path) -> str:
@@ -100,6 +98,15 @@ def evaluate_stage(method: Any, ctx: StageContext, tests: dict[str, list[Sample]
     engine, tasks, out = ctx.engine, ctx.tasks, Path(ctx.run_dir)
     name, task, T = method.name, ctx.task, len(ctx.tasks)
     engine.reset_used()
+    folders: dict[str, dict[str, bytes]] = {}
+
+    def emit_folder(folder: Path, files: dict[str, bytes]) -> None:
+        rel = rel_path(Path(folder), out)
+        if Path(rel).is_absolute():
+            raise ValueError(f"{name} produced {folder}, outside the run folder {out}")
+        folders[rel] = files
+
+    ctx.extra["emit_folder"] = emit_folder
     t1 = time.perf_counter()
     ctx.extra["router_stats"] = {"seconds": 0.0, "requests": 0}
     row: list[float | None] = [None] * T
@@ -124,12 +131,16 @@ def evaluate_stage(method: Any, ctx: StageContext, tests: dict[str, list[Sample]
            "adapters": {rel_path(p, out): adapter_digest(p) for p in engine.used_adapters()},
            "device": str(engine.mllm.device)}
     engine.reset_used()
-    return StageResult(rec, predictions)
+    ctx.extra.pop("emit_folder", None)
+    return StageResult(rec, predictions, folders)
 
 
 def write_stage(out: Path, result: StageResult) -> None:
-    """Write a unit's predictions, then its stage record (last: the record marks the unit done)."""
+    """Write a unit's folders (feature routers, each atomically), its predictions, then its stage record (last:
+    the record marks the unit done)."""
     rec = result.record
+    for rel, files in result.folders.items():
+        write_folder(out / rel, files)
     name, stage, task = rec["method"], rec["stage"], rec["task"]
     for t, lines in result.predictions.items():
         write_predictions(out / "predictions" / name / f"stage-{stage}-{task}" / f"{t}.jsonl", lines)

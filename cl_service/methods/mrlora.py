@@ -82,7 +82,8 @@ class _FeatureRouted:
     """MR-LoRA's experts behind a training-free router over frozen base features (``router_kind``).
 
     The router is fit once per stage on ``router.samples_per_task`` training samples of every seen task
-    (the same samples the MLLM router trains on) and saved under ``<out>/routers/<kind>/`` for serving.
+    (the same samples the MLLM router trains on) and saved under ``<out>/routers/<kind>/`` for serving (by the
+    run's driver: :func:`cl_service.eval.stage.write_stage`).
     """
 
     name = ""
@@ -96,8 +97,9 @@ class _FeatureRouted:
         return True
 
     def router(self, ctx: StageContext):
+        from cl_service._atomic import write_folder
         from cl_service.routers.base import ROUTERS
-        from cl_service.routers.store import save_router
+        from cl_service.routers.store import router_files
 
         key = f"{self.router_kind}_router"
         router = ctx.extra.get(key)
@@ -107,9 +109,12 @@ class _FeatureRouted:
             per_task = {t: ctx.extra["train_samples"](t, rc.samples_per_task, ctx.cfg.seed + 7, rc.augment)
                         for t in ctx.seen}
             router = ROUTERS.get(self.router_kind).fit(ctx.engine, per_task)
-            save_router(router, feature_router_dir(ctx, self.router_kind, ctx.stage),
-                        {"samples_per_task": rc.samples_per_task, "augment": rc.augment,
-                         "fit_seconds": round(time.perf_counter() - t0, 3)})
+            files = router_files(router, {"samples_per_task": rc.samples_per_task, "augment": rc.augment,
+                                          "fit_seconds": round(time.perf_counter() - t0, 3)})
+            # An evaluation unit hands its output folders to the run's driver, which writes the results
+            # folder (the evaluator may be an actor on another node); without one, write it here.
+            emit = ctx.extra.get("emit_folder", write_folder)
+            emit(feature_router_dir(ctx, self.router_kind, ctx.stage), files)
             ctx.extra[key] = router
         return router
 

@@ -9,29 +9,70 @@ earlier answers in that actor's memo — and writes the records as they come bac
 The actors stay up for the whole run when the cluster can hold them next to one Ray Train worker group;
 otherwise (e.g. one GPU, or a 2-CPU machine) they are stopped after each stage's evaluation, so that the next
 stage's training can be scheduled, and started again for the next evaluation.
+
+No filesystem needs to be shared with the driver's results folder: an actor on another node than the driver's
+evaluates against its own *mirror* of the run's ``adapters/`` (same layout, under the node's temp folder, so
+paths relative to the run folder and stage records are unchanged). Before a stage's units go out the driver
+sends each mirroring actor the adapter folders it lacks or holds with another ``adapter.json`` digest, one
+folder at a time through the object store (:mod:`cl_service.adapters.transfer`), and drops the ones the run no
+longer has. Actors never write the results folder: the feature routers they fit come back with the unit
+(:attr:`StageResult.folders`) and the driver writes them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import ray
 
+from cl_service.adapters import transfer
 from cl_service.eval.stage import EvalSetup, LocalEvaluator, StageEvaluator, StageResult, eval_uses_gpu
+from cl_service.on_ray._mirror import force_mirror
 
 
 class _EvalActor:
-    """One evaluating process: builds the base once, then answers units (see :class:`StageEvaluator`)."""
+    """One evaluating process: builds the base once, then answers units (see :class:`StageEvaluator`).
 
-    def __init__(self, setup: EvalSetup, device: str | None, threads: int) -> None:
+    On another node than the driver's (or with ``mirror``) it reads adapters from its own mirror of the run's
+    ``adapters/``, kept in sync by the driver (:meth:`inventory`, :meth:`receive`, :meth:`drop`). The mirror's
+    folder is named after the run and the actor's index, so an actor restarted on the same node (after a
+    crash, or at the next stage when actors stop between stages) finds what it already received."""
+
+    def __init__(self, setup: EvalSetup, device: str | None, threads: int, driver_node: str, index: int,
+                 mirror: bool = False) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
+        self.mirror: Path | None = None
+        if mirror or ray.get_runtime_context().get_node_id() != driver_node:
+            tag = hashlib.sha256(f"{setup.out}|{driver_node}".encode()).hexdigest()[:12]
+            self.mirror = (Path(tempfile.gettempdir()) / f"clsvc-mirror-{tag}-{index}").resolve()
+            (self.mirror / "adapters").mkdir(parents=True, exist_ok=True)
+            setup = dataclasses.replace(setup, out=str(self.mirror))
         self.ev = StageEvaluator(setup, device=device)
 
-    def ready(self) -> str:
-        return str(self.ev.engine.mllm.device)
+    def ready(self) -> tuple[str, str | None]:
+        """The base's device, and the mirror's folder (None: reads the results folder itself)."""
+        return str(self.ev.engine.mllm.device), None if self.mirror is None else str(self.mirror)
+
+    def inventory(self) -> dict[str, str]:
+        return transfer.inventory(self.mirror / "adapters")
+
+    def receive(self, rel: str, files: dict[str, bytes]) -> None:
+        transfer.materialise(files, self.mirror / "adapters" / rel)
+
+    def drop(self, rels: list[str]) -> None:
+        transfer.drop(self.mirror / "adapters", rels)
+
+    def remove_mirror(self) -> None:
+        if self.mirror is not None:
+            shutil.rmtree(self.mirror, ignore_errors=True)
 
     def evaluate(self, method: str, stage: int, train_s: float) -> StageResult:
         return self.ev.evaluate(method, stage, train_s)
@@ -70,10 +111,12 @@ class RayEvaluator:
         num_workers: actors; default :func:`num_evaluators` of the cluster (must be >= 1 here).
         env: environment variables of the actors.
         log: progress lines.
+        mirror: every actor evaluates against a mirror, as one on another node does (default: the
+            ``CLSVC_FORCE_MIRROR`` environment variable; for tests).
     """
 
     def __init__(self, cfg: Any, num_workers: int | None = None, env: dict[str, str] | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, mirror: bool | None = None) -> None:
         cluster = ray.cluster_resources()
         n = num_evaluators(cfg, cluster) if num_workers is None else num_workers
         if n < 1:
@@ -92,6 +135,11 @@ class RayEvaluator:
         self.setup: EvalSetup | None = None
         self.actors: list[Any] = []
         self._started = False
+        self.force_mirror = force_mirror() if mirror is None else mirror
+        self.driver_node = ray.get_runtime_context().get_node_id()
+        self.mirrors: list[str | None] = []  # per actor: its mirror folder, or None
+        #: (stage, adapter folder relative to adapters/, actors it went to): what the mirrors were sent
+        self.sent: list[tuple[int, str, int]] = []
 
     def start(self, setup: EvalSetup) -> None:
         self.setup = setup
@@ -107,20 +155,57 @@ class RayEvaluator:
         cls = ray.remote(_EvalActor).options(
             num_cpus=self.cfg.eval.cpus_per_worker, num_gpus=self.cfg.eval.num_gpus if gpu else 0,
             max_restarts=1, max_task_retries=1, runtime_env={"env_vars": env})
-        self.actors = [cls.remote(self.setup, "cuda" if gpu else None, threads) for _ in range(n)]
+        self.actors = [cls.remote(self.setup, "cuda" if gpu else None, threads, self.driver_node, i,
+                                  self.force_mirror) for i in range(n)]
         try:
-            devices = ray.get([a.ready.remote() for a in self.actors], timeout=self.timeout_s)
+            ready = ray.get([a.ready.remote() for a in self.actors], timeout=self.timeout_s)
         except BaseException:
             self._stop()
             raise
+        self.mirrors = [m for _, m in ready]
         if not self._started:
-            self.log(f"evaluation: {n} evaluator actor(s), each holding the base on {', '.join(sorted(set(devices)))}")
+            k = sum(m is not None for m in self.mirrors)
+            self.log(f"evaluation: {n} evaluator actor(s), each holding the base on "
+                     f"{', '.join(sorted({d for d, _ in ready}))}"
+                     + (f"; {k} on other nodes, reading adapters from a local mirror" if k else ""))
         self._started = True
+
+    def _sync_mirrors(self, stage: int) -> None:
+        """Make every mirroring actor's ``adapters/`` equal the results folder's: send each missing or changed
+        folder once (read once, put once, fetched by every actor that lacks it; one folder in the object
+        store at a time, so a 7B run's adapters never sit in memory together), drop the ones gone."""
+        mirroring = [a for a, m in zip(self.actors, self.mirrors) if m is not None]
+        if not mirroring:
+            return
+        root = Path(self.setup.out) / "adapters"
+        source = transfer.inventory(root)
+        held = ray.get([a.inventory.remote() for a in mirroring], timeout=self.timeout_s)
+        plans = [transfer.plan(source, h) for h in held]
+        size = 0
+        for rel in sorted({rel for send, _ in plans for rel in send}):
+            files = transfer.folder_files(root / rel)
+            size += sum(len(b) for b in files.values())
+            ref = ray.put(files)
+            del files
+            to = [a for a, (send, _) in zip(mirroring, plans) if rel in send]
+            ray.get([a.receive.remote(rel, ref) for a in to], timeout=self.timeout_s)
+            del ref
+            self.sent.append((stage, rel, len(to)))
+        ray.get([a.drop.remote(gone) for a, (_, gone) in zip(mirroring, plans) if gone], timeout=self.timeout_s)
+        sent = sum(1 for s, _, _ in self.sent if s == stage)
+        if sent:
+            self.log(f"[stage {stage + 1}] sent {sent} adapter folder(s) ({size / 2 ** 20:.1f} MiB) to "
+                     f"{len(mirroring)} evaluator mirror(s)")
 
     def evaluate(self, stage: int, methods: Sequence[str], train_s: float) -> Iterator[tuple[str, StageResult]]:
         if not methods:
             return
         self._ensure_actors()
+        try:
+            self._sync_mirrors(stage)
+        except BaseException:
+            self._stop()
+            raise
         order = list(self.cfg.methods)
         refs = {self.actors[order.index(m) % len(self.actors)].evaluate.remote(m, stage, train_s): m
                 for m in methods}
@@ -145,6 +230,14 @@ class RayEvaluator:
         self.actors = []
 
     def close(self) -> None:
+        """Stop the actors, removing their mirrors first (a run that failed mid-stage, whose actors are
+        already stopped, leaves them for a rerun with the same ``out`` to reuse)."""
+        mirroring = [a for a, m in zip(self.actors, self.mirrors) if m is not None]
+        if mirroring:
+            try:
+                ray.get([a.remove_mirror.remote() for a in mirroring], timeout=self.timeout_s)
+            except Exception:  # noqa: BLE001  (a dead actor: its mirror stays in its node's temp folder)
+                pass
         self._stop()
 
 

@@ -7,8 +7,10 @@ machine); with ``parallel_experts`` each job gets its own concurrent run. The wo
 ``checkpoint_every`` steps rank 0 saves the adapter and the optimizer/scheduler state (under DeepSpeed every
 rank its optimizer partition) and reports it; a restarted worker group (``FailureConfig(max_failures)``)
 resumes from ``ray.train.get_checkpoint()`` instead of step 0. Finished adapters come back to the driver
-as checkpoints under ``ray.storage_path`` (:func:`collect_adapters`): workers never write the driver's
-results folder, so nodes need no shared filesystem for results.
+as checkpoints under ``ray.storage_path`` (:func:`collect_adapters`), and the adapters jobs start from
+(``init_adapter``: ``lora_ft`` stages, a continued router, ``olora``, ``moelora``) go out through the object
+store (:func:`ship_inits`): workers neither read nor write the driver's results folder, so nodes need no
+shared filesystem for results (the base and the dataset they do read).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import ray.train
@@ -28,6 +31,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cl_service.config import RayCfg
+from cl_service.on_ray._mirror import force_mirror
 from cl_service.train.job import TrainJob
 
 
@@ -45,6 +49,8 @@ def _train_fn(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     jobs: list[TrainJob] = config["jobs"]
+    keys: list[str] = config["keys"]  # computed by the driver, which can read every init adapter
+    inits: Inits = config.get("inits") or Inits()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -58,45 +64,93 @@ def _train_fn(config: dict[str, Any]) -> None:
             done_file = Path(d) / _DONE
             done = json.loads(done_file.read_text()) if done_file.is_file() else []
     fail_at = int(os.environ.get("CLSVC_FAIL_AT_STEP", "0"))  # test hook: kill the worker once, mid-training
-    for job in jobs:
-        if job.key() in done:
+    for job, key in zip(jobs, keys):
+        if key in done:
             continue
 
-        def report(metrics: dict[str, Any], fill=None, name: str | None = None, job=job) -> None:
+        # Keys as the driver computed them: a job knows its init adapter by the checksums of files that this
+        # node may not have at that path.
+        def report(metrics: dict[str, Any], fill=None, name: str | None = None, job=job, key=key) -> None:
             # Every rank reports (report() is a barrier) from its own folder; Ray Train merges them.
             with tempfile.TemporaryDirectory(prefix="clsvc-ckpt-") as d:
                 if fill is not None:
                     fill(d)
                 if rank == 0:
-                    (Path(d) / "job.txt").write_text(job.key())
+                    (Path(d) / "job.txt").write_text(key)
                     (Path(d) / _DONE).write_text(json.dumps(done))
                 has_files = any(Path(d).iterdir())
-                ray.train.report({"job": job.key(), "name": job.name, **metrics, "keep": _keep_score(metrics)},
+                ray.train.report({"job": key, "name": job.name, **metrics, "keep": _keep_score(metrics)},
                                  checkpoint=Checkpoint.from_directory(d) if has_files else None,
                                  checkpoint_dir_name=name)
 
-        def on_checkpoint(step: int, loss: float, save, report=report, job=job) -> None:
+        def on_checkpoint(step: int, loss: float, save, report=report, job=job, key=key) -> None:
             # One name for every rank's part (under DeepSpeed each rank adds its optimizer partition).
             report({"step": step, "loss": loss, "final": 0}, fill=save,
-                   name=f"resume-{job.name.replace('/', '_')}-{job.key()}-step{step}")
+                   name=f"resume-{job.name.replace('/', '_')}-{key}-step{step}")
 
-        mine = resume if resume_job == job.key() else None
+        mine = resume if resume_job == key else None
         with tempfile.TemporaryDirectory(prefix="clsvc-adapter-") as staging:
             adapter = Path(staging) / _ADAPTER
+            job = inits.localise(job, key, Path(staging) / "init", log=_say)
             run_train_job(job, rank=rank, world_size=world, resume=mine, on_checkpoint=on_checkpoint,
                           checkpoint_every=int(config["checkpoint_every"]),
                           fail_at_step=fail_at if ckpt is None else 0,
                           log=_say if rank == 0 else None,
                           strategy=config.get("strategy", "ddp"), device=device, dest=adapter)
-            done.append(job.key())
+            done.append(key)
             report({"final": 1}, fill=(lambda d: shutil.move(str(adapter), Path(d) / _ADAPTER)) if rank == 0 else None,
-                   name=f"final-{job.name.replace('/', '_')}-{job.key()}")
+                   name=f"final-{job.name.replace('/', '_')}-{key}")
         resume = None
 
 
 #: Checkpoint layout: the finished adapter's folder, and the keys of the jobs a worker group has finished.
 _ADAPTER = "adapter"
 _DONE = "done.json"
+
+
+@dataclass
+class Inits:
+    """The init adapters of a fit, shipped by the driver: ``refs`` maps each job's ``init_adapter`` path to an
+    object ref of its files ({name: bytes}, :func:`cl_service.adapters.transfer.folder_files`), put once per
+    folder. A worker on the driver's node reads the path itself (unless ``force``); any other worker writes
+    the shipped files into a folder of its own and trains from there."""
+
+    refs: dict[str, Any] = field(default_factory=dict)
+    driver_node: str | None = None
+    force: bool = False
+
+    def localise(self, job: TrainJob, key: str, folder: Path, log: Callable[[str], None] | None = None) -> TrainJob:
+        """``job`` with its init adapter on this node: the driver's path on the driver's node, else a verified
+        copy in ``folder`` (the job's key, which knows the init adapter by its checksums, must not change)."""
+        if job.init_adapter is None:
+            return job
+        if not self.force and ray.get_runtime_context().get_node_id() == self.driver_node:
+            return job
+        from cl_service.adapters.transfer import materialise
+
+        ref = self.refs.get(job.init_adapter)
+        if ref is None:
+            raise RuntimeError(f"{job.name}: its init adapter {job.init_adapter} was not shipped to this node")
+        files = ray.get(ref)
+        size = sum(len(b) for b in files.values())
+        local = job.replace(init_adapter=str(materialise(files, folder)))
+        del files
+        if log is not None:
+            log(f"{job.name}: starts from a copy of {job.init_adapter} shipped by the driver "
+                f"({size / 2 ** 20:.1f} MiB; this worker is not on the driver's node)")
+        if local.key() != key:
+            raise RuntimeError(f"{job.name}: the copy of {job.init_adapter} on this node gives another job key")
+        return local
+
+
+def ship_inits(jobs: list[TrainJob], force: bool | None = None) -> Inits:
+    """Put each distinct init adapter of ``jobs`` into the object store once (read from the driver's results
+    folder once per fit, however many workers use it). Always shipped: a worker group may be placed on, or
+    an autoscaler may add, another node; workers on the driver's node never fetch the copy."""
+    from cl_service.adapters.transfer import folder_files
+
+    refs = {p: ray.put(folder_files(p)) for p in sorted({j.init_adapter for j in jobs if j.init_adapter})}
+    return Inits(refs, ray.get_runtime_context().get_node_id(), force_mirror() if force is None else force)
 
 
 def _keep_score(metrics: dict[str, Any]) -> float:
@@ -119,15 +173,17 @@ def _scaling(cfg: RayCfg) -> ScalingConfig:
                          | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}))
 
 
-def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str] | None = None) -> TorchTrainer:
+def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str] | None = None,
+                 inits: Inits | None = None) -> TorchTrainer:
     import hashlib
 
-    key = hashlib.sha256("".join(j.key() + j.out_dir for j in jobs).encode()).hexdigest()[:12]
+    keys = [j.key() for j in jobs]
+    key = hashlib.sha256("".join(k + j.out_dir for k, j in zip(keys, jobs)).encode()).hexdigest()[:12]
     name = (jobs[0].name.replace("/", "_") + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")) + "-" + key
     # Read by the TrainController, which Ray Train starts with the driver's value of this variable.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.poll_interval_s)
-    config = {"jobs": jobs, "checkpoint_every": cfg.checkpoint_every, "threads": max(1, int(cfg.cpus_per_worker)),
-              "strategy": cfg.strategy}
+    config = {"jobs": jobs, "keys": keys, "inits": inits or Inits(), "checkpoint_every": cfg.checkpoint_every,
+              "threads": max(1, int(cfg.cpus_per_worker)), "strategy": cfg.strategy}
     return TorchTrainer(
         _train_fn,
         train_loop_config=config,
@@ -144,18 +200,24 @@ def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str,
 
 
 class RayTrainer:
-    """Trainer backend of :func:`cl_service.run.run_stream` on a Ray cluster."""
+    """Trainer backend of :func:`cl_service.run.run_stream` on a Ray cluster.
 
-    def __init__(self, cfg: RayCfg, storage: str, env: dict[str, str] | None = None) -> None:
+    ``mirror``: every worker trains from a shipped copy of its init adapter, as a worker on another node
+    than the driver's does (default: the ``CLSVC_FORCE_MIRROR`` environment variable; for tests)."""
+
+    def __init__(self, cfg: RayCfg, storage: str, env: dict[str, str] | None = None,
+                 mirror: bool | None = None) -> None:
         self.cfg = cfg
         self.storage = str(Path(storage).resolve()) if "://" not in storage else storage
         self.env = env or {}
+        self.mirror = mirror
 
     def fit(self, jobs: list[TrainJob]) -> dict[str, float]:
         times: dict[str, float] = {}
+        inits = ship_inits(jobs, self.mirror)  # held here until the fit ends: the refs stay alive
         if self.cfg.parallel_experts and len(jobs) > 1:
             # Independent jobs at once: one Ray Train run each, driven from remote tasks.
-            refs = {job.name: _fit_remote.remote([job], self.cfg, self.storage, self.env) for job in jobs}
+            refs = {job.name: _fit_remote.remote([job], self.cfg, self.storage, self.env, inits) for job in jobs}
             ready, not_ready = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.timeout_s)
             if not_ready:
                 for r in not_ready:
@@ -166,16 +228,16 @@ class RayTrainer:
                 collect_adapters([job], finals)
                 times[job.name] = seconds
             return times
-        seconds, finals = _fit(jobs, self.cfg, self.storage, self.env)
+        seconds, finals = _fit(jobs, self.cfg, self.storage, self.env, inits)
         collect_adapters(jobs, finals)
         return {"+".join(j.name for j in jobs) if len(jobs) > 1 else jobs[0].name: seconds}
 
 
-def _fit(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str]
+def _fit(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str], inits: Inits | None = None
          ) -> tuple[float, list[tuple[Checkpoint, dict[str, Any]]]]:
     """Train ``jobs`` in one worker group; seconds taken and the final-adapter checkpoints (with metrics)."""
     t0 = time.perf_counter()
-    result = make_trainer(jobs, cfg, storage, env).fit()
+    result = make_trainer(jobs, cfg, storage, env, inits).fit()
     if result.error is not None:
         raise RuntimeError(f"training of {[j.name for j in jobs]} failed: {result.error}")
     finals = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("final")]
@@ -213,5 +275,5 @@ def collect_adapters(jobs: list[TrainJob], finals: list[tuple[Checkpoint, dict[s
 
 
 @ray.remote(num_cpus=0)
-def _fit_remote(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str]):
-    return _fit(jobs, cfg, storage, env)
+def _fit_remote(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str], inits: Inits):
+    return _fit(jobs, cfg, storage, env, inits)

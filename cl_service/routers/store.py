@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from cl_service._atomic import replace_dir
+from cl_service._atomic import write_folder
 from cl_service.routers import nearest as _nearest, prototype as _prototype, ridge as _ridge  # noqa: F401  (register the kinds)
 from cl_service.routers.base import ROUTERS
 
@@ -27,23 +26,20 @@ class RouterFileError(ValueError):
     """A router folder is missing, incomplete or does not match its checksum."""
 
 
-def save_router(router, folder: str | Path, extra: dict | None = None) -> Path:
-    from safetensors.numpy import save_file
+def router_files(router, extra: dict | None = None) -> dict[str, bytes]:
+    """A router's saved form as bytes (``router.safetensors``, ``router.json``): what an evaluator sends to
+    the run's driver, which writes the folder (:func:`cl_service._atomic.write_folder`)."""
+    from safetensors.numpy import save
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    if stage.exists():
-        import shutil
-
-        shutil.rmtree(stage)
-    stage.mkdir()
-    save_file({k: np.ascontiguousarray(v) for k, v in router.state().items()}, str(stage / ROUTER_WEIGHTS))
+    weights = save({k: np.ascontiguousarray(v) for k, v in router.state().items()})
     meta = {"kind": router.kind, "experts": list(router.experts),
-            "sha256": hashlib.sha256((stage / ROUTER_WEIGHTS).read_bytes()).hexdigest(), **(extra or {})}
-    (stage / ROUTER_META).write_text(json.dumps(meta, indent=2))
-    replace_dir(stage, folder)
-    return folder
+            "sha256": hashlib.sha256(weights).hexdigest(), **(extra or {})}
+    return {ROUTER_WEIGHTS: weights, ROUTER_META: json.dumps(meta, indent=2).encode()}
+
+
+def save_router(router, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write ``router`` to ``folder`` atomically (see :func:`router_files`)."""
+    return write_folder(folder, router_files(router, extra))
 
 
 def load_router(folder: str | Path, engine=None):

@@ -142,3 +142,75 @@ def test_the_ray_path_of_clsvc_run_evaluates_on_actors(ray_local, local, tmp_pat
     metrics = run(cfg, log=logs.append)
     assert sum("evaluator actor(s)" in s for s in logs) == 1 and not any("evaluators stopped" in s for s in logs)
     _assert_same(local, out, metrics, methods)
+
+
+class _NoTraining:
+    """The adapters are published by the test (copied from the in-process run), stage by stage."""
+
+    def fit(self, jobs):
+        raise AssertionError(f"nothing should train here: {[j.name for j in jobs]}")
+
+
+def test_an_actor_on_another_node_evaluates_from_its_mirror_like_the_driver(ray_local, local, tmp_path, tiny_base,
+                                                                           dcl_shards):
+    """``mirror=True`` (what an actor on another node than the driver's does): the actor reads adapters only
+    from its own mirror, which the driver fills before each stage with the folders it lacks; the knn router
+    it fits comes back with the unit and the driver writes it. Predictions, matrices and stage records
+    (adapter paths relative to the run folder, digests) equal in-process evaluation."""
+    from cl_service.adapters.transfer import inventory
+    from cl_service.on_ray.evaluate import RayEvaluator
+
+    ref = local["out"]
+    used = {i: set().union(*(json.loads(f.read_text())["adapters"] for f in (ref / "stages").glob(f"*/stage-{i}-*.json")))
+            for i in (0, 1)}
+    out = tmp_path / "mirrored"
+
+    def publish(i):  # what stage i's training would publish: the reference's adapters, bit for bit
+        for rel in used[i]:
+            if not (out / rel).exists():
+                shutil.copytree(ref / rel, out / rel)
+
+    publish(0)
+    cfg = _cfg(out, tiny_base, dcl_shards, ["eval.num_workers=1"])
+    logs: list[str] = []
+    ev = RayEvaluator(cfg, log=logs.append, mirror=True)
+    mirrors: list[Path] = []
+
+    def on_stage(info):
+        mirror = Path(ev.mirrors[0])
+        mirrors.append(mirror)
+        assert mirror != out.resolve() and out.resolve() not in mirror.parents
+        assert ray_local.get(ev.actors[0].inventory.remote()) == inventory(out / "adapters")
+        assert not (mirror / "routers").exists()  # the actor wrote no router, not even into its mirror
+        if info["stage"] == 0:
+            publish(1)
+
+    metrics = run_stream(cfg, _NoTraining(), log=logs.append, evaluator=ev, on_stage=on_stage)
+    sent = {i: sorted(rel for s, rel, n in ev.sent if s == i and n == 1) for i in (0, 1)}
+    strip = lambda rels: sorted(r.removeprefix("adapters/") for r in rels)  # noqa: E731
+    assert sent[0] == strip(used[0]) and sent[1] == strip(used[1] - used[0])  # each folder sent once
+    assert len(ev.sent) == len(sent[0]) + len(sent[1])
+    assert sum("reading adapters from a local mirror" in s for s in logs) == 1
+    _assert_same(local, out, metrics, METHODS.split(","))
+    # the driver wrote the routers the actor fit, identical to the in-process ones
+    for stage in ("stage-0-RS", "stage-1-Med"):
+        got, want = out / "routers" / "knn" / stage, ref / "routers" / "knn" / stage
+        assert (got / "router.safetensors").read_bytes() == (want / "router.safetensors").read_bytes()
+        meta, ref_meta = (json.loads((d / "router.json").read_text()) for d in (got, want))
+        assert meta.pop("fit_seconds") >= 0 and ref_meta.pop("fit_seconds") >= 0 and meta == ref_meta
+    assert mirrors and not mirrors[0].exists()  # removed when the run closed its evaluators
+
+
+def test_the_force_mirror_switch_reaches_evaluators_and_trainers(ray_local, tmp_path, tiny_base, dcl_shards,
+                                                                monkeypatch):
+    """``CLSVC_FORCE_MIRROR=1`` in the driver: evaluators mirror and trainers' workers train from shipped copies
+    (as on a node without the driver's folder); unset, only other nodes do."""
+    from cl_service.on_ray.evaluate import RayEvaluator
+    from cl_service.on_ray.train import ship_inits
+
+    cfg = _cfg(tmp_path, tiny_base, dcl_shards, ["eval.num_workers=1"])
+    assert not RayEvaluator(cfg).force_mirror and not ship_inits([]).force
+    monkeypatch.setenv("CLSVC_FORCE_MIRROR", "1")
+    assert RayEvaluator(cfg).force_mirror and ship_inits([]).force
+    assert not RayEvaluator(cfg, mirror=False).force_mirror and not ship_inits([], force=False).force
+    assert ship_inits([]).driver_node == ray_local.get_runtime_context().get_node_id()

@@ -80,3 +80,59 @@ def test_deepspeed_zero2_trains_on_two_gloo_workers_and_resumes(ray_local, tmp_p
 
     a, b = (load_file(next(Path(d).glob("*.safetensors"))) for d in (job.out_dir, whole.out_dir))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_a_worker_trains_from_a_shipped_init_adapter_when_the_drivers_folder_is_not_there(
+        ray_local, tmp_path, tiny_base, dcl_shards, monkeypatch):
+    """A job that continues an adapter (``lora_ft`` stage >= 1, a continued router, olora, moelora) on a worker
+    that cannot read the driver's results folder: the driver ships the init adapter's files through the object
+    store and the worker trains from its own verified copy. Here the init folder is moved away right after the
+    driver read it (and the worker is told to act as on another node): the job still trains, from the same
+    weights (losses equal an in-process run from the folder itself), and publishes under the same key."""
+    import os
+
+    from cl_service.on_ray import train as ray_train
+    from cl_service.on_ray.train import RayTrainer
+    from cl_service.train.runner import run_train_job
+
+    torch.set_num_threads(1)
+    first = _job(tmp_path, tiny_base, dcl_shards, name="expert/RS", steps=2)
+    run_train_job(first)
+    cont = _job(tmp_path, tiny_base, dcl_shards, name="lora_ft/stage-1-Med", steps=3).replace(
+        kind="sequential", task="Med", parts=(DataPart("Med"),), init_adapter=first.out_dir)
+    key = cont.key()
+    ref = cont.replace(out_dir=str(tmp_path / "in-process"))
+    run_train_job(ref)  # the reference: reads the init adapter from its folder
+    src, away = Path(first.out_dir), Path(first.out_dir + ".away")
+    real_make, real_fit = ray_train.make_trainer, ray_train._fit
+
+    def make_then_hide(*a, **k):  # the driver has read the folder (job keys, shipped files): now it is gone
+        trainer = real_make(*a, **k)
+        os.rename(src, away)
+        return trainer
+
+    def fit_then_restore(*a, **k):  # back before the driver copies the result in (its key reads the folder)
+        try:
+            return real_fit(*a, **k)
+        finally:
+            os.rename(away, src)
+
+    monkeypatch.setattr(ray_train, "make_trainer", make_then_hide)
+    monkeypatch.setattr(ray_train, "_fit", fit_then_restore)
+    cfg = RayCfg(num_workers=1, cpus_per_worker=1, timeout_s=300)
+    RayTrainer(cfg, str(tmp_path / "storage"), mirror=True).fit([cont])
+    assert not away.exists() and cont.key() == key
+    meta = read_adapter(cont.out_dir, key)  # complete, verified, and of the same job key
+    assert meta["job_key"] == key == read_adapter(ref.out_dir)["job_key"]
+    log = json.loads((Path(cont.out_dir) / "train_log.json").read_text())
+    want = json.loads((Path(ref.out_dir) / "train_log.json").read_text())
+    assert log["steps"] == 3 and log["losses"] == pytest.approx(want["losses"], rel=1e-5, abs=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(d) / "adapter_model.safetensors")) for d in (cont.out_dir, ref.out_dir))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    # The control: a worker on the driver's node reads the init folder itself, and here it is gone, so it fails.
+    with pytest.raises(Exception, match="holds no adapter"):
+        RayTrainer(RayCfg(num_workers=1, cpus_per_worker=1, timeout_s=300, max_failures=0),
+                   str(tmp_path / "storage2"), mirror=False).fit([cont.replace(out_dir=str(tmp_path / "x"))])
+    assert not (tmp_path / "x").exists()

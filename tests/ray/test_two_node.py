@@ -41,7 +41,7 @@ def test_stream_on_two_local_nodes(tmp_path, tiny_base, dcl_shards):
 
         out = tmp_path / "run"
         run = subprocess.run(
-            [sys.executable, str(ROOT / "workloads" / "run_stream.py"), "--out", str(out), "--methods", "mrlora,oracle",
+            [sys.executable, str(ROOT / "workloads" / "run_stream.py"), "--out", str(out), "--methods", "mrlora,oracle,lora_ft",
              f"data.path={dcl_shards}", f"base.path={tiny_base}", "data.tasks=[RS,Med]", "data.test_limit=6",
              "expert.train.max_steps=3", "expert.train.batch_size=4", "expert.lora.rank=4",
              "router.train.max_steps=2", "router.samples_per_task=3", "router.lora.rank=4", "eval.max_new_tokens=3",
@@ -49,10 +49,16 @@ def test_stream_on_two_local_nodes(tmp_path, tiny_base, dcl_shards):
             env=env, capture_output=True, text=True, timeout=540, cwd=str(ROOT))
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         metrics = json.loads((out / "metrics.json").read_text())
-        assert set(metrics["methods"]) == {"mrlora", "oracle"} and metrics["tasks"] == ["RS", "Med"]
-        for folder in ("experts/RS", "experts/Med", "router/stage-1-Med"):
+        assert set(metrics["methods"]) == {"mrlora", "oracle", "lora_ft"} and metrics["tasks"] == ["RS", "Med"]
+        for folder in ("experts/RS", "experts/Med", "router/stage-1-Med", "lora_ft/stage-1-Med"):
             log = json.loads((out / "adapters" / folder / "train_log.json").read_text())
             assert log["world_size"] == 2  # one worker per node: each node has a single CPU
+        # lora_ft stage 1 continues stage 0's adapter: the worker on the other node got it through the object
+        # store (exactly one of the two workers is not on the driver's node), not from the driver's folder
+        shipped = "lora_ft/stage-1: starts from a copy of"
+        # (a worker line can reach this loopback cluster's driver log twice: count the workers, by pid)
+        copied = {line.split("pid=")[1].split(")")[0] for line in run.stdout.splitlines() if shipped in line}
+        assert len(copied) == 1, run.stdout[-3000:]
     finally:
         stop_cluster(tmp, address)
     leftover = subprocess.run(["pgrep", "-f", tmp], capture_output=True, text=True)

@@ -63,3 +63,47 @@ def test_local_evaluator_loads_no_base_without_units(tmp_path, tiny_base, dcl_sh
     ev.start(_setup(tmp_path, tiny_base, dcl_shards))
     assert list(ev.evaluate(0, [], 0.0)) == []
     ev.close()
+
+
+def test_folders_a_unit_produces_come_back_with_it_and_the_driver_writes_them(tmp_path):
+    """A feature router fit during a unit is returned (path relative to the run folder), not written by the
+    evaluator, which may run on another node; :func:`write_stage` writes it, atomically."""
+    import pytest
+
+    from cl_service.eval.stage import evaluate_stage
+    from cl_service.methods.base import Answer, StageContext
+
+    class _Engine:
+        mllm = type("M", (), {"device": "cpu"})()
+
+        def reset_used(self):
+            pass
+
+        def used_adapters(self):
+            return []
+
+    class _Method:
+        name, routed = "fake", False
+
+        def evaluates(self, ctx):
+            return True
+
+        def predict(self, ctx, samples):
+            ctx.extra["emit_folder"](ctx.run_dir / "routers" / "knn" / "stage-0-RS", {"router.json": b"{}"})
+            return [Answer("x") for _ in samples]
+
+    out = (tmp_path / "run").resolve()
+    ctx = StageContext(0, ["RS"], {"RS": ""}, out, None, _Engine(), {})
+    result = evaluate_stage(_Method(), ctx, {"RS": []}, 0.0)
+    assert result.folders == {"routers/knn/stage-0-RS": {"router.json": b"{}"}}
+    assert not (out / "routers").exists() and "emit_folder" not in ctx.extra
+    write_stage(out, result)
+    assert (out / "routers" / "knn" / "stage-0-RS" / "router.json").read_bytes() == b"{}"
+    assert stage_record_path(out, "fake", 0, "RS").is_file()
+
+    class _Outside(_Method):
+        def predict(self, ctx, samples):
+            ctx.extra["emit_folder"](tmp_path / "elsewhere", {"a": b""})
+
+    with pytest.raises(ValueError, match="outside the run folder"):
+        evaluate_stage(_Outside(), ctx, {"RS": []}, 0.0)
