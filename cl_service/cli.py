@@ -320,6 +320,34 @@ def _cmd_ls(a: argparse.Namespace) -> int:
     return 0
 
 
+def _config_classes() -> dict[str, type]:
+    from cl_service.config import RunCfg
+    from cl_service.serve.config import ServeCfg
+
+    return {"run": RunCfg, "serve": ServeCfg}
+
+
+def _cmd_config(a: argparse.Namespace) -> int:
+    """``config show``: every key of a workload config with its type, default, docstring and resolved value;
+    ``config reference``: the Markdown reference of every key (``docs/config.md``)."""
+    from cl_service import _cfgdoc, _cfgload
+
+    classes = _config_classes()
+    if a.config_cmd == "reference":
+        text = _cfgdoc.reference({"clsvc run / sweep (RunCfg)": classes["run"], "clsvc serve (ServeCfg)": classes["serve"]})
+        if a.out:
+            from cl_service._atomic import atomic_write_text
+
+            atomic_write_text(a.out, text + "\n")
+        else:
+            print(text)
+        return 0
+    cls = classes[a.kind]
+    cfg = _cfgload.load(cls, a.config, a.overrides)
+    print(_cfgdoc.show(cls, cfg))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cl_service import __version__
 
@@ -330,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ls", help="list what the registries hold: methods, benchmarks, scorers, routers, profiles")
     s.add_argument("what", choices=("methods", "benchmarks", "scorers", "routers", "profiles"))
     s.set_defaults(func=_cmd_ls)
+
+    cfg = sub.add_parser("config", help="every config key: type, default, meaning, resolved value").add_subparsers(
+        dest="config_cmd", required=True)
+    s = cfg.add_parser("show", help="the resolved config (YAML + key=value overrides), key by key with docs")
+    s.add_argument("--kind", choices=("run", "serve"), default="run", help="which workload's config")
+    s.add_argument("--config", default=None, help="a YAML file (workloads/configs/*.yaml)")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_config)
+    s = cfg.add_parser("reference", help="the Markdown reference of every key (docs/config.md)")
+    s.add_argument("--out", default=None, help="write it here instead of printing it")
+    s.set_defaults(func=_cmd_config)
 
     data = sub.add_parser("data", help="task streams as Arrow shards").add_subparsers(dest="data_cmd", required=True)
     s = data.add_parser("synth", help="generate a built-in benchmark into shards")

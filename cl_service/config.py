@@ -48,7 +48,7 @@ class BaseCfg:
     tiny profile's base)."""
     prompt_style: Literal["auto", "clsvc", "llava-hf", "mllm-cl"] = "auto"
     """How questions become prompts and images become pixels. ``clsvc``: our tiny bases' format
-    (``"\n" + question + "\nAnswer:"``, images resized to a square); ``llava-hf``: the checkpoint's own chat
+    (``"\\n" + question + "\\nAnswer:"``, images resized to a square); ``llava-hf``: the checkpoint's own chat
     template and ``AutoProcessor`` (shortest-edge resize + centre crop); ``mllm-cl``: the reference code's
     vicuna_v1 conversation (system prompt, ``USER: <image>\n... ASSISTANT:``) with images padded to a square
     in CLIP's mean colour. ``auto``: ``clsvc`` for bases built by cl-service (``clsvc_model.json``),
@@ -106,6 +106,7 @@ class MoELoraCfg:
     split over them (rank r / experts each); trained sequentially over the stream with ``expert.train``."""
 
     experts: int = 4
+    """LoRA experts per adapted Linear."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,9 @@ class EvalCfg:
     """How the (method, stage) evaluation units of a run are computed."""
 
     batch_size: int = 64
+    """Test items per generation batch."""
     max_new_tokens: int = 8
+    """Longest generated answer (greedy decoding)."""
     num_workers: int | None = None
     """Evaluator actors (Ray), each holding the base once and loading adapters as needed. 0: evaluate in the
     driver's own process (always so with ``ray.num_workers=0``). None (auto): one per GPU of the cluster
@@ -134,7 +137,9 @@ class RayCfg:
     """How training jobs run. ``num_workers=0`` runs them in the calling process (no Ray)."""
 
     num_workers: int = 1
+    """Ray Train workers per training job (data-parallel); 0 = train in the calling process, without Ray."""
     cpus_per_worker: float = 1.0
+    """CPUs reserved per training worker (also its torch threads)."""
     use_gpu: bool = False
     """Train on GPUs: each worker's base and adapter on its GPU (``ray.train.torch.get_device()``), NCCL;
     also turns on the GPU defaults of ``base.dtype`` and the ``auto`` options of ``expert/router.train``."""
@@ -164,9 +169,13 @@ class RunCfg:
     """One continual-learning run over a task stream."""
 
     name: str = "run"
+    """The run's name (the metrics' benchmark label when the dataset names none)."""
     seed: int = 0
+    """Seeds the generated data, the sample choices, the adapters' initialisation and the data order."""
     methods: tuple[str, ...] = ("mrlora", "mrlora_proto", "lora_ft", "lora_ft_replay", "oracle", "zero_shot")
+    """CL methods to run and compare (``clsvc ls methods``)."""
     out: str = "runs/dcl-mini"
+    """The results folder; rerunning with the same folder resumes (finished work is verified and skipped)."""
     data: DataCfg = field(default_factory=DataCfg)
     base: BaseCfg = field(default_factory=BaseCfg)
     expert: ExpertCfg = field(default_factory=ExpertCfg)

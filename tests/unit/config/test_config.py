@@ -72,3 +72,31 @@ def test_base_build_force_refuses_to_delete_a_folder_that_is_not_a_built_base(tm
     assert main(["base", "build", "--profile", "tiny", "--out", str(tmp_path), "--force"]) == 2
     assert (tmp_path / "precious.txt").read_text() == "keep me"
     assert "not a base built by" in capsys.readouterr().err
+
+
+def test_the_config_reference_is_generated_from_the_dataclasses_and_documents_every_key():
+    from pathlib import Path
+
+    from cl_service import _cfgdoc
+    from cl_service.cli import _config_classes, main
+
+    for cls in _config_classes().values():
+        missing = [k.key for k in _cfgdoc.keys(cls) if not k.doc]
+        assert not missing, f"config keys without a docstring: {missing}"
+    out = Path("docs/config.md")
+    fresh = Path(__file__).parent / "_fresh_config.md"
+    try:
+        assert main(["config", "reference", "--out", str(fresh)]) == 0
+        assert fresh.read_text() == out.read_text(), "docs/config.md is stale: run `clsvc config reference --out docs/config.md`"
+    finally:
+        fresh.unlink(missing_ok=True)
+    assert "| `expert.train.autocast` |" in out.read_text() and "| `router.num_gpus` |" in out.read_text()
+
+
+def test_config_show_prints_resolved_values_with_their_defaults_and_docs(capsys):
+    from cl_service.cli import main
+
+    assert main(["config", "show", "--config", "workloads/configs/dcl_mini.yaml", "expert.lora.rank=8"]) == 0
+    text = capsys.readouterr().out
+    assert "expert.lora.rank = 8  (int; default 16)" in text and "LoRA rank r" in text
+    assert "ray.use_gpu = False  (bool)" in text
