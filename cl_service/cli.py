@@ -169,6 +169,16 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
     argv = [x for k in ("config", "data", "methods", "out") if getattr(a, k) for x in (f"--{k}", getattr(a, k))]
     cfg, _ = parse_args(argv + list(a.overrides))
+    if a.dry_run:
+        from cl_service.run import plan_stream
+
+        for st in plan_stream(cfg):
+            print(f"stage {st['stage'] + 1} {st['task']}:")
+            for what in ("train", "copies", "trained", "evaluate"):
+                label = {"train": "train", "copies": "copy of an identical job", "trained": "already trained",
+                         "evaluate": "evaluate"}[what]
+                print(f"  {label:26s} {', '.join(st[what]) or '-'}")
+        return 0
     run(cfg, log=lambda m: print(m, flush=True))
     return 0
 
@@ -434,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=None)
     s.add_argument("--methods", default=None)
     s.add_argument("--out", default=None)
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the plan (jobs to train, copies, already trained, evaluations) and stop")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_run)
 

@@ -116,6 +116,28 @@ def _train_stage(cfg: RunCfg, out: Path, i: int, tasks: list[str], descriptions:
                  base_dtype: str | None) -> float:
     """Train (or verify by checksum) what every method needs at stage ``i``; returns the training seconds."""
     task, T = tasks[i], len(tasks)
+    jobs, to_train, clones, trained = _stage_jobs(cfg, out, i, tasks, descriptions, methods, extras, base_dtype)
+    t0 = time.perf_counter()
+    job_times = trainer.fit(to_train) if to_train else {}
+    if clones:
+        from cl_service.train.runner import clone_adapter
+
+        for w, j in clones:
+            clone_adapter(trained[w], j)
+            log(f"[stage {i + 1}/{T} {task}] {j.name}: same weights as {trained[w].name}, published without training")
+    train_s = time.perf_counter() - t0
+    if to_train:
+        log(f"[stage {i + 1}/{T} {task}] trained {len(to_train)} adapter(s) in {train_s:.1f} s: "
+            + ", ".join(f"{k} {v:.0f}s" for k, v in job_times.items()))
+    elif jobs:
+        log(f"[stage {i + 1}/{T} {task}] {len(jobs)} adapter(s) already trained (verified by checksum)")
+    return train_s
+
+
+def _stage_jobs(cfg: RunCfg, out: Path, i: int, tasks: list[str], descriptions: dict[str, str],
+                methods: dict[str, Any], extras: dict[str, Any], base_dtype: str | None):
+    """Stage ``i``'s jobs by output folder, the ones to train, the ``(weights_key, job)`` clones published from
+    an identical job, and ``weights_key -> job`` of the jobs that train (or trained) each set of weights."""
     ctxs = {name: StageContext(i, tasks, descriptions, out, cfg, None, extras) for name in methods}
     jobs: dict[str, TrainJob] = {}
     for name, m in methods.items():
@@ -136,21 +158,49 @@ def _train_stage(cfg: RunCfg, out: Path, i: int, tasks: list[str], descriptions:
         elif id(j) in pending_ids:
             clones.append((w, j))
     to_train = [j for j in pending if all(j is not c for _, c in clones)]
-    t0 = time.perf_counter()
-    job_times = trainer.fit(to_train) if to_train else {}
-    if clones:
-        from cl_service.train.runner import clone_adapter
+    return jobs, to_train, clones, trained
 
-        for w, j in clones:
-            clone_adapter(trained[w], j)
-            log(f"[stage {i + 1}/{T} {task}] {j.name}: same weights as {trained[w].name}, published without training")
-    train_s = time.perf_counter() - t0
-    if to_train:
-        log(f"[stage {i + 1}/{T} {task}] trained {len(to_train)} adapter(s) in {train_s:.1f} s: "
-            + ", ".join(f"{k} {v:.0f}s" for k, v in job_times.items()))
-    elif jobs:
-        log(f"[stage {i + 1}/{T} {task}] {len(jobs)} adapter(s) already trained (verified by checksum)")
-    return train_s
+
+def plan_stream(cfg: RunCfg) -> list[dict[str, Any]]:
+    """What :func:`run_stream` would do with ``cfg`` in its results folder, without doing any of it (no data
+    generated, no base built, nothing trained): per stage, the jobs to train, the ones published as copies of an
+    identical job, the ones already trained (verified by checksum), and the (method, stage) evaluations to run."""
+    from cl_service.models.placement import resolve_base_dtype, resolve_run_cfg
+    from cl_service.models.store import base_path as store_base_path
+
+    for m in cfg.methods:
+        METHODS.get(m)
+    cfg = resolve_run_cfg(cfg)
+    out = Path(cfg.out).resolve()
+    data_path = Path(cfg.data.path).resolve() if cfg.data.path else out / "data"
+    try:
+        ds = ShardDataset(data_path)
+        stream, descriptions = ds.tasks, {t: ds.task_meta(t)["description"] for t in ds.tasks}
+    except Exception:  # not generated yet: the built-in benchmark's own stream; nothing can be trained yet either
+        from cl_service.data.synth import BENCHMARKS
+
+        spec = BENCHMARKS.get(cfg.data.benchmark)
+        stream, descriptions, ds = spec.task_names, {t.name: t.description for t in spec.tasks}, None
+    tasks = [t for t in stream if not cfg.data.tasks or t in cfg.data.tasks]
+    base = str(Path(cfg.base.path).resolve() if cfg.base.path else store_base_path(cfg.base.profile))
+    methods = {name: METHODS.get(name)() for name in cfg.methods}
+    extras = {"base_path": base, "dataset": str(data_path)}
+    plan = []
+    for i, task in enumerate(tasks):
+        if ds is None:
+            ctxs = {n: StageContext(i, tasks, descriptions, out, cfg, None, extras) for n in methods}
+            names = sorted({j.name for n, m in methods.items() for j in m.jobs(ctxs[n])})
+            stage = {"train": names, "copies": [], "trained": []}
+        else:
+            jobs, to_train, clones, _ = _stage_jobs(cfg, out, i, tasks, descriptions, methods, extras,
+                                                    resolve_base_dtype(cfg))
+            busy = {id(j) for j in to_train} | {id(j) for _, j in clones}
+            stage = {"train": [j.name for j in to_train], "copies": [j.name for _, j in clones],
+                     "trained": sorted(j.name for j in jobs.values() if id(j) not in busy)}
+        stage["evaluate"] = [n for n in methods if ds is None or load_stage_record(
+            stage_record_path(out, n, i, task), out, tasks) is None]
+        plan.append({"stage": i, "task": task, **stage})
+    return plan
 
 
 def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, engine_factory=None,

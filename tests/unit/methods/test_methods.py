@@ -169,6 +169,26 @@ def test_run_killed_mid_stage_resumes_with_same_metrics(run, tmp_path, tiny_base
         assert again["methods"][name]["matrix"] == m["matrix"], name
 
 
+def test_dry_run_plan_names_exactly_the_missing_work(run, tmp_path, tiny_base, dcl_shards):
+    from cl_service.run import plan_stream
+
+    done = plan_stream(_cfg(run["out"], tiny_base, dcl_shards))
+    assert [p["task"] for p in done] == ["RS", "Med"]
+    assert all(not p["train"] and not p["copies"] and not p["evaluate"] for p in done), done
+    assert "expert/Med" in done[1]["trained"] and "router/stage-1" in done[1]["trained"]
+    out = tmp_path / "copy"
+    shutil.copytree(run["out"], out)
+    shutil.rmtree(out / "adapters" / "experts" / "Med")
+    (out / "stages" / "zero_shot" / "stage-1-Med.json").unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    plan = plan_stream(_cfg(out, tiny_base, dcl_shards))
+    assert plan[0]["train"] == [] and plan[0]["evaluate"] == []
+    assert plan[1]["train"] == ["expert/Med"] and "zero_shot" in plan[1]["evaluate"]
+    # evaluations that used the missing expert are re-run; the others are kept
+    assert "oracle" in plan[1]["evaluate"] and "lora_ft" not in plan[1]["evaluate"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # a plan writes nothing
+
+
 def test_identical_jobs_train_once(run):
     """lora_ft / lora_ft_replay / olora stage 0 train exactly the first expert's weights: trained once, cloned."""
     from cl_service.adapters.registry import read_adapter
