@@ -98,8 +98,24 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # ValueError: a range check of the dataclass (check_ranges)
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def check_ranges(cfg: Any, **bounds: tuple) -> None:
+    """Range checks for a config dataclass's ``__post_init__``: ``field=(lo, hi)`` inclusive, or
+    ``(lo, hi, "open")`` for a lower bound the value must exceed; ``None`` leaves a side unbounded and a
+    ``None`` value (an optional setting left unset) passes. Raises ``ValueError`` naming the field and the range,
+    which :func:`load` reports with the dotted key."""
+    for name, b in bounds.items():
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        lo, hi, open_lo = b[0], b[1], len(b) > 2
+        if (lo is not None and (v <= lo if open_lo else v < lo)) or (hi is not None and v > hi):
+            want = " and ".join(x for x in ((f"> {lo}" if open_lo else f">= {lo}") if lo is not None else "",
+                                             f"<= {hi}" if hi is not None else "") if x)
+            raise ValueError(f"{name}={v!r} is out of range (expected {want})")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

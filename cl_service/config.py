@@ -33,6 +33,10 @@ class DataCfg:
     tasks: tuple[str, ...] = ()
     """Restrict the stream to these tasks (in the dataset's order); empty = all."""
 
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, train_per_task=(1, None), test_per_task=(1, None), train_limit=(1, None),
+                               test_limit=(1, None))
+
 
 @dataclass(frozen=True)
 class BaseCfg:
@@ -87,17 +91,27 @@ class RouterCfg:
     ``acl_mini.yaml`` with 240 router steps per stage; with 120 (on acl-glyphs, then acl-mini) the router
     could not tell two tasks that both ask "How many ..." apart and sent every VP item to OCR."""
 
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, samples_per_task=(1, None), max_new_tokens=(1, None), augment=(0, None),
+                               swap_images=(0, None))
+
 
 @dataclass(frozen=True)
 class ReplayCfg:
     samples_per_task: int = 20
     """Replay buffer size per earlier task for ``lora_ft_replay``."""
 
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, samples_per_task=(0, None))
+
 
 @dataclass(frozen=True)
 class OLoraCfg:
     lambda_orth: float = 0.5
     """``olora``: weight of the orthogonality penalty between a new task's LoRA A block and earlier ones."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, lambda_orth=(0, None))
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,9 @@ class MoELoraCfg:
 
     experts: int = 4
     """LoRA experts per adapted Linear."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, experts=(1, None))
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,12 @@ class EvalCfg:
     """GPUs reserved per evaluator actor; fractions (0.5) let two share one GPU."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per evaluator actor."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, batch_size=(1, None), max_new_tokens=(1, None), num_workers=(0, None),
+                               num_gpus=(0, None, "open"), cpus_per_worker=(0, None))
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads!r} is out of range (expected >= 0)")
     threads: int = 0
     """Torch threads of the evaluating process (the Ray job's driver, idle while workers train); 0 = every CPU
     this process may use. A ``ray job submit`` driver otherwise inherits Ray's ``OMP_NUM_THREADS=1``."""
@@ -162,6 +185,11 @@ class RayCfg:
     poll_interval_s: float = 0.5
     """How often Ray Train's controller polls its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default
     2 s): a finished worker group is noticed up to one interval late, at every stage."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, num_workers=(0, None), cpus_per_worker=(0, None, "open"), gpus_per_worker=(0, None, "open"),
+                               max_failures=(-1, None), checkpoint_every=(0, None), timeout_s=(0, None, "open"),
+                               poll_interval_s=(0, None, "open"))
 
 
 @dataclass(frozen=True)

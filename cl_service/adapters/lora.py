@@ -23,6 +23,7 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import save_file
 
 from cl_service.models.mllm import MLLM
+from cl_service._cfgload import check_ranges
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,6 +52,11 @@ class LoraCfg:
     """Also adapt the CLIP tower's Linears (q, k, v, o→out_proj, up→fc1, down→fc2 among ``targets``)."""
     train_projector: bool = True
     """Train (and save with the adapter) the adapter's own copy of the multimodal projector."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, rank=(1, None), alpha=(0, None, "open"), dropout=(0, 1))
+        if self.dropout >= 1:
+            raise ValueError(f"dropout={self.dropout!r} is out of range (expected >= 0 and < 1)")
 
 
 def target_regex(cfg: LoraCfg, vision_layers: Sequence[int] | None = None) -> str:

@@ -29,6 +29,10 @@ class StageCfg:
     torch_threads: int = 1
     """``torch.set_num_threads`` inside each replica."""
 
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, replicas=(1, None), num_cpus=(0, None), num_gpus=(0, None), max_batch_size=(1, None),
+                               batch_wait_ms=(0, None), torch_threads=(1, None))
+
 
 @dataclass(frozen=True)
 class LimitsCfg:
@@ -42,6 +46,10 @@ class LimitsCfg:
     """Largest accepted ``max_new_tokens``."""
     max_question_chars: int = 4096
     """Longest accepted question."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, max_image_bytes=(1, None), max_images=(1, None), max_new_tokens=(1, None),
+                               max_question_chars=(1, None))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 
+from cl_service._cfgload import check_ranges
+
 
 @dataclass(frozen=True)
 class TrainCfg:
@@ -57,6 +59,11 @@ class TrainCfg:
     """One fused AdamW kernel per step (CUDA only). None: on when the trained parameters are on a GPU."""
     activation_checkpointing: bool = False
     """Recompute the base's activations in the backward pass (less memory, ~35% slower at 7B shape)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, lr=(0, None, "open"), epochs=(0, None, "open"), max_steps=(1, None), batch_size=(1, None),
+                     grad_accum=(1, None), warmup_ratio=(0, 1), min_lr_ratio=(0, 1), weight_decay=(0, None),
+                     max_grad_norm=(0, None))
 
 
 def resolve_train_cfg(cfg: TrainCfg, gpu: bool) -> TrainCfg:

@@ -25,6 +25,12 @@ def test_yaml_and_dotted_overrides(tmp_path):
     (["ray.use_gpu=maybe"], "ray.use_gpu: expected true/false"),
     (["expert=3"], "expert: expected a mapping"),
     (["novalue"], "is not key=value"),
+    (["expert.train.lr=0"], "expert.train: lr=0.0 is out of range (expected > 0)"),
+    (["router.lora.dropout=1.5"], "router.lora: dropout=1.5 is out of range"),
+    (["ray.gpus_per_worker=0"], "ray: gpus_per_worker=0.0 is out of range (expected > 0)"),
+    (["data.test_limit=0"], "data: test_limit=0 is out of range (expected >= 1)"),
+    (["eval.num_workers=-1"], "eval: num_workers=-1 is out of range (expected >= 0)"),
+    (["expert.train.warmup_ratio=2"], "expert.train: warmup_ratio=2.0 is out of range (expected >= 0 and <= 1)"),
 ])
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError) as e:
