@@ -181,7 +181,8 @@ class RayCfg:
     """Ray Train storage (local folder, NFS mount, or s3://...): in-training checkpoints, and every finished
     adapter on its way back to the driver's results folder; default: ``<out>/ray`` (one machine)."""
     timeout_s: float = 3600.0
-    """Upper bound on one training run (a 2-core machine cannot always schedule what is asked)."""
+    """Upper bound on every training run of a stage (one worker group, or each parallel expert's), and on each wait
+    for evaluator actors: a run that cannot be scheduled or hangs is cancelled with a ``TimeoutError``."""
     poll_interval_s: float = 0.5
     """How often Ray Train's controller polls its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default
     2 s): a finished worker group is noticed up to one interval late, at every stage."""

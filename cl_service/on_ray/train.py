@@ -174,10 +174,12 @@ def _scaling(cfg: RayCfg) -> ScalingConfig:
 
 
 def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str] | None = None,
-                 inits: Inits | None = None) -> TorchTrainer:
+                 inits: Inits | None = None, keys: list[str] | None = None) -> TorchTrainer:
+    """``keys``: the jobs' keys as the driver computed them (it reads every init adapter; this may run on a node
+    that cannot)."""
     import hashlib
 
-    keys = [j.key() for j in jobs]
+    keys = keys or [j.key() for j in jobs]
     key = hashlib.sha256("".join(k + j.out_dir for k, j in zip(keys, jobs)).encode()).hexdigest()[:12]
     name = (jobs[0].name.replace("/", "_") + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")) + "-" + key
     # Read by the TrainController, which Ray Train starts with the driver's value of this variable.
@@ -214,30 +216,32 @@ class RayTrainer:
 
     def fit(self, jobs: list[TrainJob]) -> dict[str, float]:
         times: dict[str, float] = {}
+        keys = {id(j): j.key() for j in jobs}  # here, where every init adapter is readable (workers may not)
         inits = ship_inits(jobs, self.mirror)  # held here until the fit ends: the refs stay alive
-        if self.cfg.parallel_experts and len(jobs) > 1:
-            # Independent jobs at once: one Ray Train run each, driven from remote tasks.
-            refs = {job.name: _fit_remote.remote([job], self.cfg, self.storage, self.env, inits) for job in jobs}
-            ready, not_ready = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.timeout_s)
-            if not_ready:
-                for r in not_ready:
-                    ray.cancel(r, force=True)
-                raise TimeoutError(f"{len(not_ready)} training job(s) did not finish in {self.cfg.timeout_s:.0f} s")
-            for job in jobs:
-                seconds, finals = ray.get(refs[job.name])
-                collect_adapters([job], finals)
-                times[job.name] = seconds
-            return times
-        seconds, finals = _fit(jobs, self.cfg, self.storage, self.env, inits)
-        collect_adapters(jobs, finals)
-        return {"+".join(j.name for j in jobs) if len(jobs) > 1 else jobs[0].name: seconds}
+        # Every training run is driven from a remote task, so ``ray.timeout_s`` bounds it: a run that cannot be
+        # scheduled (Train V2 then waits for resources forever) or hangs is cancelled, with its worker group
+        # (owned by the task), and reported. Independent jobs (``parallel_experts``) get one run each, at once.
+        groups = [[job] for job in jobs] if self.cfg.parallel_experts and len(jobs) > 1 else [jobs]
+        refs = [_fit_remote.remote(g, self.cfg, self.storage, self.env, inits, [keys[id(j)] for j in g]) for g in groups]
+        ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.timeout_s)
+        if not_ready:
+            for r in not_ready:
+                ray.cancel(r, force=True)
+            names = [j.name for g, r in zip(groups, refs) if r in not_ready for j in g]
+            raise TimeoutError(f"training of {names} did not finish within ray.timeout_s={self.cfg.timeout_s:.0f} s "
+                               "(too few resources for the worker group, or a hang); finished adapters are kept")
+        for g, r in zip(groups, refs):
+            seconds, finals = ray.get(r)
+            collect_adapters(g, finals)
+            times["+".join(j.name for j in g)] = seconds
+        return times
 
 
-def _fit(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str], inits: Inits | None = None
-         ) -> tuple[float, list[tuple[Checkpoint, dict[str, Any]]]]:
+def _fit(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str], inits: Inits | None = None,
+         keys: list[str] | None = None) -> tuple[float, list[tuple[Checkpoint, dict[str, Any]]]]:
     """Train ``jobs`` in one worker group; seconds taken and the final-adapter checkpoints (with metrics)."""
     t0 = time.perf_counter()
-    result = make_trainer(jobs, cfg, storage, env, inits).fit()
+    result = make_trainer(jobs, cfg, storage, env, inits, keys).fit()
     if result.error is not None:
         raise RuntimeError(f"training of {[j.name for j in jobs]} failed: {result.error}")
     finals = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("final")]
@@ -275,5 +279,6 @@ def collect_adapters(jobs: list[TrainJob], finals: list[tuple[Checkpoint, dict[s
 
 
 @ray.remote(num_cpus=0)
-def _fit_remote(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str], inits: Inits):
-    return _fit(jobs, cfg, storage, env, inits)
+def _fit_remote(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str], inits: Inits,
+                keys: list[str] | None = None):
+    return _fit(jobs, cfg, storage, env, inits, keys)

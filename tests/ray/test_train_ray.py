@@ -104,21 +104,19 @@ def test_a_worker_trains_from_a_shipped_init_adapter_when_the_drivers_folder_is_
     ref = cont.replace(out_dir=str(tmp_path / "in-process"))
     run_train_job(ref)  # the reference: reads the init adapter from its folder
     src, away = Path(first.out_dir), Path(first.out_dir + ".away")
-    real_make, real_fit = ray_train.make_trainer, ray_train._fit
+    real_ship, real_collect = ray_train.ship_inits, ray_train.collect_adapters
 
-    def make_then_hide(*a, **k):  # the driver has read the folder (job keys, shipped files): now it is gone
-        trainer = real_make(*a, **k)
+    def ship_then_hide(*a, **k):  # the driver has read the folder (job keys, shipped files): now it is gone
+        shipped = real_ship(*a, **k)
         os.rename(src, away)
-        return trainer
+        return shipped
 
-    def fit_then_restore(*a, **k):  # back before the driver copies the result in (its key reads the folder)
-        try:
-            return real_fit(*a, **k)
-        finally:
-            os.rename(away, src)
+    def restore_then_collect(*a, **k):  # back before the driver copies the result in (its key reads the folder)
+        os.rename(away, src)
+        return real_collect(*a, **k)
 
-    monkeypatch.setattr(ray_train, "make_trainer", make_then_hide)
-    monkeypatch.setattr(ray_train, "_fit", fit_then_restore)
+    monkeypatch.setattr(ray_train, "ship_inits", ship_then_hide)
+    monkeypatch.setattr(ray_train, "collect_adapters", restore_then_collect)
     cfg = RayCfg(num_workers=1, cpus_per_worker=1, timeout_s=300)
     RayTrainer(cfg, str(tmp_path / "storage"), mirror=True).fit([cont])
     assert not away.exists() and cont.key() == key
@@ -136,3 +134,21 @@ def test_a_worker_trains_from_a_shipped_init_adapter_when_the_drivers_folder_is_
         RayTrainer(RayCfg(num_workers=1, cpus_per_worker=1, timeout_s=300, max_failures=0),
                    str(tmp_path / "storage2"), mirror=False).fit([cont.replace(out_dir=str(tmp_path / "x"))])
     assert not (tmp_path / "x").exists()
+
+
+def test_ray_timeout_bounds_a_run_that_cannot_be_scheduled_and_the_cluster_stays_usable(ray_local, tmp_path, tiny_base,
+                                                                                         dcl_shards):
+    """Three 1-CPU workers on a 2-CPU cluster: Train V2 would wait for them forever; ``ray.timeout_s`` cancels the
+    run (and the worker group it owns) with a clear error, and the next run trains."""
+    import time
+
+    from cl_service.on_ray.train import RayTrainer
+
+    job = _job(tmp_path, tiny_base, dcl_shards, steps=2)
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"did not finish within ray.timeout_s=8 s"):
+        RayTrainer(RayCfg(num_workers=3, cpus_per_worker=1, timeout_s=8), str(tmp_path / "s1")).fit([job])
+    assert time.perf_counter() - t0 < 60
+    assert not Path(job.out_dir).exists()
+    RayTrainer(RayCfg(num_workers=1, cpus_per_worker=1, timeout_s=300), str(tmp_path / "s2")).fit([job])
+    assert read_adapter(job.out_dir, job.key())["id"] == "expert:RS"
