@@ -232,7 +232,7 @@ class RayTrainer:
                                "(too few resources for the worker group, or a hang); finished adapters are kept")
         for g, r in zip(groups, refs):
             seconds, finals = ray.get(r)
-            collect_adapters(g, finals)
+            collect_adapters(g, finals, [keys[id(j)] for j in g])
             times["+".join(j.name for j in g)] = seconds
         return times
 
@@ -248,15 +248,17 @@ def _fit(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str], i
     return time.perf_counter() - t0, finals
 
 
-def collect_adapters(jobs: list[TrainJob], finals: list[tuple[Checkpoint, dict[str, Any]]]) -> None:
-    """Copy each job's finished adapter from its checkpoint (under ``ray.storage_path``: a local folder, NFS
+def collect_adapters(jobs: list[TrainJob], finals: list[tuple[Checkpoint, dict[str, Any]]],
+                     keys: list[str] | None = None) -> None:
+    """Bring each job's finished adapter from its checkpoint (under ``ray.storage_path``: a local folder, NFS
     or ``s3://``) into the job's ``out_dir`` on this machine, verified by its checksums, atomically; then
-    delete that checkpoint (the adapter now lives in the results folder)."""
+    delete that checkpoint (the adapter now lives in the results folder). On a local filesystem the files are
+    moved, not copied (at 7B an r128 adapter is 1.4 GB). ``keys``: the jobs' keys, if already computed."""
     from cl_service.adapters.registry import AdapterError, commit_dir, publish_dir, read_adapter
 
     by_key = {m["job"]: c for c, m in finals}
-    for job in jobs:
-        ckpt = by_key.get(job.key())
+    for job, key in zip(jobs, keys or [j.key() for j in jobs]):
+        ckpt = by_key.get(key)
         if ckpt is None:
             raise RuntimeError(f"training job {job.name} finished but reported no adapter checkpoint")
         stage = publish_dir(job.out_dir)
@@ -264,10 +266,11 @@ def collect_adapters(jobs: list[TrainJob], finals: list[tuple[Checkpoint, dict[s
             src = Path(d) / _ADAPTER
             if not src.is_dir():
                 raise RuntimeError(f"the checkpoint of {job.name} ({ckpt.path}) holds no adapter folder")
+            local = getattr(ckpt.filesystem, "type_name", "") == "local"
             for f in src.iterdir():
-                shutil.copy2(f, stage / f.name)
+                (shutil.move if local else shutil.copy2)(str(f), stage / f.name)
         try:
-            read_adapter(stage, job.key())
+            read_adapter(stage, key)
         except AdapterError as e:
             shutil.rmtree(stage, ignore_errors=True)
             raise RuntimeError(f"the adapter of {job.name} did not arrive intact: {e}") from None

@@ -66,12 +66,18 @@ class TrainCfg:
                      max_grad_norm=(0, None))
 
 
+def autocast_kind(cfg: TrainCfg, gpu: bool) -> str:
+    """The autocast a run of ``cfg`` uses: ``cfg.autocast``, with ``auto`` = ``bfloat16`` on GPUs, ``none`` on CPUs
+    (the one place ``auto`` is decided; runs resolve it once, :func:`resolve_train_cfg`)."""
+    return cfg.autocast if cfg.autocast != "auto" else ("bfloat16" if gpu else "none")
+
+
 def resolve_train_cfg(cfg: TrainCfg, gpu: bool) -> TrainCfg:
     """``cfg`` with its ``auto`` settings decided for a run on GPUs (``gpu``) or CPUs: bf16 autocast, no
     fp32 LoRA input copies and fused AdamW on GPUs; the plain float32 path on CPUs."""
     import dataclasses
 
-    autocast = cfg.autocast if cfg.autocast != "auto" else ("bfloat16" if gpu else "none")
+    autocast = autocast_kind(cfg, gpu)
     return dataclasses.replace(
         cfg, autocast=autocast,
         lora_fp32_inputs=cfg.lora_fp32_inputs if cfg.lora_fp32_inputs is not None else autocast == "none",
@@ -205,7 +211,7 @@ def _epoch_iter(batches: Any, epoch: int, start: int) -> Iterator[Any]:
 
 
 def _autocast(cfg: TrainCfg, device: torch.device):
-    kind = cfg.autocast if cfg.autocast != "auto" else ("bfloat16" if device.type == "cuda" else "none")
+    kind = autocast_kind(cfg, device.type == "cuda")
     if kind == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16}[kind])

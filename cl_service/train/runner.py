@@ -24,7 +24,7 @@ from cl_service.adapters.lora import attach_lora, load_adapter, remove_lora, sav
 from cl_service.adapters.registry import ADAPTER_META, commit_dir, finalize_adapter, publish_dir, read_adapter
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.train.job import TrainJob, load_parts
-from cl_service.train.loop import Batches, Prefetched, TrainState, train_steps
+from cl_service.train.loop import Batches, Prefetched, TrainState, autocast_kind, train_steps
 
 ADAPTER_NAME = "job"  # not "train": peft adapter names become module attributes
 _WEIGHTS = "trainable.safetensors"
@@ -141,7 +141,8 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         params = load_adapter(mllm, job.init_adapter, ADAPTER_NAME, trainable=True)
     else:
         params = attach_lora(mllm, job.lora, ADAPTER_NAME, seed=job.seed)
-    if job.train.lora_fp32_inputs is False or (job.train.lora_fp32_inputs is None and _autocast_on(job, device)):
+    if job.train.lora_fp32_inputs is False or (
+            job.train.lora_fp32_inputs is None and autocast_kind(job.train, device.type == "cuda") != "none"):
         set_input_casting(mllm, False)
     state = None
     resumed_from = 0
@@ -229,11 +230,6 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         on_done(mllm)
     _release_base(job, device, mllm, reusable=job.kind != "moelora" and strategy != "deepspeed")
     return state
-
-
-def _autocast_on(job: TrainJob, device: torch.device) -> bool:
-    a = job.train.autocast
-    return a == "bfloat16" or (a == "auto" and device.type == "cuda")
 
 
 def load_job_base(job: TrainJob, device: torch.device) -> MLLM:

@@ -13,17 +13,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from cl_service.train.loop import TrainCfg, TrainState, _autocast, _epoch_iter, _schedule, total_steps
+from cl_service.train.loop import TrainCfg, TrainState, _autocast, _epoch_iter, _schedule, autocast_kind, total_steps
 
 
-def zero2_config(cfg: TrainCfg) -> dict[str, Any]:
+def zero2_config(cfg: TrainCfg, gpu: bool = False) -> dict[str, Any]:
     """The DeepSpeed config of a run: ZeRO stage 2, our batch size/accumulation/clipping/precision."""
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": False},
-        "bf16": {"enabled": cfg.autocast == "bfloat16"},
+        "bf16": {"enabled": autocast_kind(cfg, gpu) == "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -64,7 +64,7 @@ def train_steps_zero(module: torch.nn.Module, batches: Any, params: Sequence[tor
     if state.scheduler is not None:
         sched.load_state_dict(state.scheduler)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
-                                           config=zero2_config(cfg), dist_init_required=False)
+                                           config=zero2_config(cfg, params[0].is_cuda), dist_init_required=False)
     if optimizer_state is not None:
         import torch.distributed as dist
 
