@@ -7,11 +7,14 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := token
-export TORCH_EXTENSIONS_DIR := $(CURDIR)/.clsvc/torch_extensions
+# Every cache and store (built bases, DeepSpeed's compiled ops, demo data) in the checkout's .clsvc; outside make the
+# default is ~/.cache/clsvc (cl_service/_home.py).
+export CLSVC_HOME ?= $(CURDIR)/.clsvc
+export TORCH_EXTENSIONS_DIR := $(CLSVC_HOME)/torch_extensions
 export DS_BUILD_OPS := 0
 export TOKENIZERS_PARALLELISM := false
 
-DEMO_DATA ?= .clsvc/data/dcl-mini
+DEMO_DATA ?= $(CLSVC_HOME)/data/dcl-mini
 
 .PHONY: demo demo-acl demo-data test test-unit test-ray venv clean
 

@@ -1,8 +1,8 @@
 """Importable names for Ray Serve's ``grpc_options.grpc_servicer_functions``.
 
-The cl.v1 stubs are generated at run time (``serve/proto.py``), so Serve cannot import them by a fixed
-module path; these wrappers can. Importing this module also registers ``cl.v1`` in the default protobuf
-descriptor pool, which is what lets the proxy's server reflection describe the service.
+One module that names both servicer adders (cl.v1 from the committed stubs, :mod:`cl_service.proto`, and
+the standard health service). Importing it also registers ``cl.v1`` in the default protobuf descriptor
+pool, which is what lets the proxy's server reflection describe the service.
 
 - ``cl_service.serve.grpc_api.add_ContinualLearningServicer_to_server``
 - ``cl_service.serve.grpc_api.add_HealthServicer_to_server``: standard ``grpc.health.v1.Health``; Serve's

@@ -45,6 +45,12 @@ def train_steps_zero(module: torch.nn.Module, batches: Any, params: Sequence[tor
     ``optimizer_state``: this rank's :func:`zero_optimizer_state` saved at the checkpoint ``state`` comes
     from (restored after the engine is built). ``on_engine(engine)`` hands the engine to the caller, which
     needs it to save that state at its checkpoints."""
+    import os
+
+    from cl_service._home import clsvc_home
+
+    # DeepSpeed JIT-builds its ops under TORCH_EXTENSIONS_DIR: keep them in the one clsvc home, not ~/.cache/torch.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(clsvc_home() / "torch_extensions"))
     import deepspeed
     import deepspeed.comm.torch as ds_torch
 
