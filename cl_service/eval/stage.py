@@ -64,14 +64,50 @@ def stage_record_path(out: Path, method: str, stage: int, task: str) -> Path:
     return out / "stages" / method / f"stage-{stage}-{task}.json"
 
 
-def load_stage_record(path: Path, out: Path, tasks: list[str]) -> dict[str, Any] | None:
+def unit_inputs(cfg: Any, method: Any, base_digest: str | None, data_digest: str) -> dict[str, Any]:
+    """What a (method, stage) unit's answers depend on besides its adapters (which its record lists by digest):
+    the base and the dataset by content, the test choice (``data.test_limit``, ``seed``) and the settings that
+    change answers: the base's dtype and prompt style, where it runs (``eval.use_gpu``: the GPU path fuses
+    kernels), ``eval.max_new_tokens``; for the MLLM router ``router.max_new_tokens``, for the feature routers
+    (fit during evaluation) ``router.samples_per_task`` and ``router.augment``. Not: ``eval.batch_size``,
+    ``eval.threads`` and the other placement settings, nor what training settings change (the adapters' keys do).
+    Stored in the record as ``inputs``; JSON values only."""
+    from cl_service.models.placement import resolve_base_dtype
+
+    d: dict[str, Any] = {"base": base_digest, "data": data_digest, "test_limit": cfg.data.test_limit,
+                         "seed": cfg.seed, "base_dtype": resolve_base_dtype(cfg), "prompt_style": cfg.base.prompt_style,
+                         "gpu": eval_uses_gpu(cfg), "max_new_tokens": cfg.eval.max_new_tokens}
+    kind = getattr(method, "router_kind", None) if getattr(method, "routed", False) else None
+    if kind == "mllm":
+        d["router_max_new_tokens"] = cfg.router.max_new_tokens
+    elif kind:
+        d["router_samples_per_task"], d["router_augment"] = cfg.router.samples_per_task, cfg.router.augment
+    return d
+
+
+def changed_inputs(path: Path, inputs: dict[str, Any]) -> list[str]:
+    """The ``inputs`` the record at ``path`` holds otherwise, as ``"key old -> new"`` for a log line; empty when
+    there is no record."""
+    try:
+        old = json.loads(path.read_text()).get("inputs")
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict):
+        return ["no inputs recorded"]
+    return [f"{k} {old.get(k)} -> {v}" for k, v in json.loads(json.dumps(inputs)).items() if old.get(k, "?") != v]
+
+
+def load_stage_record(path: Path, out: Path, tasks: list[str],
+                      inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """A finished evaluation record, if it evaluated the same task list (a stream extended with more tasks
-    re-evaluates its finished stages on the new ones; their adapters are reused) and its adapters are
-    unchanged since it was written."""
+    re-evaluates its finished stages on the new ones; their adapters are reused), with the same ``inputs``
+    (:func:`unit_inputs`; None: not checked), and its adapters are unchanged since it was written."""
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
     if rec.get("tasks", tasks) != tasks or len(rec.get("row", [])) != len(tasks):
+        return None
+    if inputs is not None and rec.get("inputs") != json.loads(json.dumps(inputs)):
         return None
     for folder, digest in rec.get("adapters", {}).items():
         if adapter_digest(out / folder) != digest:

@@ -53,9 +53,13 @@ class TrainJob:
     moe_experts: int = 0       # kind "moelora": LoRA experts per Linear (token-gated), continued from init_adapter
     base_dtype: str | None = None  # the base's dtype while training (None: the checkpoint's own)
     prompt_style: str = "auto"     # BaseCfg.prompt_style: how samples become prompts and pixels
+    base_digest: str | None = None  # the base's content digest, computed once by the driver (None: on demand)
 
     def _fields(self) -> dict:
         d = to_dict(self)
+        # The base by content, not by path: a base rebuilt in place trains other adapters.
+        d.pop("base_digest")
+        d["base_path"] = self.base_digest or _base_fingerprint(self.base_path)
         if not d["moe_experts"]:  # fields added later hash only when set: older results keep their keys
             d.pop("moe_experts")
         if d["base_dtype"] is None:
@@ -75,7 +79,8 @@ class TrainJob:
         return d
 
     def key(self) -> str:
-        """Hash of everything that determines the published adapter (not the output folder)."""
+        """Hash of everything that determines the published adapter (not the output folder); the base, the dataset
+        and the init adapter by content (:mod:`cl_service.digest`), so a base rebuilt in place trains anew."""
         d = self._fields()
         d.pop("out_dir")
         d.pop("name")
@@ -110,9 +115,21 @@ def _init_fingerprint(path: str | None) -> Any:
         return path
 
 
+def _base_fingerprint(path: str) -> str:
+    """The base by its content digest (:func:`cl_service.digest.base_digest`); the path while it does not exist
+    (nothing trained on it can be complete)."""
+    from cl_service.digest import base_digest
+
+    try:
+        return base_digest(path)
+    except OSError:
+        return f"missing:{path}"
+
+
 def _dataset_fingerprint(path: str) -> str:
-    m = ShardDataset(path).manifest
-    return hashlib.sha256("".join(s["sha256"] for s in m["shards"]).encode()).hexdigest()[:16]
+    from cl_service.digest import dataset_digest
+
+    return dataset_digest(path)
 
 
 def choose(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:

@@ -18,8 +18,11 @@ def _job(train=None, **kw):
 
 def test_a_job_that_does_not_use_moelora_keeps_the_key_it_had_before_the_field_existed(monkeypatch):
     monkeypatch.setattr(job_mod, "_dataset_fingerprint", lambda path: "fp")
+    monkeypatch.setattr(job_mod, "_base_fingerprint", lambda path: "bd")
     j = _job()
     d = to_dict(j)
+    del d["base_digest"]  # the base is hashed by content (since issue 23: every earlier key changed once)
+    d["base_path"] = "bd"
     del d["moe_experts"]  # what key() hashed before moelora was added
     del d["base_dtype"], d["prompt_style"]  # ... before the base's dtype and prompt style were run settings
     for k in ("lora_fp32_inputs", "fused_optimizer", "activation_checkpointing"):
@@ -53,3 +56,26 @@ def test_cpu_resolved_training_options_keep_the_old_key_and_gpu_ones_change_it(m
     assert cpu.key() == old.key() and cpu.weights_key() == old.weights_key()
     assert gpu.key() != cpu.key() and gpu.weights_key() != cpu.weights_key()
     assert _job(base_dtype="bfloat16").key() != old.key()
+
+
+def test_the_base_is_keyed_by_its_content_not_its_path(tmp_path, tiny_base, dcl_shards):
+    """A base rebuilt in place (other bytes, same path) trains other adapters; the same bytes elsewhere do not.
+    The digest the driver stamps on a job is the one a worker would compute."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cl_service.digest import base_digest
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    job = _job().replace(base_path=str(base), dataset=str(dcl_shards))
+    key, wkey = job.key(), job.weights_key()
+    assert job.replace(base_digest=base_digest(base)).key() == key
+    assert job.replace(base_path=str(tiny_base)).key() == key  # a copy of the same base
+    tensors = load_file(str(base / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    assert job.key() != key and job.weights_key() != wkey
+    assert job.replace(base_path=str(tmp_path / "gone")).key() != key  # no base there: nothing is complete
