@@ -11,7 +11,8 @@ frozen.
 The experts live in one module tree, :class:`MoELoRA`, registered on the model as ``mllm.model.moelora``
 (so optimizers and DDP see its parameters) and applied through forward hooks on the base Linears: active
 only inside :func:`moelora_active` or while attached for training. Saved layout: ``moelora_config.json``
-+ ``adapter_model.safetensors`` (``<module path>.{A,B,gate}``), checksummed by the adapter registry like
+(method, experts, rank, alpha, dropout, targets, the update's formula and tensor shapes: no plain peft LoRA
+expresses a token-gated mixture, so tools other than cl-service cannot load it) + ``adapter_model.safetensors`` (``<module path>.{A,B,gate}``), checksummed by the adapter registry like
 any adapter; :func:`is_moelora` tells the folders apart.
 """
 
@@ -164,7 +165,11 @@ def save_moelora(mllm: MLLM, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(moe.state(), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt", "kind": "moelora"})
-    (path / MOELORA_CONFIG).write_text(json.dumps(asdict(moe.spec), indent=2))
+    # Self-describing, like peft's adapter_config.json: what it is, and that no plain-LoRA tool loads it.
+    described = {"method": "moelora", **asdict(moe.spec), "expert_rank": moe.spec.expert_rank, "peft_compatible": False,
+                 "update": "per token x: (alpha/rank) * sum_e softmax(gate @ x)_e * B_e @ A_e @ x",
+                 "tensors": "<Linear path>.A [experts, expert_rank, in], .B [experts, out, expert_rank], .gate [experts, in]"}
+    (path / MOELORA_CONFIG).write_text(json.dumps(described, indent=2))
     return path
 
 

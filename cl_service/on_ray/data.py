@@ -1,4 +1,5 @@
-"""Ray Data over a shard dataset: each Arrow IPC shard is read as a stream of record batches."""
+"""Ray Data over a shard dataset: ``ray.data.read_parquet`` over its shards (a local folder or a URI such as
+``s3://bucket/ds``); a schema-version-1 dataset's Arrow IPC shards through :class:`ArrowIPCDatasource`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from cl_service.data.shards import ShardDataset
 
 
 class ArrowIPCDatasource(FileBasedDatasource):
-    """Reads Arrow IPC *file* format shards, one record batch per block."""
+    """Reads Arrow IPC *file* format shards (schema version 1), one record batch per block."""
 
     _FILE_EXTENSIONS = ["arrow"]
 
@@ -24,8 +25,12 @@ class ArrowIPCDatasource(FileBasedDatasource):
 
 
 def read_shards(root: str, task: str | None = None, split: str | None = None, **kwargs) -> ray.data.Dataset:
-    """A Ray Dataset over the shards of ``root`` (optionally one task/split), schema v1 columns."""
-    paths = ShardDataset(root).shard_paths(task, split)
+    """A Ray Dataset over the shards of ``root`` (optionally one task/split): the columns of
+    :data:`cl_service.data.schema.SAMPLE_SCHEMA` (``images``: ``{bytes, path}`` per image)."""
+    ds = ShardDataset(root)
+    paths = ds.shard_paths(task, split)
     if not paths:
         raise ValueError(f"no shards for task={task!r} split={split!r} in {root}")
-    return ray.data.read_datasource(ArrowIPCDatasource(paths, **kwargs))
+    if ds.legacy:
+        return ray.data.read_datasource(ArrowIPCDatasource(paths, **kwargs))
+    return ray.data.read_parquet(paths, **kwargs)
