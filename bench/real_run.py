@@ -276,7 +276,7 @@ def serve_and_load(run: Path, logs: Path, seconds: float, env: dict[str, str], m
                    gpu: bool = True) -> dict[str, Any]:
     """``clsvc serve`` on the GPU (Router and Expert 0.5 GPU each), then ``bench/serve_load.py`` through gRPC."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "cl_service.cli", "serve", "--results", str(run), "--port", str(port),
+    cmd = [sys.executable, "-m", "cl_service.cli", "serve", "--results", str(run), "--port", str(port), "--insecure",
            *(["router.num_gpus=0.5", "expert.num_gpus=0.5"] if gpu else []),
            "router.max_batch_size=32", "expert.max_batch_size=32"]
     t0 = time.perf_counter()

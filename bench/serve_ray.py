@@ -276,6 +276,7 @@ def main() -> None:
     from ray import serve
 
     from cl_service.on_ray import serve as clserve
+    from cl_service.on_ray.serve_start import _bounded
     from cl_service.serve.config import load_serve_cfg
 
     tmp = tempfile.mkdtemp(prefix="clsvc-ray-", dir="/tmp")
@@ -350,14 +351,14 @@ def main() -> None:
                 failed.append(kind)
                 print(f"[{kind}] FAILED: {r['error'][:500]}", flush=True)
                 _log_tail(tmp, out.with_name(f"serve_ray_logs_{kind}.txt"))
-                clserve._bounded(lambda: serve.delete(cfg.app_name), 60)
+                _bounded(lambda: serve.delete(cfg.app_name), 60)
             save()
         if failed:
             raise RuntimeError(f"router kinds failed: {failed}")
     finally:
         save()
-        clserve._bounded(serve.shutdown, 60)
-        clserve._bounded(ray.shutdown, 60)
+        _bounded(serve.shutdown, 60)
+        _bounded(ray.shutdown, 60)
         res["total_s"] = time.perf_counter() - t0
         save()
 

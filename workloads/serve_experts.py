@@ -6,7 +6,8 @@
 With ``--detach`` the job ends once the app is RUNNING and the app stays on the cluster (stop it with
 ``serve shutdown``); without it the job serves until cancelled. Outside a job (no RAY_ADDRESS) a local Ray
 on 127.0.0.1 is started: that is ``clsvc serve``. Serve's gRPC proxy listens on all interfaces of
-``grpc_port``; set CLSVC_TOKEN (where the app is built) to require a shared token.
+``grpc_port``; set CLSVC_TOKEN (where the app is built) to require a shared token (without one it refuses
+to start unless given ``--insecure``).
 """
 
 import sys

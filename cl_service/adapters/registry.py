@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,17 +39,38 @@ class AdapterInfo:
 
 
 def finalize_adapter(folder: str | Path, *, id: str, kind: str, task: str, description: str, base: str,
-                     job_key: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``adapter.json`` (checksums of every file in ``folder``) — the last step of saving an adapter."""
+                     job_key: str, extra: dict[str, Any] | None = None,
+                     replaces: str | Path | None = None) -> dict[str, Any]:
+    """Write ``adapter.json`` (checksums of every file in ``folder``) — the last step of saving an adapter.
+
+    ``version`` counts publications: 1 for a new adapter, the replaced one's version + 1 when the weights or
+    the job differ (a retrain), the same version when identical files are published again. ``replaces`` is
+    the folder this one will replace: by default ``folder`` itself, or for a :func:`publish_dir` staging
+    folder the final folder it names."""
     folder = Path(folder)
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != ADAPTER_META
              and not p.name.startswith(".")}
-    version = 1
+    version = _next_version(Path(replaces) if replaces is not None else _final_of(folder), files, job_key)
     meta = {"id": id, "kind": kind, "task": task, "description": description, "version": version, "base": base,
             "job_key": job_key, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {})}
     atomic_write_text(folder / ADAPTER_META, json.dumps(meta, indent=2))
     return meta
+
+
+def _final_of(folder: Path) -> Path:
+    """The folder a :func:`publish_dir` staging folder (``.<name>.partial-<pid>``) becomes; else itself."""
+    m = re.fullmatch(r"\.(.+)\.partial-\d+", folder.name)
+    return folder.with_name(m.group(1)) if m else folder
+
+
+def _next_version(final: Path, files: dict[str, str], job_key: str) -> int:
+    try:
+        old = json.loads((final / ADAPTER_META).read_text())
+        version = int(old.get("version", 1))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 1  # nothing published there yet (or unreadable: start over)
+    return version if old.get("files") == files and old.get("job_key") == job_key else version + 1
 
 
 def adapter_digest(folder: str | Path) -> str | None:

@@ -49,6 +49,8 @@ def _load_json_list(path: Path) -> list[Any]:
         raise IngestError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except UnicodeDecodeError as e:
         raise IngestError(f"{path}: not UTF-8 text ({e})") from None
+    except RecursionError:
+        raise IngestError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(data, list):
         raise IngestError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -72,15 +74,24 @@ class _ImageResolver:
             raise _BadRecord(f"image path {rel!r} must be relative to the task's images folder")
         for base in self.bases:
             p = base / rel
-            if p.is_file():
-                try:
-                    data = validate_image(p.read_bytes())
-                except BadImage as e:
-                    raise _BadRecord(f"image {rel!r} ({p}): {e}") from None
+            try:
+                if not p.is_file():
+                    continue
+                data = validate_image(p.read_bytes())
+            except BadImage as e:
+                raise _BadRecord(f"image {rel!r} ({p}): {e}") from None
+            except (OSError, ValueError) as e:  # a name too long, a NUL byte, unreadable: not a usable path
+                raise _BadRecord(f"image {_short(rel)}: cannot be read ({type(e).__name__}: {_short(str(e))})"
+                                 ) from None
+            else:
                 if len(self._cache) < 256:  # router/replay files reuse images of the tasks
                     self._cache[rel] = data
                 return data
         raise _BadRecord(f"image {rel!r} not found under {', '.join(str(b) for b in self.bases)}")
+
+
+def _short(text: str, n: int = 120) -> str:
+    return repr(text) if len(text) <= n else f"{text[:n]!r}... ({len(text)} characters)"
 
 
 def _images(rec: dict, resolve: _ImageResolver) -> list[bytes]:
@@ -142,12 +153,24 @@ def _records(path: Path, convert: Callable[[Any], list[Sample]], writer: ShardWr
     for i, rec in enumerate(records):
         rid = rec.get("question_id", rec.get("id", "?")) if isinstance(rec, dict) else "?"
         try:
-            yield from convert(rec)
+            samples = [_unicode_ok(s) for s in convert(rec)]
         except _BadRecord as e:
             msg = f"{path} record {i} (id={rid}): {e}"
             if not skip_bad:
                 raise IngestError(msg + " (use --skip-bad to skip bad records and count them)") from None
             writer.skip(task, split, msg)
+            continue
+        yield from samples
+
+
+def _unicode_ok(s: Sample) -> Sample:
+    """JSON may carry lone surrogates (``"\\ud800"``): text the shards (UTF-8) cannot hold is a bad record."""
+    for name, text in (("id", s.id), ("question", s.question), *(("answer", a) for a in s.answers)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadRecord(f"{name} is not valid Unicode (a lone surrogate)") from None
+    return s
 
 
 def ingest(

@@ -1,6 +1,6 @@
 """Ray Serve application: a gRPC ingress, a Router deployment and Expert replicas over one frozen base.
 
-    Ingress (cl.v1 + grpc.health.v1 through Serve's gRPC proxy)
+    Ingress (cl.v1 + grpc.health.v1 through Serve's gRPC proxy; OpenAI-compatible HTTP through its HTTP proxy)
       -> Router.route    batched: requests of many clients routed in one generate (MLLM router LoRA)
       -> Expert.answer   batched: rows for different experts answered in one call (engine LRU of adapters)
 
@@ -15,36 +15,36 @@ batch to one adapter). Hot add: the ingress polls the results folder (``watch_s`
 catalog when the run publishes an expert or a retrained router; requests in flight keep their snapshot.
 
 Build with :func:`build_app` (``serve deploy`` / ``serve run cl_service.on_ray.serve:build_app``) or start
-locally with :func:`start`. The only module that imports Ray Serve.
+locally with :func:`start` (:mod:`cl_service.on_ray.serve_start`, re-exported here with ``serve_main``,
+``wait_running``, ``override``, ``parse_args`` and ``grpc_options``). With that module, the only one that
+imports Ray Serve.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import hashlib
-import hmac
 import logging
 import os
-import signal
-import tempfile
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 from ray import serve
-from ray.serve.config import HTTPOptions, gRPCOptions
 
-from cl_service._cfgload import apply_overrides, from_dict, to_dict
+from cl_service._cfgload import from_dict, to_dict
 from cl_service.adapters.registry import AdapterError
+from cl_service.on_ray.serve_start import (grpc_options, override, parse_args, serve_main, start,  # noqa: F401
+                                           wait_running)  # re-exported: they lived here
+from cl_service.serve.auth import check_token, token_sha256
 from cl_service.serve.batcher import Batcher
-from cl_service.serve.catalog import Catalog, Limits, RequestError, parse_predict
+from cl_service.serve.catalog import Catalog, Limits, RequestError, budget_error, parse_predict
 from cl_service.serve.config import ServeCfg, StageCfg, load_serve_cfg
+from cl_service.serve.hotadd import CatalogWatch
 from cl_service.serve.states import pack_states, unpack_states
-from cl_service.serve.twostage import answer_grouped, per_sample_states, route_grouped
+from cl_service.serve.twostage import answer_grouped, per_sample_states, route_grouped, run_rows
 from cl_service.serve import grpc_api  # module reference: cloudpickle re-imports it (and the stubs) in replicas
 
 log = logging.getLogger("cl_service.serve")
@@ -98,8 +98,12 @@ class Router:
         """``(start, end, size)`` of the last 1000 batches (``time.time()``)."""
         return list(self.batcher.log)
 
-    def _route(self, items: list[tuple]) -> list[tuple]:
-        """``[(sample, router_dir, experts, descriptions)] -> [(Route, vision_states of the sample or None)]``."""
+    def _route(self, items: list[tuple]) -> list:
+        """``[(sample, router_dir, experts, descriptions)] -> [(Route, vision_states of the sample or None)]``; a
+        row the model cannot take gets its ``INVALID_ARGUMENT``, a row that fails its own error (only)."""
+        return run_rows(self._route_rows, items, [budget_error(self.engine, it[0], 1) for it in items])
+
+    def _route_rows(self, items: list[tuple]) -> list[tuple]:
         from cl_service.routers.prompt import Pool
 
         samples = [it[0] for it in items]
@@ -168,9 +172,13 @@ class Expert:
     async def answer(self, sample, adapter: str, max_new_tokens: int | None, vision_states: Any = None) -> str:
         return await self.batcher.submit((sample, adapter, max_new_tokens, vision_states))
 
-    def _answer(self, items: list[tuple]) -> list[str]:
+    def _answer(self, items: list[tuple]) -> list:
         """Rows for different experts share each forward pass (``Engine.answer_mixed``); one call per
-        distinct ``max_new_tokens``."""
+        distinct ``max_new_tokens``. A row over the model's token budget gets its ``INVALID_ARGUMENT``, a row
+        that fails its own error; the others their answers."""
+        return run_rows(self._answer_rows, items, [budget_error(self.engine, it[0], it[2]) for it in items])
+
+    def _answer_rows(self, items: list[tuple]) -> list[str]:
         samples = [it[0] for it in items]
         vs = unpack_states([it[3] for it in items], self.engine.mllm.device)  # one transfer for the batch
         return answer_grouped(self.engine, samples, [it[1] for it in items], [it[2] for it in items],
@@ -194,32 +202,21 @@ class Ingress:
         self.expert = expert
         self.limits = Limits(**asdict(self.cfg.limits))
         self.token_sha256 = token_sha256
-        self.catalog = Catalog.load(self.cfg.results)
-        self._last_seen = Catalog.load(self.cfg.results, verify=False).fingerprint
-        self.reloads = 0
+        self.watch = CatalogWatch(self.cfg.results, retry_s=max(self.cfg.watch_s, 1.0))
         self._watch_s = self.cfg.watch_s
         self._stop = threading.Event()
-        self._lock = threading.Lock()
         self._watcher = threading.Thread(target=self._watch, name="clsvc-catalog-watch", daemon=True)
         self._watcher.start()
 
     # ------------------------------------------------------------------ hot add
+    @property
+    def catalog(self) -> Catalog:
+        return self.watch.catalog  # one reference: requests in flight keep the snapshot they took
+
     def reload(self) -> bool:
-        """Swap in a new catalog if the run published anything; True when it changed."""
-        with self._lock:
-            cheap = Catalog.load(self.cfg.results, verify=False).fingerprint  # adapter.json files only
-            if cheap == self._last_seen:
-                return False
-            self._last_seen = cheap
-            new = Catalog.load(self.cfg.results)  # checksums verified before anyone is routed to it
-            if new.fingerprint == self.catalog.fingerprint:
-                return False
-            old = self.catalog
-            self.catalog = new  # one reference swap: requests in flight keep the old snapshot
-            self.reloads += 1
-            log.info("catalog reloaded: experts %s -> %s, router %s -> %s",
-                     [e.task for e in old.experts], [e.task for e in new.experts], old.router_dir, new.router_dir)
-            return True
+        """Swap in a new catalog if the run published anything that verifies (what does not is verified again
+        on a later poll: :class:`~cl_service.serve.hotadd.CatalogWatch`); True when it changed."""
+        return self.watch.poll()
 
     def _watch(self) -> None:
         while not self._stop.wait(self._watch_s if self._watch_s > 0 else 1.0):
@@ -241,16 +238,7 @@ class Ingress:
 
     # ------------------------------------------------------------------ plumbing
     def _auth(self, ctx: Any) -> None:
-        if self.token_sha256 is None:
-            return
-        md = {k.lower(): v for k, v in (ctx.invocation_metadata() if ctx is not None else [])}
-        token = md.get("x-clsvc-token")
-        if token is None and md.get("authorization", "").lower().startswith("bearer "):
-            token = md["authorization"][7:].strip()
-        if token is None or not hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self.token_sha256):
-            raise RequestError(grpc.StatusCode.UNAUTHENTICATED,
-                               "missing or wrong token: send metadata 'authorization: Bearer <token>' "
-                               "or 'x-clsvc-token: <token>'")
+        check_token(ctx.invocation_metadata() if ctx is not None else (), self.token_sha256)
 
     @staticmethod
     def _fail(ctx: Any, code: grpc.StatusCode, message: str, empty: Any) -> Any:
@@ -320,6 +308,14 @@ class Ingress:
             grpc_api.pb2.Expert(id=e.id, task=e.task, description=e.description, adapter_version=e.version)
             for e in self.catalog.experts])
 
+    # ------------------------------------------------------------------ OpenAI-compatible HTTP
+    async def __call__(self, request: Any) -> Any:
+        """``POST /v1/chat/completions``, ``GET /v1/models`` under the route prefix, through Serve's HTTP proxy:
+        the same Predict/ListExperts as gRPC (:mod:`cl_service.on_ray.serve_http`)."""
+        from cl_service.on_ray.serve_http import respond
+
+        return await respond(self, request)
+
     # ------------------------------------------------------------------ grpc.health.v1.Health
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         from grpc_health.v1 import health_pb2
@@ -339,7 +335,7 @@ class Ingress:
     async def info(self) -> dict:
         cat = self.catalog
         return {"experts": [e.task for e in cat.experts], "router_dir": str(cat.router_dir or ""),
-                "fingerprint": cat.fingerprint, "reloads": self.reloads}
+                "fingerprint": cat.fingerprint, "reloads": self.watch.reloads}
 
 
 def build(cfg: ServeCfg, token: str | None = None) -> Any:
@@ -351,7 +347,7 @@ def build(cfg: ServeCfg, token: str | None = None) -> Any:
                             max_ongoing_requests=max(16, 4 * cfg.router.max_batch_size)).bind(d)
     expert = Expert.options(num_replicas=cfg.expert.replicas, ray_actor_options=_resources(cfg.expert),
                             max_ongoing_requests=max(16, 4 * cfg.expert.max_batch_size)).bind(d)
-    sha = hashlib.sha256(token.encode()).hexdigest() if token else None
+    sha = token_sha256(token)
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=256,
                            user_config={"watch_s": cfg.watch_s}).bind(router, expert, d, sha)
 
@@ -384,114 +380,3 @@ def _flatten(d: dict, prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
     return out
-
-
-def grpc_options(cfg: ServeCfg) -> gRPCOptions:
-    """Serve's gRPC proxy options: cl.v1 + health servicers, reflection on. The proxy binds ``[::]:port``."""
-    return gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=list(grpc_api.SERVICER_FUNCTIONS),
-                       request_timeout_s=cfg.request_timeout_s, enable_reflection=True)
-
-
-def start(cfg: ServeCfg, token: str | None = None, timeout_s: float = 300.0) -> None:
-    """Start Serve (gRPC proxy on ``cfg.grpc_port``, HTTP proxy on 127.0.0.1) on the connected Ray and deploy
-    the app; returns once it is RUNNING, raises ``TimeoutError``/``RuntimeError`` otherwise."""
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=cfg.http_port), grpc_options=grpc_options(cfg))
-    serve.run_many([serve.RunTarget(target=build(cfg, token), name=cfg.app_name, route_prefix=cfg.route_prefix)],
-                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-    wait_running(cfg.app_name, timeout_s)
-
-
-def wait_running(app_name: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while time.monotonic() < deadline:
-        app = serve.status().applications.get(app_name)
-        status = app.status if app else None
-        if status == "RUNNING":
-            return
-        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"Serve app {app_name!r} is {status}: {app.message}")
-        time.sleep(0.5)
-    raise TimeoutError(f"Serve app {app_name!r} not RUNNING within {timeout_s:.0f} s (last status {status}); "
-                       "with few CPUs lower router.num_cpus / expert.num_cpus")
-
-
-def override(cfg: ServeCfg, **changes: Any) -> ServeCfg:
-    """``cfg`` with top-level or dotted (``router.replicas``) keys changed, strictly checked."""
-    return from_dict(ServeCfg, apply_overrides(to_dict(cfg), [f"{k.replace('__', '.')}={v}"
-                                                              for k, v in changes.items()]))
-
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeCfg, argparse.Namespace]:
-    p = argparse.ArgumentParser(description="Serve a continual-learning run (Router + Expert replicas on Ray Serve).")
-    p.add_argument("--config", default=None, help="ServeCfg YAML (workloads/configs/serve_*.yaml)")
-    p.add_argument("--results", default=None, help="the run's results folder (default: the config's)")
-    p.add_argument("--port", type=int, default=None, help="gRPC port (default 9000; the proxy binds all interfaces)")
-    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the app to be RUNNING")
-    p.add_argument("--detach", action="store_true", help="return once RUNNING (the app stays on the Ray cluster)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    a = p.parse_args(argv)
-    extra = [f"results={Path(a.results).resolve()}"] if a.results else []
-    extra += [f"grpc_port={a.port}"] if a.port is not None else []
-    cfg = load_serve_cfg(a.config, list(a.overrides) + extra)
-    if not Path(cfg.results).is_absolute():
-        cfg = override(cfg, results=str(Path(cfg.results).resolve()))
-    return cfg, a
-
-
-def serve_main(argv: Sequence[str] | None = None, log=print) -> int:
-    """``clsvc serve`` / ``workloads/serve_experts.py``: connect to ``RAY_ADDRESS`` or start a local Ray on
-    loopback, deploy, and serve until Ctrl-C / SIGTERM (then shut Serve down, bounded)."""
-    import ray
-
-    cfg, a = parse_args(argv)
-    Catalog.load(cfg.results)  # a wrong folder fails here, before Ray starts
-    token = os.environ.get(cfg.auth_token_env) or None
-    started = False
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address="127.0.0.1", log_to_driver=False)
-        else:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                     _temp_dir=tempfile.mkdtemp(prefix="clsvc-ray-", dir="/tmp"))
-            started = True
-    if a.detach and started:
-        ray.shutdown()
-        raise ValueError("--detach needs a running cluster (RAY_ADDRESS); a local Ray ends with this process")
-    stop = threading.Event()
-    main_thread = threading.current_thread() is threading.main_thread()
-    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Ctrl-C should stop us anyway.
-    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)} \
-        if main_thread else {}
-    try:
-        t0 = time.perf_counter()
-        start(cfg, token, timeout_s=a.ready_timeout)
-        cat = Catalog.load(cfg.results, verify=False)
-        log(f"serving {cfg.results}: experts {', '.join(e.task for e in cat.experts)}, router {cfg.router_kind} "
-            f"(ready in {time.perf_counter() - t0:.1f} s)")
-        log(f"gRPC cl.v1.ContinualLearning on port {cfg.grpc_port} (Serve's gRPC proxy listens on all interfaces; "
-            f"{'a shared token is required' if token else f'no token: set {cfg.auth_token_env} to require one'})")
-        log(f"  clsvc predict --address 127.0.0.1:{cfg.grpc_port} --image IMG.png --question '...'")
-        if a.detach:
-            return 0
-        log("Ctrl-C stops it")
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        if not a.detach:
-            log("stopping Serve ...")
-            _bounded(serve.shutdown, 60)
-            if started:
-                _bounded(ray.shutdown, 60)
-    return 0
-
-
-def _bounded(fn: Any, timeout: float) -> None:
-    t = threading.Thread(target=fn, daemon=True)
-    t.start()
-    t.join(timeout)

@@ -20,9 +20,11 @@ from typing import Any, Awaitable, Callable
 class Batcher:
     """``await batcher.submit(item)`` returns ``fn(batch)[i]`` for the item's place ``i`` in its batch.
 
-    ``fn``: ``list[item] -> list[result]`` (same length), awaited; it runs one batch at a time. An exception in
-    ``fn`` fails every request of that batch (and only those). ``log`` keeps ``(start, end, size)`` of the last
-    1000 batches (``time.time()``) for tests and load tests.
+    ``fn``: ``list[item] -> list[result]`` (same length), awaited; it runs one batch at a time. A result that is
+    an ``Exception`` fails its own request only (e.g. a row refused by validation). When ``fn`` raises for a
+    batch of several, each of its items is run again alone, so one bad row fails alone and the others get
+    their answers. ``log`` keeps ``(start, end, size)`` of the last 1000 batches (``time.time()``) for tests
+    and load tests.
     """
 
     def __init__(self, fn: Callable[[list], Awaitable[list]], max_batch_size: int, wait_s: float) -> None:
@@ -76,19 +78,28 @@ class Batcher:
                 continue
             t0 = time.time()
             try:
-                results = await self.fn([b[1] for b in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batched function returned {len(results)} results for {len(batch)} items")
-            except BaseException as e:  # handed to each caller of this batch; a cancelled worker cancels them
+                results = await self._call([b[1] for b in batch])
+            except BaseException as e:  # a cancelled worker cancels its callers
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.cancel() if isinstance(e, asyncio.CancelledError) else fut.set_exception(e)
-                if not isinstance(e, Exception):
-                    raise
+                raise
             else:
                 for (_, _, fut), r in zip(batch, results):
                     if not fut.done():
-                        fut.set_result(r)
+                        fut.set_exception(r) if isinstance(r, Exception) else fut.set_result(r)
             finally:
                 self.log.append((t0, time.time(), len(batch)))
                 del self.log[:-1000]
+
+    async def _call(self, items: list) -> list:
+        """``fn(items)``; when it fails, each item alone: a result per item, an exception for a failed one."""
+        try:
+            results = await self.fn(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batched function returned {len(results)} results for {len(items)} items")
+            return list(results)
+        except Exception as e:  # noqa: BLE001 - handed to the caller(s) it belongs to
+            if len(items) == 1:
+                return [e]
+        return [(await self._call([item]))[0] for item in items]

@@ -32,6 +32,9 @@ class RequestError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self):  # crosses process boundaries (a Ray Serve replica -> the ingress) intact
+        return (type(self), (self.code, self.message))
+
 
 @dataclass(frozen=True)
 class ExpertEntry:
@@ -56,6 +59,8 @@ class Catalog:
     feature_routers: dict[str, tuple[Path, tuple[str, ...]]]
     """Saved feature routers (``routers/<kind>/stage-<i>-<task>/``) of the latest usable stage per kind:
     ``kind -> (folder, experts in pool order)``; exactly the router the offline evaluation used."""
+    router_version: int | None = None
+    """``version`` of the MLLM router's ``adapter.json`` (+1 with every retrained router published there)."""
 
     @classmethod
     def load(cls, run_dir: str | Path, verify: bool = True) -> "Catalog":
@@ -106,9 +111,12 @@ class Catalog:
         h = hashlib.sha256()
         for p in [e.path for e in experts] + ([router_dir] if router_dir else []):
             h.update(str(p).encode() + (p / ADAPTER_META).read_bytes())
+            h.update(_stats(p))
         for folder, _ in feature_routers.values():
             h.update(str(folder).encode() + (folder / "router.json").read_bytes())
-        return cls(run_dir, tasks, tuple(experts), router_dir, pool, h.hexdigest()[:16], resolved, feature_routers)
+        router_version = int(read_adapter(router_dir, verify=False).get("version", 1)) if router_dir else None
+        return cls(run_dir, tasks, tuple(experts), router_dir, pool, h.hexdigest()[:16], resolved, feature_routers,
+                   router_version)
 
     def find(self, name: str) -> ExpertEntry:
         """An expert by task name or adapter id; ``NOT_FOUND`` listing the known ones otherwise."""
@@ -116,7 +124,7 @@ class Catalog:
             if name in (e.task, e.id):
                 return e
         raise RequestError(grpc.StatusCode.NOT_FOUND,
-                           f"unknown expert {name!r}; known experts: {', '.join(e.task for e in self.experts)}")
+                           f"unknown expert {_clip(name)}; known experts: {', '.join(e.task for e in self.experts)}")
 
     @property
     def stage(self) -> int:
@@ -130,6 +138,24 @@ class Catalog:
         """How to load the run's base for serving, as the run evaluated it: its prompt style and dtype
         (``base_dtype`` of ``config.resolved.json``; None: the checkpoint's own)."""
         return {"dtype": self.resolved.get("base_dtype"), "prompt_style": self.run_setting("base", "prompt_style", "auto")}
+
+
+def _clip(text: str, n: int = 80) -> str:
+    """``repr`` of client text for an error message, cut to ``n`` characters (gRPC bounds the message size)."""
+    return repr(text) if len(text) <= n else f"{text[:n]!r}... ({len(text)} characters)"
+
+
+def _stats(folder: Path) -> bytes:
+    """Names, sizes and mtimes of a folder's files: a rewritten weight file changes the fingerprint too, so
+    hot add verifies it again."""
+    out = []
+    try:
+        for f in sorted(folder.iterdir()):
+            st = f.stat()
+            out.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    except OSError:  # swapped out while we looked: the next poll sees the new folder
+        out.append("?")
+    return ";".join(out).encode()
 
 
 @dataclass(frozen=True)
@@ -186,3 +212,37 @@ def parse_predict(request: Any, limits: Limits) -> tuple[Sample, int | None]:
     sample = Sample(task="serve", split="test", id="request", images=images, question=request.question,
                     answers=[""], scorer="exact")
     return sample, n
+
+
+def check_budget(mllm: Any, sample: Sample, max_new_tokens: int) -> None:
+    """Refuse (``INVALID_ARGUMENT``) a request the model cannot take whole: its images' tokens (images x
+    ``mllm.tokens_per_image``), the question's tokens and ``max_new_tokens`` answer tokens must fit the model's
+    ``max_length``. Checked before a request joins a batch: over the budget, it would fail the whole batched
+    model call (or have its question cut silently). Tokenizes the question; decodes no image."""
+    limit, k, n = int(mllm.cfg.max_length), int(mllm.tokens_per_image), len(sample.images)
+    question = len(mllm.tokenizer(sample.question, add_special_tokens=False).input_ids)
+    try:
+        ids = mllm.encode(sample, with_target=False)[0]
+    except ValueError:  # the images alone leave no room
+        ids = []
+    if ids and ids.count(mllm.image_token_id) != n * k:  # the question's text holds the image placeholder
+        token = mllm.tokenizer.convert_ids_to_tokens(mllm.image_token_id)
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"question: must not contain the image placeholder {token!r} (images go in 'images')")
+    prompt = len(ids)
+    need = max(prompt, 1 + n * k + question) + max_new_tokens
+    if prompt == 0 or need > limit:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"request too long for the model: {n} image(s) x {k} image tokens + {question} question "
+                           f"tokens + {max_new_tokens} answer tokens = {need}, over its max_length of {limit}; "
+                           f"send fewer images, a shorter question or a smaller max_new_tokens")
+
+
+def budget_error(engine: Any, sample: Sample, max_new_tokens: int | None) -> RequestError | None:
+    """:func:`check_budget` for a request of an :class:`~cl_service.engine.Engine` (None =
+    ``engine.max_new_tokens``): its error, or None when it fits."""
+    try:
+        check_budget(engine.mllm, sample, max_new_tokens or engine.max_new_tokens)
+    except RequestError as e:
+        return e
+    return None

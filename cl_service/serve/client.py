@@ -14,18 +14,30 @@ pb2, pb2_grpc = load()
 
 @dataclass
 class Client:
-    """A channel to ``address`` with the metadata every call carries (shared token, Serve app name)."""
+    """A channel to ``address`` with the metadata every call carries (shared token, Serve app name).
+
+    ``tls_ca``: connect with TLS, trusting this PEM bundle (e.g. the server's self-signed certificate);
+    ``tls_server_name``: the name to check the certificate against when ``address`` differs from it."""
 
     address: str = "127.0.0.1:9000"
     token: str | None = None
     application: str | None = None
     max_message_bytes: int = 256 * 1024 * 1024
+    tls_ca: str | None = None
+    tls_server_name: str | None = None
     channel: grpc.Channel = field(init=False)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes)])
+        options = [("grpc.max_send_message_length", self.max_message_bytes),
+                   ("grpc.max_receive_message_length", self.max_message_bytes)]
+        if self.tls_ca is None:
+            self.channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            from cl_service.serve.security import channel_credentials
+
+            if self.tls_server_name:
+                options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+            self.channel = grpc.secure_channel(self.address, channel_credentials(self.tls_ca), options=options)
         self.stub = pb2_grpc.ContinualLearningStub(self.channel)
 
     def wait_ready(self, timeout: float) -> None:

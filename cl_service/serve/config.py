@@ -39,9 +39,11 @@ class LimitsCfg:
     """Request validation limits (a request over them gets ``INVALID_ARGUMENT``)."""
 
     max_image_bytes: int = 8 * 1024 * 1024
-    """Largest accepted encoded image."""
+    """Largest accepted encoded image. The gRPC message-size limit (plain server and Serve's gRPC proxy) is
+    ``max_images`` x this + the question + 64 KiB: larger messages are refused unread (``RESOURCE_EXHAUSTED``)."""
     max_images: int = 16
-    """Most images in one request."""
+    """Most images in one request (images x image tokens + question + answer must also fit the model's
+    ``max_length``, else ``INVALID_ARGUMENT``)."""
     max_new_tokens: int = 256
     """Largest accepted ``max_new_tokens``."""
     max_question_chars: int = 4096
@@ -66,7 +68,10 @@ class ServeCfg:
     """Serve's gRPC proxy port. The proxy binds all interfaces (Ray has no host option): set ``auth_token_env``
     or firewall the port on shared hosts."""
     http_port: int = 8000
-    """Serve's HTTP proxy port (bound to 127.0.0.1; this app exposes nothing over HTTP)."""
+    """Serve's HTTP proxy port: OpenAI-compatible ``<route_prefix>/v1/chat/completions`` and ``/v1/models``
+    (same token, limits and errors as gRPC)."""
+    http_host: str = "127.0.0.1"
+    """Interface Serve's HTTP proxy binds (loopback by default; ``0.0.0.0`` exposes it: set ``auth_token_env``)."""
     router_kind: Literal["mllm", "prototype", "ridge", "knn"] = "mllm"
     """``mllm``: the run's latest MLLM router (base + router LoRA); ``prototype`` / ``ridge`` / ``knn``: the feature router
     the run saved under ``routers/<kind>/`` (a prototype router is fitted on the run's training data when the

@@ -8,10 +8,13 @@ the results back in request order. Nothing here knows of Ray or gRPC.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any, Callable, Hashable, Sequence
 
 from cl_service.data.schema import Sample
+
+log = logging.getLogger(__name__)
 
 
 def per_sample_states(vision_states: Any, samples: Sequence[Sample]) -> list:
@@ -56,4 +59,39 @@ def answer_grouped(engine: Any, samples: Sequence[Sample], adapters: Sequence[st
         texts = engine.answer_mixed([samples[i] for i in idx], [adapters[i] for i in idx], n, vision_states=vs)
         for i, t in zip(idx, texts):
             out[i] = t
+    return out
+
+
+def isolated(fn: Callable[[list], Sequence[Any]], items: list) -> list:
+    """``fn(items)``; when that raises, ``fn([item])`` for each item, so one bad row fails alone and the
+    others still get answers. A failing row's result is its exception (the caller hands it to that
+    request only)."""
+    try:
+        out = list(fn(items))
+        if len(out) != len(items):
+            raise RuntimeError(f"batched call returned {len(out)} results for {len(items)} rows")
+        return out
+    except Exception as e:  # noqa: BLE001 - which row failed is found below
+        if len(items) <= 1:
+            return [e] * len(items)
+        log.warning("a batch of %d failed (%s); running its rows one by one", len(items), type(e).__name__)
+    res: list = []
+    for item in items:
+        try:
+            one = list(fn([item]))
+            if len(one) != 1:
+                raise RuntimeError(f"batched call returned {len(one)} results for 1 row")
+            res.append(one[0])
+        except Exception as e:  # noqa: BLE001 - this row's own error
+            res.append(e)
+    return res
+
+
+def run_rows(fn: Callable[[list], Sequence[Any]], items: list, errors: Sequence[Exception | None]) -> list:
+    """Results in item order: a row with an error (e.g. refused by validation) gets it, the others go
+    through ``fn`` together (:func:`isolated`)."""
+    ok = [i for i, e in enumerate(errors) if e is None]
+    out: list = list(errors)
+    for i, r in zip(ok, isolated(fn, [items[i] for i in ok]) if ok else []):
+        out[i] = r
     return out

@@ -208,6 +208,40 @@ def test_shared_token_is_required(app):
         assert len(r.experts) == 2
 
 
+def test_openai_compatible_http_through_serves_http_proxy(app):
+    """``/v1/chat/completions`` and ``/v1/models`` under the app's route prefix, on Serve's HTTP proxy (127.0.0.1):
+    the real ``openai`` client gets the gRPC answers; token, unknown expert and oversized image are refused."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    import openai
+    base = f"http://127.0.0.1:{app['cfg'].http_port}{app['cfg'].route_prefix}/v1"
+    oc = openai.OpenAI(base_url=base, api_key=TOKEN, max_retries=0, timeout=60)
+
+    def msgs(images, question):
+        return [{"role": "user", "content": [
+            *({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(i).decode()}}
+              for i in images), {"type": "text", "text": question}]}]
+
+    assert [m.id for m in oc.models.list().data] == ["auto", "RS", "Med"]
+    for s, model in [(_samples(app["shards"], "RS")[0], "auto"), (_samples(app["shards"], "Med")[1], "Med")]:
+        c = oc.chat.completions.create(model=model, messages=msgs(s.images, s.question), max_tokens=2)
+        g = app["client"].predict(s.images, s.question, expert=None if model == "auto" else model, max_new_tokens=2)
+        assert (c.choices[0].message.content, c.model) == (g.answer, g.expert)
+        assert c.model_extra["clsvc"]["router"]["raw_output"] == g.router.raw_output
+    s = _samples(app["shards"], "RS")[0]
+    for token, model, images, status in [(None, "auto", s.images, 401), ("wrong", "auto", s.images, 401),
+                                         (TOKEN, "Nope", s.images, 404), (TOKEN, "auto", [_noise_png(300)], 413)]:
+        req = urllib.request.Request(base + "/chat/completions", method="POST", data=json.dumps(
+            {"model": model, "messages": msgs(images, s.question)}).encode(), headers={
+            "Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(req, timeout=60)
+        err = json.loads(ei.value.read())["error"]
+        assert ei.value.code == status and err["message"] and "Traceback" not in err["message"], err
+
+
 def test_hot_add_publishes_the_next_task_without_downtime(app):
     """The run continues with AD while clients keep calling; the new expert and router go live, nothing fails."""
     c = app["client"]
@@ -257,3 +291,46 @@ def test_hot_add_publishes_the_next_task_without_downtime(app):
         assert (r.answer, r.expert, r.router.raw_output) == (ref["text"], ref["metadata"]["expert"],
                                                               ref["metadata"]["router_raw"]), s.id
     assert c.predict(ad[0].images, ad[0].question, expert="AD").expert == "AD"
+
+
+def test_a_request_over_the_token_budget_fails_alone_through_router_and_expert(app):
+    """Issue 23 through the deployments: sixteen images and 60 answer tokens do not fit the 320 positions of the
+    test base; the Expert refuses that row (INVALID_ARGUMENT, crossing Ray as itself), the seven valid
+    requests sent with it are answered as they are alone."""
+    c = app["client"]
+    rs, med = _samples(app["shards"], "RS"), _samples(app["shards"], "Med")
+    valid = [(rs[i], "RS" if i % 2 else None) for i in range(4)] + [(med[i], None) for i in range(3)]
+    alone = [c.predict(s.images, s.question, expert=e, timeout=60) for s, e in valid]
+    with ThreadPoolExecutor(8) as ex:
+        futs = [ex.submit(c.predict, s.images, s.question, expert=e, timeout=90) for s, e in valid]
+        bad = ex.submit(c.predict, list(rs[0].images) * 16, rs[0].question, max_new_tokens=60, timeout=90)
+        together = [f.result() for f in futs]
+        with pytest.raises(grpc.RpcError) as ei:
+            bad.result()
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+    assert "16 image(s) x 16 image tokens" in ei.value.details() and "max_length of 320" in ei.value.details()
+    assert [(r.answer, r.expert) for r in together] == [(r.answer, r.expert) for r in alone]
+
+
+def test_the_proxy_refuses_a_message_over_the_limits_unread(app):
+    """Serve's gRPC proxy takes its message limit from cfg.limits (set through the controller's runtime env)."""
+    from cl_service.serve.security import grpc_message_limit
+
+    c, s = app["client"], _samples(app["shards"], "RS")[0]
+    limit = grpc_message_limit(app["cfg"].limits)
+    with pytest.raises(grpc.RpcError) as ei:
+        c.predict([b"x" * (limit + 1)], s.question, timeout=30)
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value.details()
+    assert c.predict(s.images, s.question, expert="RS", timeout=30).expert == "RS"
+
+
+def test_clsvc_serve_refuses_to_start_without_a_token_unless_insecure(app):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CLSVC_TOKEN", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-m", "cl_service.cli", "serve", "--results", str(app["out"]), "--port",
+                          str(_free_port())], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "without a token" in out.stderr and "--insecure" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

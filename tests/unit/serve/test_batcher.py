@@ -71,22 +71,39 @@ def test_a_full_batch_runs_without_waiting_out_wait_s():
     assert asyncio.run(main()) == [0, 10, 20] and seen == [[0, 1, 2]]
 
 
-def test_an_error_fails_only_its_own_batch():
+def test_an_error_fails_only_its_own_row():
+    """A batch call that raises is retried row by row: the bad row gets the error, its batch mates answers."""
+    seen: list[list[int]] = []
+
     async def fn(items: list[int]) -> list[int]:
+        seen.append(list(items))
         await asyncio.sleep(0.05)
         if 13 in items:
             raise ValueError("corrupt item 13")
         return items
 
     async def main():
-        b = Batcher(fn, max_batch_size=2, wait_s=0.0)
-        bad = asyncio.gather(b.submit(13), b.submit(1), return_exceptions=True)
+        b = Batcher(fn, max_batch_size=3, wait_s=0.0)
+        first = asyncio.gather(b.submit(13), b.submit(1), b.submit(4), return_exceptions=True)
         good = asyncio.gather(b.submit(2), b.submit(3))
-        return await bad, await good
+        return await first, await good
 
-    bad, good = asyncio.run(main())
-    assert all(isinstance(e, ValueError) and "corrupt item 13" in str(e) for e in bad)
-    assert good == [2, 3]
+    first, good = asyncio.run(main())
+    assert isinstance(first[0], ValueError) and "corrupt item 13" in str(first[0])
+    assert first[1:] == [1, 4] and good == [2, 3]
+    assert seen == [[13, 1, 4], [13], [1], [4], [2, 3]]
+
+
+def test_an_exception_result_fails_only_its_row():
+    async def fn(items: list[int]) -> list:
+        return [KeyError(f"row {x} refused") if x < 0 else x for x in items]
+
+    async def main():
+        b = Batcher(fn, max_batch_size=4, wait_s=0.0)
+        return await asyncio.gather(b.submit(-1), b.submit(5), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert isinstance(out[0], KeyError) and "row -1 refused" in str(out[0]) and out[1] == 5
 
 
 def test_a_function_that_loses_rows_is_an_error_not_a_misaligned_answer():
@@ -97,8 +114,8 @@ def test_a_function_that_loses_rows_is_an_error_not_a_misaligned_answer():
         b = Batcher(fn, max_batch_size=4, wait_s=0.0)
         return await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
 
-    out = asyncio.run(main())
-    assert all(isinstance(e, RuntimeError) and "returned 1 results for 2 items" in str(e) for e in out)
+    out = asyncio.run(main())  # the batch lost a row, then each row alone lost its only row
+    assert all(isinstance(e, RuntimeError) and "returned 0 results for 1 items" in str(e) for e in out)
 
 
 def test_a_caller_that_gave_up_before_its_batch_is_not_computed():

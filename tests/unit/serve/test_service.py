@@ -114,22 +114,6 @@ def test_bad_requests(served, kw, code, needle):
     assert "Traceback" not in ei.value.details()
 
 
-def test_stub_generation_is_safe_under_concurrency(tmp_path):
-    import subprocess
-    import sys
-
-    code = ("import sys; from cl_service.serve.proto import generate; "
-            "print(generate(__import__('pathlib').Path(sys.argv[1])))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(3)]
-    outs = {p.communicate(timeout=60)[0].strip() for p in procs}
-    assert all(p.returncode == 0 for p in procs)
-    assert len(outs) == 1
-    folder = tmp_path / __import__("pathlib").Path(outs.pop()).name
-    assert (folder / "cl_pb2.py").is_file() and (folder / "cl_pb2_grpc.py").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no partial folders left behind
-
-
 def test_reflection_lists_services(served):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 

@@ -45,3 +45,25 @@ def test_answer_grouped_one_call_per_length_and_states_follow_their_rows():
     assert out == ["x/4/s0", "y/None/s1", "x/4/s2"]
     assert eng.calls == [(4, ["s0", "s2"], ["x", "x"], [0.0, 3.0]), (None, ["s1"], ["y"], [1.0, 2.0])]
     assert cat_states([None, states[0]]) is None and cat_states([]) is None
+
+
+def test_isolated_runs_a_failed_batch_row_by_row_and_run_rows_keeps_refused_rows_out():
+    from cl_service.serve.twostage import isolated, run_rows
+
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if 13 in items:
+            raise ValueError("row 13 is bad")
+        return [x * 10 for x in items]
+
+    out = isolated(fn, [1, 13, 2])
+    assert out[0] == 10 and out[2] == 20 and isinstance(out[1], ValueError) and "row 13" in str(out[1])
+    assert calls == [[1, 13, 2], [1], [13], [2]]
+    assert isolated(fn, [1, 2]) == [10, 20] and calls[-1] == [1, 2]  # no failure: one call
+    assert isolated(lambda items: items[:-1], [1, 2])[0].args[0].startswith("batched call returned 0 results")
+    refused = KeyError("refused")
+    calls.clear()
+    assert run_rows(fn, [1, 2, 3], [None, refused, None]) == [10, refused, 30] and calls == [[1, 3]]
+    assert run_rows(fn, [1], [refused]) == [refused] and calls == [[1, 3]]  # nothing left to run
