@@ -46,3 +46,36 @@ def write_folder(final: str | os.PathLike, files: dict[str, bytes]) -> Path:
         (stage / name).write_bytes(data)
     replace_dir(stage, final)
     return final
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_leftovers(final: str | os.PathLike) -> list[Path]:
+    """Delete what killed writers of ``final`` left next to it: the ``.<name>.partial-<pid>``, ``.tmp-<pid>``,
+    ``.build-<pid>`` and ``.old-<pid>`` staging entries (and ones nested by name, ``..<name>.build-<pid>.tmp-<pid>``)
+    whose process no longer runs on this machine. Nothing there was ever used (every write lands by rename);
+    this only frees the space. Returns what was removed."""
+    import re
+
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    pattern = re.compile(r"\.+" + re.escape(final.name) + r"\.(partial|tmp|build|old)-(\d+)")
+    gone = []
+    for p in final.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone

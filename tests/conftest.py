@@ -51,3 +51,74 @@ def tiny_base(tmp_path_factory, dcl_shards):
     path = tmp_path_factory.mktemp("models") / "tiny-base"
     build_mllm(cfg, tok, seed=0).save(path)
     return path
+
+
+class Spawned:
+    """A command in its own session (process group), its stdout and stderr read line by line in a thread, so a
+    test can wait for a line or a file and then signal the command, or SIGKILL it with everything it started."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        import subprocess
+        import threading
+
+        self.args = args
+        self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, ready, timeout: float, poll_s: float = 0.005) -> None:
+        """Poll ``ready()`` until true; fails (with the output) on timeout or when the command exits first."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.args[:4]} exited ({self.proc.returncode}) first:\n{self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not ready within {timeout:.0f} s:\n{self.output()[-3000:]}")
+            time.sleep(poll_s)
+
+    def wait_line(self, needle: str, timeout: float) -> None:
+        self.wait_for(lambda: any(needle in line for line in list(self.lines)), timeout)
+
+    def signal(self, sig, group: bool = False) -> None:
+        import os
+
+        (os.killpg if group else os.kill)(self.proc.pid, sig)
+
+    def finish(self, timeout: float) -> int:
+        """Wait (bounded) for the command to exit; its return code (-N: killed by signal N)."""
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return rc
+
+
+@pytest.fixture
+def spawn():
+    """``spawn(args, env=..., cwd=...)`` -> :class:`Spawned`; whatever is left running is killed at teardown."""
+    import os
+    import signal
+
+    started: list[Spawned] = []
+
+    def _spawn(args: list[str], **kw) -> Spawned:
+        started.append(Spawned(args, **kw))
+        return started[-1]
+
+    yield _spawn
+    for s in started:
+        if s.proc.poll() is None:
+            try:
+                os.killpg(s.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            s.proc.wait(timeout=30)

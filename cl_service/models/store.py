@@ -1,8 +1,8 @@
 """The local model store: pre-trained bases by profile name, built once and reused.
 
-Store folder: ``$CLSVC_MODEL_STORE``, else ``<repo>/.clsvc/models``. A base is a folder in the Hugging
-Face LLaVA layout (:meth:`cl_service.models.mllm.MLLM.save`) plus ``base.json`` — the recipe it was
-built with and its training summary. A base is *valid* when ``base.json`` records the same recipe
+Store folder: ``$CLSVC_MODEL_STORE``, else ``$CLSVC_HOME/models`` (:func:`cl_service._home.clsvc_home`). A base
+is a folder in the Hugging Face LLaVA layout (:meth:`cl_service.models.mllm.MLLM.save`) plus ``base.json`` — the
+recipe it was built with and its training summary. A base is *valid* when ``base.json`` records the same recipe
 (model dims, pre-training settings, seed, and the fingerprint of the corpus the code generates:
 :func:`~cl_service.models.pretrain.corpus_fingerprint`) and the weights are there; :func:`build_base` reuses a valid
 base and rebuilds anything else. Concurrent builders of one base wait on a file lock.
@@ -19,17 +19,18 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from cl_service._atomic import atomic_write_text, remove_leftovers, replace_dir
+from cl_service._home import clsvc_home
 from cl_service.models.config import PROFILES, ModelCfg
 from cl_service.models.pretrain import PRETRAIN, PretrainCfg, build_pretrained, corpus_fingerprint
 
 BASE_META = "base.json"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def store_dir() -> Path:
-    """Where bases live: ``$CLSVC_MODEL_STORE`` or ``<repo>/.clsvc/models``."""
+    """Where bases live: ``$CLSVC_MODEL_STORE`` or ``$CLSVC_HOME/models``."""
     env = os.environ.get("CLSVC_MODEL_STORE")
-    return Path(env) if env else REPO_ROOT / ".clsvc" / "models"
+    return Path(env).expanduser() if env else clsvc_home() / "models"
 
 
 def base_path(name: str) -> Path:
@@ -111,14 +112,15 @@ def build_base(profile: str, out: str | Path | None = None, steps: int | None = 
         why = _stale_because(out, recipe)
         if why:
             log(f"base {profile}: rebuilding {out}, {why}")
+        remove_leftovers(out)  # what a killed build left (never at ``out``: a base lands there by one rename)
         t0 = time.perf_counter()
         mllm, summary = build_pretrained(model_cfg, cfg, seed=seed, progress=progress, log=log, device=device)
-        mllm.save(out)
         summary.update(recipe)
         summary["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        tmp = out / f".{BASE_META}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        os.replace(tmp, out / BASE_META)  # written last: its presence marks the base complete
+        stage = out.with_name(f".{out.name}.build-{os.getpid()}")
+        mllm.save(stage)
+        atomic_write_text(stage / BASE_META, json.dumps(summary, indent=2, sort_keys=True))
+        replace_dir(stage, out)  # weights and base.json appear together: a reader sees no base or a whole one
         log(f"base {profile}: built in {time.perf_counter() - t0:.0f} s (final loss {summary['final_loss']:.3f}) -> {out}")
         return out
 

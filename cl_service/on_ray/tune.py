@@ -7,18 +7,24 @@ the trial reports its metrics with ``tune.report``; an ``ASHAScheduler`` (``time
 = stages) stops trials below the rung's quantile. ``max_concurrent_trials`` comes from the cluster's
 resources divided by one trial's workers. The space is expanded by the library (stable trial ids), so a
 restarted sweep launches only the trials without a done-record.
+
+Only the scheduler's own decisions are recorded as early stops (:class:`_ASHA` remembers them): a trial cut
+short by SIGINT/SIGTERM (handled like Tune's Ctrl-C: running trials stopped, then the driver exits 128 + the
+signal), by ``time_budget_s`` or by an error is recorded as interrupted/failed, which the next launch finishes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ray
 from ray import tune
@@ -26,8 +32,12 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from cl_service.config import RunCfg
+from cl_service.on_ray.local import driver_node_ip, init_local
 from cl_service.sweep.space import Space, TrialSpec, expand, load_base, load_space, trial_cfg
-from cl_service.sweep.trial import done_record, mark_stopped, pending_trials, run_trial
+from cl_service.sweep.report import sweep_exit_code  # noqa: F401  (the CLI's exit status)
+from cl_service.tracking import check_available as check_tracking
+from cl_service.sweep.trial import (PROGRESS, done_record, mark_stopped, mark_unfinished, pending_trials, read_json,
+                                    run_trial, trial_dir)
 
 Log = Callable[[str], None]
 _DRIVER_MEMORY = 256 * 1024**2
@@ -74,11 +84,64 @@ def concurrency(cfg: RunCfg, space: Space, resources: dict[str, float]) -> tuple
     return n, per
 
 
+class _ASHA(ASHAScheduler):
+    """ASHA that remembers its own early stops (trial id -> stages reached). Once ``fit()`` returns, a trial
+    that reported some stages but not all may have been stopped by it, interrupted, or out of time: only
+    this record tells them apart."""
+
+    def __init__(self, log: Log, max_t: int, **kw: Any) -> None:
+        super().__init__(max_t=max_t, **kw)
+        self.log, self.last_stage, self.stopped = log, max_t, {}
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        reached = int(result.get("training_iteration", 0))
+        if action == self.STOP and reached < self.last_stage:  # (at the last stage STOP just ends a finished trial)
+            tid = trial.config["trial"]["id"]
+            self.stopped[tid] = reached
+            self.log(f"[sweep] ASHA stops trial {tid} after stage {reached}")
+        return action
+
+
+@contextlib.contextmanager
+def _stop_on_signals(log: Log) -> Iterator[list[int]]:
+    """While the Tune run lasts, SIGINT and SIGTERM end it as Tune's own Ctrl-C does (running trials stopped,
+    experiment state saved) and are remembered in the yielded list; a second signal aborts at once. Without
+    this, SIGTERM killed the driver outright and a Ctrl-C'd run looked like a finished one."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield caught
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        tune_stop = signal.getsignal(signal.SIGUSR1)  # Tune's graceful stop, installed while fit() runs
+        if len(caught) > 1 or not callable(tune_stop):
+            raise KeyboardInterrupt
+        log(f"[sweep] {signal.Signals(signum).name}: stopping the running trials (again to abort); "
+            "rerun the sweep with the same --out to finish them")
+        tune_stop(signum, frame)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours replaces Tune's, which would not tell us it fired
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
+
+
 class _Progress(Callback):
     """Driver-side progress lines per trial result, and the scheduler's stop decisions."""
 
-    def __init__(self, log: Log, stages: int, metric: str, total: int) -> None:
+    def __init__(self, log: Log, stages: int, metric: str, total: int, stops: dict[str, int] | None = None) -> None:
         self.log, self.stages, self.metric, self.total = log, stages, metric, total
+        self.stops = {} if stops is None else stops  # the scheduler's early stops (:class:`_ASHA`)
         self.last: dict[str, dict[str, Any]] = {}
         self.finished = 0
 
@@ -93,7 +156,8 @@ class _Progress(Callback):
         tid = trial.config["trial"]["id"]
         self.finished += 1
         st = self.last.get(tid, {}).get("stage", 0)
-        what = "finished all stages" if st >= self.stages else f"stopped by the scheduler after stage {st}"
+        what = ("finished all stages" if st >= self.stages else f"stopped by the scheduler after stage {st}"
+                if tid in self.stops else f"ended after stage {st}, not finished")
         self.log(f"[sweep] trial {tid} {what} ({self.finished}/{self.total} trials)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -116,35 +180,39 @@ def run_sweep(config: str | Path | None, space_path: str | Path, out: str | Path
     out = Path(out or (str(base["out"]).rstrip("/") + "-sweep")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = trial_cfg(base, trials[0], out / "prep")
+    check_tracking(base_cfg.tracking)  # every trial logs to it: a missing package fails here, not in each trial
     data_path = str(prepare_dataset(base_cfg, out, log))
     base_path = str(Path(base_cfg.base.path or ensure_base(base_cfg.base.profile, log=log)).resolve())
     from cl_service.data.shards import ShardDataset
 
     stages = len([t for t in ShardDataset(data_path).tasks if not base_cfg.data.tasks or t in base_cfg.data.tasks])
     todo = pending_trials(out, trials)
+    caught: list[int] = []
     log(f"[sweep] {len(trials)} trial(s) over {', '.join(space.swept_keys())}; {len(trials) - len(todo)} already "
         f"done, {len(todo)} to run; {stages} stages each; out {out}")
     if todo:
         started = _ensure_ray(log)
         try:
             n, per = concurrency(base_cfg, space, ray.cluster_resources())
-            _tune(todo, space, base, out, data_path, base_path, stages, n, per, log)
+            caught = _tune(todo, space, base, out, data_path, base_path, stages, n, per, log)
         finally:
             if started:
                 ray.shutdown()
     wall = time.time() - t0
     result = write_sweep_report(out, space, trials, stages, wall_s=wall if todo else None,
                                 command=command if todo else None)
+    result["interrupted"] = signal.Signals(caught[0]).name if caught else None
     log(f"[sweep] wall time {wall:.0f} s; report {out / 'report.md'}")
     return result
 
 
 def _tune(todo: list[TrialSpec], space: Space, base: dict[str, Any], out: Path, data_path: str, base_path: str,
-          stages: int, n: int, per: dict[str, float], log: Log) -> None:
+          stages: int, n: int, per: dict[str, float], log: Log) -> list[int]:
+    """Run the pending trials with Tune; returns the signals that interrupted it (empty: none)."""
     s = space.settings
     if s.asha is not None and stages > s.asha.grace_period:
-        scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=stages,
-                                       grace_period=s.asha.grace_period, reduction_factor=s.asha.reduction_factor)
+        scheduler: Any = _ASHA(log, time_attr="training_iteration", max_t=stages,
+                               grace_period=s.asha.grace_period, reduction_factor=s.asha.reduction_factor)
     else:
         scheduler = FIFOScheduler()
     cpus = ray.cluster_resources().get("CPU", 1)
@@ -160,20 +228,29 @@ def _tune(todo: list[TrialSpec], space: Space, base: dict[str, Any], out: Path, 
                                     trial_name_creator=lambda t: f"trial-{t.config['trial']['id']}",
                                     trial_dirname_creator=lambda t: f"trial-{t.config['trial']['id']}"),
         run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=str(out / "ray"), verbose=0,
-                                  callbacks=[_Progress(log, stages, s.metric, len(todo))]),
+                                  callbacks=[_Progress(log, stages, s.metric, len(todo),
+                                                       getattr(scheduler, "stopped", None))]),
     )
-    grid = tuner.fit()
+    with _stop_on_signals(log) as caught:
+        grid = tuner.fit()
     by_id = {t.id: t for t in todo}
+    stops = getattr(scheduler, "stopped", {})
     for res in grid:
         tid = (res.config or {}).get("trial", {}).get("id")
         if tid not in by_id or done_record(out, tid) is not None:
             continue
-        if res.error is not None:
-            log(f"[sweep] trial {tid} failed: {str(res.error).splitlines()[0][:300]}")
-            continue
-        reached = int((res.metrics or {}).get("training_iteration", 0))
-        if 0 < reached < stages:
-            mark_stopped(out, by_id[tid], f"ASHA stopped it after stage {reached}", stages=reached)
+        if tid in stops:
+            mark_stopped(out, by_id[tid], f"ASHA stopped it after stage {stops[tid]}", stages=stops[tid])
+        elif res.error is not None:
+            why = str(res.error).splitlines()[0][:300]
+            mark_unfinished(out, by_id[tid], "failed", why)
+            log(f"[sweep] trial {tid} failed: {why}")
+        elif read_json(trial_dir(out, tid) / PROGRESS):  # started, cut short: the next launch resumes it
+            why = (f"interrupted by {signal.Signals(caught[0]).name}" if caught
+                   else "the sweep ended first (time_budget_s)")
+            rec = mark_unfinished(out, by_id[tid], "interrupted", why)
+            log(f"[sweep] trial {tid} {why} after stage {rec['stages']}: not finished, rerun the sweep to finish it")
+    return caught
 
 
 def _ensure_ray(log: Log) -> bool:
@@ -181,10 +258,9 @@ def _ensure_ray(log: Log) -> bool:
         return False
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address="127.0.0.1")
+        ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address=driver_node_ip(os.environ["RAY_ADDRESS"]))
     else:  # a local cluster on loopback
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="clsvc-ray-", dir="/tmp"))
+        init_local(log)  # with its dashboard on 127.0.0.1
     log(f"[sweep] ray {ray.__version__}: {ray.cluster_resources()}")
     return True
 
@@ -200,9 +276,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
-    run_sweep(a.config, a.space, a.out, a.overrides, log=lambda m: print(m, flush=True),
-              command=" ".join(["python", *sys.argv]))
-    return 0
+    return sweep_exit_code(run_sweep(a.config, a.space, a.out, a.overrides, log=lambda m: print(m, flush=True),
+                                     command=" ".join(["python", *sys.argv])))
 
 
 if __name__ == "__main__":

@@ -257,3 +257,14 @@ def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], s
 
 def _fmt(v: Any) -> Any:
     return None if v is None else round(float(v), 2)
+
+
+def sweep_exit_code(result: dict[str, Any]) -> int:
+    """The sweep command's exit status from :func:`write_sweep_report`'s result (plus ``interrupted``, the
+    signal's name): 128 + that signal; else 1 while any trial is not finished (interrupted, failed, out of
+    time, pending); else 0 (every trial done or stopped by the scheduler)."""
+    import signal
+
+    if result.get("interrupted"):
+        return 128 + int(signal.Signals[result["interrupted"]])
+    return 0 if set(result.get("states", {})) <= {"done", "stopped (ASHA)"} else 1

@@ -6,7 +6,8 @@ Folder of a sweep (``--out``)::
     cache/<job key>/         adapters shared by trials (see :mod:`cl_service.sweep.cache`)
     trials/<id>/spec.json    the trial's values and seed
     trials/<id>/progress.json   one entry per finished stage (the metrics reported to the scheduler)
-    trials/<id>/trial.json   the done-record: state done | stopped (early stopping), final metrics
+    trials/<id>/trial.json   the done-record: state done | stopped (by the scheduler), final metrics; or
+                             state interrupted | failed (not done: the next launch runs the trial again)
     trials/<id>/run/         the CL run (metrics.json, report.md, adapters, stage records)
 
 A restarted sweep launches only trials without ``trial.json``; inside a half-finished trial the run itself
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from cl_service._atomic import atomic_write_text
 from cl_service.sweep.cache import CachingTrainer
 from cl_service.sweep.space import TrialSpec, trial_cfg
+from cl_service.tracking.stream import for_trial
 
 DONE = "trial.json"
 PROGRESS = "progress.json"
@@ -73,7 +75,7 @@ def run_trial(spec: TrialSpec, base: dict[str, Any], sweep_dir: str | Path, trai
 
     sweep_dir = Path(sweep_dir).resolve()
     tdir = trial_dir(sweep_dir, spec.id)
-    cfg = trial_cfg(base, spec, tdir / "run", data_path, base_path)
+    cfg = for_trial(trial_cfg(base, spec, tdir / "run", data_path, base_path), sweep_dir, spec.id)
     method = cfg.methods[0]
     atomic_write_text(tdir / SPEC, json.dumps(spec.to_dict(), indent=2))
     tag = f"[trial {spec.index + 1} {spec.id} {spec.label()}]"
@@ -118,6 +120,16 @@ def mark_stopped(sweep_dir: str | Path, spec: TrialSpec, reason: str, stages: in
     rec = {"id": spec.id, "state": "stopped", "stages": len(progress), "stop_reason": reason,
            "MFT": None, "MFN": None, "BWT": None, "MAA": None, "router_acc": last.get("router_acc"),
            "time_s": sum(p["stage_s"] for p in progress)}
+    atomic_write_text(tdir / DONE, json.dumps(rec, indent=2))
+    return rec
+
+
+def mark_unfinished(sweep_dir: str | Path, spec: TrialSpec, state: str, reason: str) -> dict[str, Any]:
+    """Record why a trial ended before its last stage without the scheduler stopping it (``state``
+    ``interrupted`` or ``failed``). Not a done-record: the next launch runs the trial again (its run resumes)."""
+    tdir = trial_dir(sweep_dir, spec.id)
+    progress = read_json(tdir / PROGRESS) or []
+    rec = {"id": spec.id, "state": state, "stages": len(progress), "reason": reason}
     atomic_write_text(tdir / DONE, json.dumps(rec, indent=2))
     return rec
 

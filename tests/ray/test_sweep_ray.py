@@ -12,6 +12,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 def test_two_trial_sweep_with_ray_train_inside_tune_then_resume(ray_local, tmp_path, tiny_base, dcl_shards):
     from cl_service.adapters.registry import read_adapter
     from cl_service.on_ray.tune import run_sweep
+    from cl_service.tracking.backends import read_tensorboard_scalars
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -43,6 +44,10 @@ def test_two_trial_sweep_with_ray_train_inside_tune_then_resume(ray_local, tmp_p
         assert 0 <= t["MFT"] <= 100 and 0 <= t["router_acc"] <= 100
         log = json.loads((out / "trials" / t["id"] / "run" / "adapters" / "experts" / "RS" / "train_log.json").read_text())
         assert log["world_size"] == 1 and log["steps"] == 2
+        # tracked by the trial's driver from the train_log the Ray Train worker wrote (TensorBoard, one run per trial)
+        got = read_tensorboard_scalars(out / "tracking" / f"trial-{t['id']}")
+        assert [v for _, v in got["train/expert/RS/loss"]] == pytest.approx(log["losses"], rel=1e-6)
+        assert [s for s, _ in got["eval/mrlora/acc_seen"]] == [1, 2]
     assert (out / "report.md").is_file() and (out / "sweep.csv").is_file()
     before = {t["id"]: (out / "trials" / t["id"] / "trial.json").stat().st_mtime_ns for t in trials}
     logs.clear()

@@ -10,9 +10,9 @@ import torch
 from cl_service.adapters.registry import read_adapter
 from cl_service.run import LocalTrainer
 from cl_service.sweep.cache import CachingTrainer, file_lock, try_lock, unlock
-from cl_service.sweep.report import write_sweep_report
+from cl_service.sweep.report import sweep_exit_code, write_sweep_report
 from cl_service.sweep.space import expand, load_base, parse_space
-from cl_service.sweep.trial import done_record, mark_stopped, pending_trials, run_trial, trial_dir
+from cl_service.sweep.trial import done_record, mark_stopped, mark_unfinished, pending_trials, run_trial, trial_dir
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -71,6 +71,19 @@ def test_each_stage_is_reported_and_recorded(sweep):
         assert rec["MFT"] == pytest.approx(metrics["methods"]["mrlora"]["MFT"])
         assert json.loads((trial_dir(sweep["out"], t.id) / "progress.json").read_text()) == \
             [{k: v for k, v in r.items()} for r in reps]
+
+
+def test_each_trial_is_tracked_side_by_side_under_the_sweeps_tracking_folder(sweep):
+    from cl_service.tracking.backends import read_tensorboard_scalars
+
+    root = sweep["out"] / "tracking"
+    assert sorted(p.name for p in root.iterdir()) == sorted(f"trial-{t.id}" for t in sweep["trials"])
+    for t in sweep["trials"]:
+        got = read_tensorboard_scalars(root / f"trial-{t.id}")
+        acc = [v for _, v in got["eval/mrlora/acc_seen"]]
+        assert acc == pytest.approx([r["acc_seen"] for r in sweep["reports"][t.id]], rel=1e-6)
+        assert [s for s, _ in got["train/expert/RS/loss"]] == [1, 2]  # also where the cache provided the expert
+    assert not list(sweep["out"].glob("trials/*/run/tracking"))
 
 
 def _row(sweep, t):
@@ -166,3 +179,24 @@ def test_caching_trainer_copies_a_cached_adapter_without_training(sweep, tmp_pat
     ct = CachingTrainer(Boom(), out / "cache")
     ct.fit([job])
     assert ct.reused == ["expert/RS"] and read_adapter(job.out_dir, job.key())["files"] == meta["files"]
+
+
+def test_an_interrupted_or_failed_trial_is_recorded_but_not_done(sweep):
+    """Interrupted and failed trials say so in the report and stay pending (the next launch runs them); the
+    sweep's exit status is non-zero until every trial is done or stopped by the scheduler."""
+    out, trials = sweep["out"], sweep["trials"]
+    rec_path = trial_dir(out, trials[1].id) / "trial.json"
+    saved = rec_path.read_text()
+    try:
+        assert sweep_exit_code(write_sweep_report(out, sweep["space"], trials, 2)) == 0
+        for state in ("interrupted", "failed"):
+            rec = mark_unfinished(out, trials[1], state, "interrupted by SIGTERM")
+            assert rec["stages"] == 2 and done_record(out, trials[1].id) is None
+            assert pending_trials(out, trials) == [trials[1]]
+            result = write_sweep_report(out, sweep["space"], trials, 2)
+            assert [r["state"] for r in result["trials"]] == ["done", state]
+            assert sweep_exit_code(result) == 1
+            assert sweep_exit_code({**result, "interrupted": "SIGTERM"}) == 143
+            assert sweep_exit_code({**result, "interrupted": "SIGINT"}) == 130
+    finally:
+        rec_path.write_text(saved)
