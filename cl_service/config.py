@@ -12,6 +12,7 @@ from typing import Literal, Sequence
 from cl_service import _cfgload
 from cl_service.adapters.lora import LoraCfg
 from cl_service.train.loop import TrainCfg
+from cl_service.tracking import TrackingCfg
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,8 @@ class RunCfg:
     moelora: MoELoraCfg = field(default_factory=MoELoraCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     ray: RayCfg = field(default_factory=RayCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+    """Scalars to watch while the run goes (TensorBoard by default; not part of any job key)."""
 
 
 def load_run_cfg(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunCfg:

@@ -22,14 +22,19 @@ from cl_service._cfgload import to_dict
 from cl_service._table import format_table
 from cl_service.adapters.registry import is_complete
 from cl_service.config import RunCfg
-from cl_service.data.shards import ShardDataset, ShardWriter, atomic_write_text
+from cl_service.data.shards import ShardDataset, ShardWriter, atomic_write_text, dataset_location
 from cl_service.eval.metrics import compute_cl_metrics
 from cl_service.eval.report import write_metrics, write_report
-from cl_service.eval.stage import (EvalSetup, LocalEvaluator, StageResult, load_stage_record, stage_record_path,
-                                   write_stage)
+from cl_service.data.origin import check_origin
+from cl_service.digest import base_digest, dataset_digest
+from cl_service.eval.stage import (EvalSetup, LocalEvaluator, StageResult, changed_inputs, load_stage_record,
+                                   stage_record_path, unit_inputs, write_stage)
 from cl_service.methods import METHODS
 from cl_service.methods.base import StageContext
 from cl_service.train.job import TrainJob
+from cl_service._progress import bar as progress_bar
+from cl_service.tracking import check_available as check_tracking
+from cl_service.tracking.stream import RunTracking
 
 Log = Callable[[str], None]
 
@@ -77,25 +82,32 @@ class Evaluator(Protocol):
 
 
 def prepare_dataset(cfg: RunCfg, out: Path, log: Log) -> Path:
-    """The run's dataset: ``data.path``, or the built-in benchmark generated once into ``out/data``."""
+    """The run's dataset: ``data.path``, or the built-in benchmark generated once into ``out/data``. A results
+    folder of other data is refused (:func:`cl_service.data.origin.check_origin`)."""
+    from cl_service.data.shards import DatasetError
+
     if cfg.data.path:
         ShardDataset(cfg.data.path)  # fail early with a clear message
-        return Path(cfg.data.path).resolve()
+        check_origin(out, cfg, dataset_digest(cfg.data.path))
+        return dataset_location(cfg.data.path)  # a URI (s3://...) stays one: workers read it from there
     from cl_service.data.synth import BENCHMARKS
 
+    check_origin(out, cfg)
     path = out / "data"
-    try:
-        ShardDataset(path)
-        return path
-    except Exception:
-        pass
+    if path.exists():
+        try:
+            ShardDataset(path)
+            return path
+        except DatasetError as e:  # the same parameters (checked above), unreadable: generated again
+            log(f"{path} is not readable ({e}); generating it again")
     spec = BENCHMARKS.get(cfg.data.benchmark)
     log(f"generating {spec.name} ({cfg.data.train_per_task} train / {cfg.data.test_per_task} test per task)")
     tasks = [{"name": t.name, "scorer": t.scorer, "description": t.description} for t in spec.tasks]
     with ShardWriter(path, tasks, info={"benchmark": spec.name, "stream": spec.task_names, "seed": cfg.seed},
                      overwrite=True) as w:
-        w.add_all(spec.generate("train", cfg.data.train_per_task, cfg.seed))
-        w.add_all(spec.generate("test", cfg.data.test_per_task, cfg.seed))
+        for split, n in (("train", cfg.data.train_per_task), ("test", cfg.data.test_per_task)):
+            w.add_all(progress_bar(n * len(spec.tasks), f"{spec.name} {split}", "sample",
+                                   spec.generate(split, n, cfg.seed)))
     return path
 
 
@@ -144,6 +156,8 @@ def _stage_jobs(cfg: RunCfg, out: Path, i: int, tasks: list[str], descriptions: 
         for job in m.jobs(ctxs[name]):
             if base_dtype or cfg.base.prompt_style != "auto":
                 job = job.replace(base_dtype=base_dtype, prompt_style=cfg.base.prompt_style)
+            if extras.get("base_digest") and job.base_path == extras["base_path"]:
+                job = job.replace(base_digest=extras["base_digest"])  # computed once, by the driver
             jobs.setdefault(job.out_dir, job)
     pending = [j for j in jobs.values() if not is_complete(j.out_dir, j.key())]
     # Jobs that train identical weights (lora_ft stage 0 = the first expert) are trained once and
@@ -172,7 +186,8 @@ def plan_stream(cfg: RunCfg) -> list[dict[str, Any]]:
         METHODS.get(m)
     cfg = resolve_run_cfg(cfg)
     out = Path(cfg.out).resolve()
-    data_path = Path(cfg.data.path).resolve() if cfg.data.path else out / "data"
+    data_path = dataset_location(cfg.data.path) if cfg.data.path else out / "data"
+    check_origin(out, cfg, dataset_digest(data_path) if cfg.data.path else None)
     try:
         ds = ShardDataset(data_path)
         stream, descriptions = ds.tasks, {t: ds.task_meta(t)["description"] for t in ds.tasks}
@@ -184,7 +199,12 @@ def plan_stream(cfg: RunCfg) -> list[dict[str, Any]]:
     tasks = [t for t in stream if not cfg.data.tasks or t in cfg.data.tasks]
     base = str(Path(cfg.base.path).resolve() if cfg.base.path else store_base_path(cfg.base.profile))
     methods = {name: METHODS.get(name)() for name in cfg.methods}
-    extras = {"base_path": base, "dataset": str(data_path)}
+    try:
+        base_dig = base_digest(base)
+    except OSError:  # not built yet: nothing trained on it can be complete
+        base_dig = None
+    extras = {"base_path": base, "dataset": str(data_path), "base_digest": base_dig}
+    inputs = {n: unit_inputs(cfg, m, base_dig, dataset_digest(data_path)) for n, m in methods.items()} if ds else {}
     plan = []
     for i, task in enumerate(tasks):
         if ds is None:
@@ -198,7 +218,7 @@ def plan_stream(cfg: RunCfg) -> list[dict[str, Any]]:
             stage = {"train": [j.name for j in to_train], "copies": [j.name for _, j in clones],
                      "trained": sorted(j.name for j in jobs.values() if id(j) not in busy)}
         stage["evaluate"] = [n for n in methods if ds is None or load_stage_record(
-            stage_record_path(out, n, i, task), out, tasks) is None]
+            stage_record_path(out, n, i, task), out, tasks, inputs[n]) is None]
         plan.append({"stage": i, "task": task, **stage})
     return plan
 
@@ -226,6 +246,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
     # Absolute paths: training jobs run in Ray workers whose working directory is not ours.
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_tracking(cfg.tracking)  # a missing tracking package fails before any work
     trainer = trainer or LocalTrainer()
     evaluator = evaluator or LocalEvaluator(engine_factory)
     data_path = prepare_dataset(cfg, out, log)
@@ -234,24 +255,40 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
     if cfg.data.tasks and len(tasks) != len(cfg.data.tasks):
         raise ValueError(f"data.tasks {list(cfg.data.tasks)} not all in the dataset's stream {ds.tasks}")
     base_path = str(Path(cfg.base.path or ensure_base(cfg.base.profile, log=log)).resolve())
+    # The base and the data by content, here in the driver: job keys and stage records carry them.
+    base_dig, data_dig = base_digest(base_path), dataset_digest(data_path)
     resolved = {"config": to_dict(cfg), "versions": _versions(), "dataset": str(data_path), "base": base_path,
-                "base_dtype": base_dtype,
+                "base_dtype": base_dtype, "base_digest": base_dig, "data_digest": data_dig,
                 "tasks": tasks, "seed": cfg.seed}
     atomic_write_text(out / "config.resolved.json", json.dumps(resolved, indent=2))
     descriptions = {t: ds.task_meta(t)["description"] for t in tasks}
     methods = {name: METHODS.get(name)() for name in cfg.methods}
-    extras = {"base_path": base_path, "dataset": str(data_path)}  # what jobs() reads; predict() runs in the evaluator
+    extras = {"base_path": base_path, "dataset": str(data_path),  # what jobs() reads; predict() runs in the evaluator
+              "base_digest": base_dig}
+    inputs = {name: unit_inputs(cfg, m, base_dig, data_dig) for name, m in methods.items()}
     T = len(tasks)
     matrices = {name: [[math.nan] * T for _ in range(T)] for name in methods}
     routing: dict[str, dict[str, Any]] = {}
     stage_times: list[list[Any]] = []
+    tracking = RunTracking.open(cfg, out, log)  # per step of each trained job, per evaluation, the final metrics
+    trainer = tracking.trainer(trainer)
     evaluator.start(EvalSetup(cfg, str(out), base_path, str(data_path), tuple(tasks)))
     try:
         for i, task in enumerate(tasks):
             train_s = _train_stage(cfg, out, i, tasks, descriptions, methods, extras, trainer, log, base_dtype)
-            recs = {name: load_stage_record(stage_record_path(out, name, i, task), out, tasks) for name in methods}
-            for name, result in evaluator.evaluate(i, [n for n, r in recs.items() if r is None], train_s):
+            recs = {name: load_stage_record(stage_record_path(out, name, i, task), out, tasks, inputs[name])
+                    for name in methods}
+            changed = {n: changed_inputs(stage_record_path(out, n, i, task), inputs[n])
+                       for n, r in recs.items() if r is None}
+            if any(changed.values()):
+                log(f"[stage {i + 1}/{T} {task}] evaluated again: " + "; ".join(
+                    f"{n} ({', '.join(c)})" for n, c in changed.items() if c))
+            todo = [n for n, r in recs.items() if r is None]
+            for name, result in progress_bar(len(todo), f"[stage {i + 1}/{T} {task}] evaluating", "unit",
+                                             evaluator.evaluate(i, todo, train_s)):
+                result.record["inputs"] = inputs[name]  # what its answers depend on besides its adapters
                 write_stage(out, result)
+                tracking.stage(result.record)
                 recs[name] = result.record
             summary = []
             for name, m in methods.items():
@@ -284,6 +321,8 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
             entry["router_fallbacks"] = rec["fallbacks"]
         metrics["methods"][name] = entry
     write_metrics(out, metrics)
+    tracking.final(metrics)
+    tracking.close()
     report = write_report(out, metrics, {"stage_times": stage_times,
                                          "config_note": f"Resolved config, versions and seed: `config.resolved.json`."})
     log(summary_table(metrics))

@@ -94,6 +94,64 @@ def plot_forgetting(out: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
+def _stage_index(name: str) -> int | None:
+    head, _, rest = name.partition("-")
+    idx = rest.partition("-")[0]
+    return int(idx) if head == "stage" and idx.isdigit() else None
+
+
+def plot_loss_curves(out: Path) -> list[Path]:
+    """One figure per adapter family (``adapters/<family>/``: experts, router, lora_ft, ...): the training loss of
+    every published adapter of the family at each optimizer step, from its ``train_log.json``. Jobs of a family
+    whose folders are stages (``stage-<i>-<task>``) are laid end to end in stage order (x = steps through the
+    stream: a sequential method's loss jumps where a new task starts); the others each start at step 1. A thin
+    line per step, and its running mean over ~5% of the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    root = Path(out) / "adapters"
+    families: dict[str, list[tuple[str, list[float]]]] = {}
+    for log in sorted(root.rglob("train_log.json")) if root.is_dir() else []:
+        if not (log.parent / "adapter.json").is_file():  # not published (an unfinished job)
+            continue
+        rel = log.parent.relative_to(root)
+        try:
+            losses = [float(x) for x in json.loads(log.read_text()).get("losses") or []]
+        except (OSError, ValueError):
+            continue
+        if losses:
+            families.setdefault(rel.parts[0], []).append(("/".join(rel.parts[1:]) or rel.parts[0], losses))
+    paths = []
+    for family, jobs in sorted(families.items()):
+        staged = all(_stage_index(n) is not None for n, _ in jobs)
+        if staged:
+            jobs.sort(key=lambda j: _stage_index(j[0]))
+        fig, ax = plt.subplots(figsize=(6.4, 3.4))
+        start = 0
+        for name, losses in jobs:
+            x = np.arange(1, len(losses) + 1) + (start if staged else 0)
+            y = np.array(losses)
+            w = max(1, len(y) // 20)
+            mean = np.convolve(y, np.ones(w) / w, mode="valid") if len(y) >= w else y
+            line, = ax.plot(x[w - 1:] if len(y) >= w else x, mean, lw=1.4, label=name)
+            ax.plot(x, y, lw=0.6, alpha=0.35, color=line.get_color())
+            start += len(losses)
+        ax.set_xlabel("optimizer step" + (" (stages end to end)" if staged and len(jobs) > 1 else ""))
+        ax.set_ylabel("training loss")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(f"{family}: training loss per step")
+        if len(jobs) <= 12:
+            ax.legend(fontsize=7, ncol=2 if len(jobs) > 6 else 1)
+        path = Path(out) / f"loss_{family}.png"
+        _savefig(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def _fmt(v: Any) -> Any:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
@@ -105,6 +163,7 @@ def write_report(out: Path, metrics: dict[str, Any], extra: dict[str, Any] | Non
     tasks = metrics["tasks"]
     heatmaps = plot_heatmaps(out, metrics)
     forgetting = plot_forgetting(out, metrics)
+    curves = plot_loss_curves(out)
     rows = []
     for name, m in metrics["methods"].items():
         final = m["matrix"][-1] if m["matrix"] else []
@@ -130,6 +189,11 @@ def write_report(out: Path, metrics: dict[str, Any], extra: dict[str, Any] | Non
             ["method", "stage", "task", "train s", "eval s"], extra["stage_times"], markdown=True), ""]
     lines += ["## Plots", ""]
     lines += [f"![{p.stem}]({p.name})" for p in heatmaps] + [f"![forgetting]({forgetting.name})", ""]
+    if curves:
+        lines += ["## Training loss per step", "", "One figure per adapter family, from each adapter's "
+                  "`train_log.json`; the same curves, with lr and tokens/s, are in the run's tracker "
+                  "(`tracking.backend`, default TensorBoard: `tensorboard --logdir <out>/tracking`).", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in curves] + [""]
     if extra.get("config_note"):
         lines += ["## Configuration", "", extra["config_note"], ""]
     path = out / "report.md"

@@ -170,9 +170,9 @@ def build_pretrained(model_cfg: ModelCfg, cfg: PretrainCfg, seed: int = 0, progr
         f"for {cfg.steps} steps of {cfg.batch_size} on {len(samples)} {GENERIC} samples")
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from cl_service._progress import bar as _bar
 
-        bar = tqdm(total=cfg.steps, desc=f"base {model_cfg.name}", unit="step")
+        bar = _bar(cfg.steps, f"base {model_cfg.name}", unit="step")
 
     def on_step(state: TrainState) -> None:
         if bar is not None:

@@ -17,6 +17,15 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
+def driver_node_ip(address: str) -> str | None:
+    """The ``_node_ip_address`` a driver connecting to ``address`` (``RAY_ADDRESS``) gives ``ray.init``: loopback
+    for a cluster on loopback (``127.0.0.1:6379``, ``localhost:...``, ``auto``), where Ray would otherwise look
+    for this host's node at its external address; None for a cluster on a real network (a launcher cluster's
+    ``ray job submit`` sets ``RAY_ADDRESS`` to ``10.0.0.5:6379``), whose node Ray must find at that address."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    return LOOPBACK if host in ("auto", "localhost") or host.startswith("127.") else None
+
+
 def ray_env() -> dict[str, str]:
     """Environment for ``ray`` commands: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps every address on
     loopback (extra nodes join through :func:`add_node`)."""
@@ -31,9 +40,11 @@ def _ray_bin() -> str:
     return str(cand) if cand.exists() else (shutil.which("ray") or "ray")
 
 
-def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: float, new_session: bool = False) -> subprocess.CompletedProcess:
+    """``new_session``: run it as a session leader (``ray start``: see :func:`stop_cluster`)."""
     try:
-        return subprocess.run(args, env=ray_env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(args, env=ray_env(), capture_output=True, text=True, timeout=timeout,
+                              start_new_session=new_session)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"`{' '.join(args)}` did not finish within {timeout:.0f} s") from None
 
@@ -59,7 +70,7 @@ def start_head(temp_dir: str, num_cpus: int | None = None, port: int = 6379, das
             f"--ray-client-server-port={client_port}", "--disable-usage-stats"]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
-    res = _run(args, timeout)
+    res = _run(args, timeout, new_session=True)
     if res.returncode != 0:
         raise RuntimeError(f"ray start --head failed:\n{res.stdout}\n{res.stderr}")
     return f"{LOOPBACK}:{port}"
@@ -80,29 +91,47 @@ def add_node(address: str, num_cpus: int, timeout: float = 120) -> None:
 
 
 def stop_cluster(temp_dir: str, address: str | None = None, timeout: float = 30) -> int:
-    """Stop only the Ray processes of the cluster started with ``temp_dir`` (and GCS ``address``) —
-    unlike ``ray stop``, which stops every Ray instance of the machine. In three groups, as ``ray stop`` does;
-    each gets SIGTERM and ``timeout / 3`` seconds before SIGKILL. Returns how many were signalled."""
+    """Stop only the processes of the cluster started with ``temp_dir`` (and GCS ``address``) — unlike
+    ``ray stop``, which stops every Ray instance of the machine, and sparing whatever else names its temp dir
+    (a ``tail -f`` of its logs, this command's callers). Its processes: Ray's own programs that name the cluster
+    (GCS, raylets, dashboard, monitors) and their descendants (agents, workers); and the head's whole session
+    when :func:`start_head` started it: ``ray start`` then runs as a session leader whose pid names the session
+    folder (``<temp_dir>/session_<time>_<pid>``), and everything the head runs stays in that session. In three
+    groups, as ``ray stop`` does; each gets SIGTERM and ``timeout / 3`` seconds before SIGKILL. Returns how many
+    were signalled."""
+    import importlib.util
     import signal
 
     marks = [str(temp_dir)] + ([f"--address={address}", f"--gcs-address={address}"] if address else [])
     procs: dict[int, tuple[int, str]] = {}
+    sid: dict[int, int] = {}  # pid -> session id
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, ValueError, IndexError):
             continue
-        procs[int(d.name)] = (ppid, cmd)
+        procs[int(d.name)] = (int(stat[1]), cmd)
+        sid[int(d.name)] = int(stat[3])
     me = os.getpid()
     spared = {me}  # this process and its ancestors (e.g. `timeout 60 python -m ... stop --temp-dir T`, whose
     pid = me       # command line names the temp dir too: killing it would kill this stop half-way)
     while pid in procs and procs[pid][0] not in spared and procs[pid][0] > 1:
         pid = procs[pid][0]
         spared.add(pid)
-    roots = {pid for pid, (_, cmd) in procs.items() if pid not in spared and any(m in cmd for m in marks)}
+    ray_dir = str(Path(importlib.util.find_spec("ray").submodule_search_locations[0]))  # (ray not imported)
+
+    def ray_program(cmd: str) -> bool:  # the GCS, raylet, dashboard, monitors, client server of this Ray
+        head = " ".join(cmd.split()[:3])
+        return ray_dir in head or " -m ray." in head
+
+    daemons = {pid for pid, (_, cmd) in procs.items()
+               if pid not in spared and ray_program(cmd) and any(m in cmd for m in marks)}
+    made = {int(n) for n in (p.name.rsplit("_", 1)[1] for p in Path(temp_dir).glob("session_*")) if n.isdigit()}
+    sessions = {sid[p] for p in daemons} & made - {0, 1}  # led by the `ray start` that made the session folder
+    roots = daemons | {pid for pid in procs if sid[pid] in sessions and pid not in spared}
     victims, frontier = set(roots), set(roots)
     while frontier:  # and their descendants (dashboard modules, agents, workers)
         frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier and pid not in victims and pid not in spared}
@@ -142,6 +171,30 @@ def wait_for_nodes(n: int, timeout: float = 60) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"cluster did not reach {n} nodes within {timeout:.0f} s")
+
+
+def dashboard_enabled() -> bool:
+    """Whether ``clsvc run/serve/sweep`` start their local Ray with its dashboard: yes unless
+    ``CLSVC_RAY_DASHBOARD=0`` (it costs ~2 s at start and a few processes on a small machine)."""
+    return os.environ.get("CLSVC_RAY_DASHBOARD", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def init_local(log=print, **kw):
+    """``ray.init`` of a new local Ray instance on loopback for the CLI (``clsvc run/serve/sweep`` without
+    ``RAY_ADDRESS``), its dashboard on 127.0.0.1 (:func:`dashboard_enabled`) and its URL logged; ``kw`` go to
+    ``ray.init``. Returns Ray's context."""
+    import tempfile
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    dash = dashboard_enabled()
+    ctx = ray.init(_node_ip_address=LOOPBACK, include_dashboard=dash, dashboard_host=LOOPBACK,
+                   _temp_dir=tempfile.mkdtemp(prefix="clsvc-ray-", dir="/tmp"), **kw)
+    if dash and getattr(ctx, "dashboard_url", None):
+        log(f"Ray dashboard: http://{ctx.dashboard_url} (jobs, actors, logs, metrics; it asks for the Ray auth "
+            f"token: `ray get-auth-token`; CLSVC_RAY_DASHBOARD=0 starts Ray without it)")
+    return ctx
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from cl_service.config import RunCfg, load_run_cfg
+from cl_service.on_ray.local import driver_node_ip, init_local
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[RunCfg, argparse.Namespace]:
@@ -49,12 +49,12 @@ def run(cfg: RunCfg, log=print) -> dict:
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            # Pin the driver to loopback too: Ray would otherwise pick the external interface.
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, _node_ip_address="127.0.0.1")
+            # A cluster on loopback: pin the driver there too (Ray would otherwise pick the external interface).
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True,
+                     _node_ip_address=driver_node_ip(os.environ["RAY_ADDRESS"]))
         else:  # no cluster given: a local one, on loopback
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False,
-                     _temp_dir=tempfile.mkdtemp(prefix="clsvc-ray-", dir="/tmp"))
+            init_local(log)  # with its dashboard on 127.0.0.1
         started = True
     try:
         storage = cfg.ray.storage_path or str(Path(cfg.out).resolve() / "ray")

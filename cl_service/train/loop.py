@@ -229,6 +229,13 @@ def _schedule(cfg: TrainCfg, total: int) -> Callable[[int], float]:
     return factor
 
 
+def learning_rates(cfg: TrainCfg, total: int) -> list[float]:
+    """The peak-``lr`` group's learning rate at each optimizer step 1..``total`` of a run of ``total`` steps (the
+    scheduler steps after the optimizer, so step k used factor(k - 1))."""
+    f = _schedule(cfg, total)
+    return [cfg.lr * f(k) for k in range(total)]
+
+
 def total_steps(cfg: TrainCfg, batches: Any) -> int:
     """Optimizer steps the run will take."""
     if cfg.max_steps is not None:

@@ -259,3 +259,40 @@ def test_router_augment_trains_and_fits_routers_on_jittered_copies_too(tmp_path,
     assert log["samples"] == 2 * 2 * 4  # 2 tasks x 4 samples, each with one jittered copy
     meta = json.loads((out / "routers" / "prototype" / "stage-1-Med" / ROUTER_META).read_text())
     assert meta["augment"] == 1 and meta["experts"] == ["RS", "Med"]
+
+
+def test_run_writes_tensorboard_scalars_of_every_step_evaluation_and_final_metric(run):
+    """The default tracker (TensorBoard): per step of every trained job from its train_log.json, per (method,
+    stage) evaluation, the final CL metrics; read back from the event files."""
+    from cl_service.tracking.backends import read_tensorboard_scalars
+
+    logdirs = {p.parent for p in (run["out"] / "tracking").rglob("events.out.tfevents.*")}
+    assert logdirs == {run["out"] / "tracking" / run["out"].name}
+    got = read_tensorboard_scalars(run["out"] / "tracking")  # (a rerun of the folder adds only final/ values)
+    trained = [json.loads((f.parent / "train_log.json").read_text()) for f in (run["out"] / "adapters").rglob("adapter.json")
+               if "cloned_from" not in json.loads(f.read_text())]
+    assert len(trained) >= 8
+    for log in trained:
+        p = f"train/{log['job']}"
+        assert [s for s, _ in got[f"{p}/loss"]] == [1, 2, 3]
+        assert [v for _, v in got[f"{p}/loss"]] == pytest.approx(log["losses"], rel=1e-6)
+        assert all(v > 0 for _, v in got[f"{p}/lr"]) and all(v > 0 for _, v in got[f"{p}/tokens_per_s"])
+    assert {t.split("/")[0] for t in got} == {"train", "eval", "final"}
+    for name, m in run["metrics"]["methods"].items():
+        assert sorted({s for s, _ in got[f"eval/{name}/eval_s"]}) == [1, 2]
+        final = dict(got[f"final/{name}/MFT"])
+        assert list(final) == [2] and final[2] == pytest.approx(m["MFT"], rel=1e-6)
+        assert dict(got[f"eval/{name}/acc/Med"])[2] == pytest.approx(m["matrix"][1][1], rel=1e-6)
+        if m.get("router_accuracy"):
+            assert dict(got[f"eval/{name}/router_acc/RS"])[2] == pytest.approx(m["router_accuracy"]["RS"], rel=1e-6)
+
+
+def test_report_shows_a_loss_curve_per_adapter_family(run):
+    import re
+
+    report = (run["out"] / "report.md").read_text()
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert all((run["out"] / p).is_file() and (run["out"] / p).stat().st_size > 1000 for p in pngs)
+    families = {p.name for p in (run["out"] / "adapters").iterdir() if p.is_dir()}
+    assert {p for p in pngs if p.startswith("loss_")} == {f"loss_{f}.png" for f in families}
+    assert {"experts", "router", "lora_ft"} <= families
