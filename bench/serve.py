@@ -9,6 +9,7 @@ expert, all experts of the batch in one batched pass (:meth:`Engine.answer_mixed
 
     python -m bench.serve                          # H100: everything, one process (~4 min)
     python -m bench.serve --profile tiny --device cpu --batch 4 --batches 1 --duration 3   # CPU smoke
+    python -m bench.serve --sections graphs          # one decode step at batch 64: eager vs CUDA graphs
 
 Figures (``$OUT/serve.json``): closed-loop requests/s end to end (router decides; routing forced to
 round-robin over the 9 experts; forced to one expert), stage two alone mixed vs single, the same
@@ -179,6 +180,79 @@ def profile_stages(two: "TwoStage", batch: list, cuda: bool) -> dict[str, Any]:
     return out
 
 
+def decode_steps(engine: Engine, experts: dict[str, str], reqs: list, batch: int, reps: int, cuda: bool,
+                 hbm_tbs: float) -> dict[str, Any]:
+    """One decode step of a mixed batch (experts round-robin, 16 new tokens), eager vs CUDA graphs
+    (:mod:`cl_service.engine.cudagraphs`), against the time its memory traffic takes at ``hbm_tbs`` TB/s.
+
+    Step time = (answer with 16 tokens - answer with 2 tokens) / 14, medians of ``reps`` timed calls after a
+    warm-up (which captures the graphs). On a GPU also: one replay of the captured step and the same static
+    step launched eagerly, each timed with CUDA events. Traffic per step = the decoder's weights and ``lm_head``
+    + the stacked LoRA weights + the KV cache read (eager: ``batch`` rows x the mean context; graphs: the padded
+    ``[batch bucket, length bucket]`` they read)."""
+    from cl_service.engine.cudagraphs import batch_bucket, length_bucket
+
+    mllm = engine.mllm
+    items = reqs[:batch]
+    names = list(experts)
+    folders = [experts[names[i % len(names)]] for i in range(batch)]
+    vs = engine.vision_states(items)
+    keep = engine.cuda_graphs
+    out: dict[str, Any] = {"batch": batch, "new_tokens": 16}
+    texts = {}
+    try:
+        for mode in (False, True):
+            engine.cuda_graphs = mode
+            t = {}
+            for n in (2, 16):
+                texts[mode] = engine.answer_mixed(items, folders, n, vision_states=vs)  # warm-up; captures graphs
+                ts = []
+                for _ in range(reps):
+                    with Timer(cuda) as tm:
+                        engine.answer_mixed(items, folders, n, vision_states=vs)
+                    ts.append(tm.s)
+                t[n] = statistics.median(ts)
+            out["graphs" if mode else "eager"] = {"step_ms": 1000 * (t[16] - t[2]) / 14, "answer_2_tokens_s": t[2],
+                                                  "answer_16_tokens_s": t[16]}
+    finally:
+        engine.cuda_graphs = keep
+    # bf16 rounding differs (attention length, LoRA path): random weights' near-flat logits may flip a token
+    out["answers_equal_graphs_vs_eager"] = sum(a == b for a, b in zip(texts[False], texts[True]))
+    lm = mllm.model.model.language_model
+    elt = torch.finfo(mllm.dtype).bits // 8
+    L = mllm.collate(items, train=False, pixels=False)["attention_mask"].shape[1]
+    H = getattr(lm.config, "num_key_value_heads", None) or lm.config.num_attention_heads
+    per_pos = len(lm.layers) * 2 * H * lm.layers[0].self_attn.head_dim * elt  # K and V of one row, one position
+    Bb, Lb = batch_bucket(batch), length_bucket(L + 16)
+    dec = engine._graphs
+    g = dec._graphs.get((Bb, Lb, True)) if dec is not None else None
+    weights = elt * (sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+                     + mllm.model.lm_head.weight.numel())
+    lora = 0 if g is None else elt * sum(A.numel() + Bt.numel() for A, Bt in g.plan.stacks.values())
+    kv = {"eager": batch * (L + 7.5) * per_pos, "graphs": Bb * Lb * per_pos}
+    out["traffic"] = {"prompt_len": L, "buckets": [Bb, Lb], "weights_gb": weights / 1e9, "lora_gb": lora / 1e9,
+                      "kv_gb": {k: v / 1e9 for k, v in kv.items()}, "hbm_tbs": hbm_tbs,
+                      "time_ms": {k: 1000 * (weights + lora + v) / (hbm_tbs * 1e12) for k, v in kv.items()}}
+    if cuda and g is not None and g.graph is not None:
+        def events(fn, k: int) -> float:
+            fn()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(k):
+                fn()
+            b.record()
+            torch.cuda.synchronize()
+            return a.elapsed_time(b) / k
+
+        with torch.no_grad(), mllm.adapters_disabled():  # both re-run the batch's last step (idempotent)
+            out["graphs"]["replay_ms"] = events(g.graph.replay, 20)
+            out["eager"]["static_step_launched_eagerly_ms"] = events(lambda: dec._forward(g), 5)
+    step = out["graphs"].get("replay_ms", out["graphs"]["step_ms"])
+    out["graphs_over_traffic"] = step / out["traffic"]["time_ms"]["eager"]
+    out["graph_stats"] = dict(dec.stats) if dec is not None else {}
+    return out
+
+
 def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, clients: int, warm_s: float, seconds: float,
                           router: str, stage2_first: bool = True) -> dict[str, Any]:
     """``clients`` closed-loop clients (each sends its next request when its answer arrives) against a
@@ -334,11 +408,17 @@ def main() -> None:
     ap.add_argument("--pipe-seconds", type=float, default=20.0, help="pipelined closed loop: timed window (s)")
     ap.add_argument("--pipe-wait", type=float, default=0.0, help="pipelined fixed rate: a lone request waits this "
                     "long (s) for company before it is routed")
+    ap.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+                    help="Engine(cuda_graphs=...) for every section: decode steps as replayed CUDA graphs")
+    ap.add_argument("--decode-reps", type=int, default=5, help="graphs section: timed calls per figure")
+    ap.add_argument("--hbm-tbs", type=float, default=4.3, help="graphs section: memory bandwidth for the traffic "
+                    "time (TB/s; 4.3 = a device-to-device copy measured on an H200, KINDS.md; datasheet 4.8)")
     ap.add_argument("--sections", default="serial,big,stage2,fixed,pipeline,peft,agree",
                     help="what to run (comma-separated): serial (closed loop, one batch at a time), big (the same "
                          "at --big-batch), stage2 (answer only), fixed (fixed-rate latency), pipeline (both stages "
                          "overlapped: closed loop at --batch and --big-batch, fixed rate), peft, agree, profile (GPU "
-                         "kernel time per stage by category; not in the default)")
+                         "kernel time per stage by category; not in the default), graphs (one decode step at "
+                         "--batch, eager vs CUDA graphs, against its memory-traffic time; not in the default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -355,6 +435,7 @@ def main() -> None:
     res["setup_s"] = time.perf_counter() - t0
     engine = Engine(mllm, fused_lora=True, fused_kernels=False)  # fused below, after a reference pass
     engine.batch_size, engine.max_new_tokens, engine.router_max_new_tokens = args.batch, 16, 1
+    engine.cuda_graphs = res["cuda_graphs"] = {"auto": "auto", "on": True, "off": False}[args.cuda_graphs]
     reqs = requests(max(args.batch, args.big_batch) * (args.batches + 1), mcfg.image_size, n_words=args.words)
     tok = mllm.tokenizer
     from cl_service.models.mllm import prompt_text
@@ -385,6 +466,22 @@ def main() -> None:
         print(f"profile: wall {prof['wall_s']}", flush=True)
         for st in ("stage1", "stage2"):
             print(f"  {st}: gpu {prof[st]['gpu_ms']:.0f} ms {prof[st]['by_kind_ms']}", flush=True)
+        save()
+
+    if "graphs" in sections:
+        res["decode_steps"] = d = decode_steps(engine, experts, reqs, args.batch, args.decode_reps, cuda,
+                                               args.hbm_tbs)
+        tr = d["traffic"]
+        print(f"decode step, batch {args.batch} (prompt {tr['prompt_len']} tokens, buckets {tr['buckets']}): eager "
+              f"{d['eager']['step_ms']:.1f} ms, CUDA graphs {d['graphs']['step_ms']:.1f} ms (one replay "
+              f"{d['graphs'].get('replay_ms', float('nan')):.1f} ms; the same step launched eagerly "
+              f"{d['eager'].get('static_step_launched_eagerly_ms', float('nan')):.1f} ms); answers equal "
+              f"{d['answers_equal_graphs_vs_eager']}/{args.batch}", flush=True)
+        print(f"  memory traffic per step: weights {tr['weights_gb']:.2f} GB + LoRA {tr['lora_gb']:.2f} GB + KV "
+              f"{tr['kv_gb']['eager']:.2f} GB ({tr['kv_gb']['graphs']:.2f} GB padded) = "
+              f"{tr['time_ms']['eager']:.2f} ms ({tr['time_ms']['graphs']:.2f} ms padded) at {tr['hbm_tbs']} TB/s; "
+              f"graphs / traffic time = {d['graphs_over_traffic']:.2f} (target <= 2); {d['graph_stats']}",
+              flush=True)
         save()
 
     runs: dict[str, Any] = {}

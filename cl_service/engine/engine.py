@@ -23,6 +23,7 @@ from cl_service.adapters.lora import delete_adapter, load_adapter, set_active
 from cl_service.adapters.moelora import is_moelora, moelora_active
 from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
+from cl_service.engine.cudagraphs import GraphDecoder
 from cl_service.engine.multilora import MultiLoRA
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.models.prompting import first_answer_tokens
@@ -43,11 +44,17 @@ class Engine:
         dtype, prompt_style: how a base loaded from a folder is loaded (:func:`load_mllm`).
         fused_kernels: on a GPU, run the decoder's norms, rotary embedding and SwiGLU through fused kernels
             (:meth:`MLLM.fuse_kernels`); no effect on the CPU.
+        cuda_graphs: ``True`` / ``"auto"``: on a GPU, the decode steps of the stacked multi-adapter path
+            (:meth:`answer_mixed`, so also :meth:`answer` with ``fused_lora`` and multi-token MLLM routing)
+            replay captured CUDA graphs (:mod:`cl_service.engine.cudagraphs`); ``False``: eager steps. No effect
+            on the CPU. Settable later as the attribute ``cuda_graphs``.
     """
 
     def __init__(self, base: str | Path | MLLM, cfg: Any = None, max_loaded: int = 32,
                  fused_lora: bool = False, device: str | None = None, fused_kernels: bool = True,
-                 dtype: str | None = None, prompt_style: str = "auto") -> None:
+                 dtype: str | None = None, prompt_style: str = "auto", cuda_graphs: bool | str = "auto") -> None:
+        if cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"cuda_graphs must be True, False or 'auto', not {cuda_graphs!r}")
         self.mllm = base if isinstance(base, MLLM) else load_mllm(base, dtype=dtype, device=device,
                                                                    prompt_style=prompt_style)
         if fused_kernels and self.mllm.device.type == "cuda":
@@ -56,6 +63,8 @@ class Engine:
         #: instead of peft's per-adapter modules; answer_mixed always uses it.
         self.fused_lora = fused_lora
         self.multi = MultiLoRA(self.mllm)
+        self.cuda_graphs = cuda_graphs
+        self._graphs: GraphDecoder | None = None  # built at the first decode on a GPU
         self._multi_loaded: OrderedDict[str, str | None] = OrderedDict()  # path -> digest
         # The mixed paths may run in two threads at once (a router batch next to an expert batch,
         # cl_service.engine.pipeline): loading/dropping adapters is serialised, and an adapter in use by
@@ -224,8 +233,20 @@ class Engine:
         with self._multi_use(adapters) as keys:
             for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
                 with self.mllm.adapters_disabled(), self.multi.rows(ck):
-                    out += self.mllm.generate(chunk, n, len(chunk), image_features=feats)
+                    out += self.mllm.generate(chunk, n, len(chunk), image_features=feats, decoder=self._decoder())
         return out
+
+    def _decoder(self) -> GraphDecoder | None:
+        """The CUDA-graph decoder of the stacked path, when ``cuda_graphs`` is on and the base is on a GPU."""
+        if not self.cuda_graphs:
+            return None
+        if self._graphs is None:
+            if self.mllm.device.type != "cuda":
+                return None
+            with self._multi_lock:
+                if self._graphs is None:
+                    self._graphs = GraphDecoder(self.mllm, self.multi)
+        return self._graphs
 
     def _mixed_chunks(self, samples: Sequence[Sample], keys: list[str | None], vision_states: torch.Tensor | None):
         """``(samples, adapter keys, image features)`` per batch of ``batch_size`` rows."""

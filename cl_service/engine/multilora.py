@@ -232,6 +232,25 @@ class MultiLoRA:
             stack.pop()
             self._detach()
 
+    def active_plan(self) -> "_Plan | None":
+        """This thread's innermost :meth:`rows` plan (None outside any)."""
+        plans = getattr(self._local, "plans", None)
+        return plans[-1] if plans else None
+
+    @contextlib.contextmanager
+    def plan_block(self, plan: "_Plan") -> Iterator[None]:
+        """Passes inside this block use ``plan`` as given: with ``uniform=None`` and ``idx``/``onehot`` in
+        static buffers, the per-row update reads only those buffers, so a CUDA graph captured inside the
+        block replays for any rows written into them (:mod:`cl_service.engine.cudagraphs`)."""
+        stack = self._plans()
+        stack.append(plan)
+        self._attach(plan.stacks)
+        try:
+            yield
+        finally:
+            stack.pop()
+            self._detach()
+
     def _plans(self) -> list["_Plan"]:
         stack = getattr(self._local, "plans", None)
         if stack is None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -33,17 +32,16 @@ import torch
 from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
-    DynamicCache,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerBase,
 )
-from transformers.cache_utils import DynamicLayer
 
 from cl_service._atomic import replace_dir
 from cl_service.data.schema import Sample
 from cl_service.models.config import ModelCfg
+from cl_service.models.generate import StepDecoder, generate as _greedy
 from cl_service.models.prompting import (ANSWER_CUE, ClsvcFormat, PromptFormat, load_format, prompt_text,
                                         resolve_style, target_text)
 from cl_service.models.tokenizer import IMAGE_TOKEN
@@ -283,58 +281,19 @@ class MLLM:
 
     @torch.no_grad()
     def generate(self, samples: Sequence[Sample], max_new_tokens: int = 16, batch_size: int = 64,
-                 vision_states: torch.Tensor | None = None, image_features: ImageFeatures | None = None
-                 ) -> list[str]:
-        """Greedy answers, one string per sample (special tokens dropped, stripped).
+                 vision_states: torch.Tensor | None = None, image_features: ImageFeatures | None = None,
+                 decoder: StepDecoder | None = None) -> list[str]:
+        """Greedy answers, one string per sample (special tokens dropped, stripped); the loop and its KV cache
+        live in :mod:`cl_service.models.generate`.
 
         Batched with left padding and a KV cache; deterministic. ``vision_states`` (from
         :meth:`vision_states` over the same samples' images) skips the CLIP pass; ``image_features``
         (see :meth:`embed`) replaces CLIP and projector; a tensor of either needs
-        ``batch_size >= len(samples)``.
+        ``batch_size >= len(samples)``. ``decoder``: runs the decode steps instead of the model's own
+        forward (:class:`cl_service.engine.cudagraphs.GraphDecoder`: replayed CUDA graphs); it may
+        decline a batch, which then decodes here as without it.
         """
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out: list[str] = []
-            if (vision_states is not None or torch.is_tensor(image_features)) and len(samples) > batch_size:
-                raise ValueError("precomputed vision_states/image_features need batch_size >= len(samples)")
-            for i in range(0, len(samples), batch_size):
-                out += self._generate(samples[i:i + batch_size], max_new_tokens, vision_states, image_features)
-            return out
-        finally:
-            self.model.train(was_training)
-
-    def _generate(self, samples: Sequence[Sample], max_new_tokens: int, vision_states, image_features=None
-                  ) -> list[str]:
-        need_pixels = vision_states is None and not torch.is_tensor(image_features)
-        batch = self.collate(samples, train=False, pixels=need_pixels)
-        mask = batch["attention_mask"].to(self.device)
-        pos = batch["position_ids"].to(self.device)
-        use_cache = max_new_tokens > 1  # one token (the router's letter) needs no KV cache: ~27 GB at 7B x 64
-        cache = _growing_cache(mask.shape[1] + max_new_tokens) if self.preallocate_kv and use_cache else None
-        res = self.model(inputs_embeds=self.embed(batch, vision_states, image_features), attention_mask=mask,
-                         position_ids=pos, use_cache=use_cache, logits_to_keep=1, past_key_values=cache)
-        B = len(samples)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        tokens: list[torch.Tensor] = []
-        for step in range(max_new_tokens):
-            nxt = res.logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            tokens.append(nxt)
-            done |= nxt == self.eos_id
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], dim=1)
-            pos = pos[:, -1:] + 1
-            res = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                             past_key_values=res.past_key_values, use_cache=True)
-        gen = torch.stack(tokens, dim=1).tolist()
-        texts = []
-        for row in gen:
-            if self.eos_id in row:
-                row = row[: row.index(self.eos_id)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return texts
+        return _greedy(self, samples, max_new_tokens, batch_size, vision_states, image_features, decoder)
 
     @torch.no_grad()
     def pooled_features(self, samples: Sequence[Sample], batch_size: int = 64,
@@ -432,43 +391,6 @@ class MLLM:
         (tmp / MODEL_CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         replace_dir(tmp, path)
         return path
-
-
-class _GrowingLayer(DynamicLayer):
-    """A KV-cache layer whose keys/values live in one buffer sized for the whole generation: a new token
-    writes one slot, where ``DynamicLayer`` concatenates (copies the whole cache) every step."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self._n = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        if not self.is_initialized:
-            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-            B, H, _, D = key_states.shape
-            size = max(self.capacity, n)
-            self._k = key_states.new_empty(B, H, size, D)
-            self._v = value_states.new_empty(B, H, size, value_states.shape[-1])
-        if self._n + n > self._k.shape[-2]:  # longer than planned: grow (copy) once
-            grow = lambda t: torch.cat([t, t.new_empty(*t.shape[:2], self._n + n, t.shape[-1])], dim=-2)  # noqa: E731
-            self._k, self._v = grow(self._k), grow(self._v)
-        self._k[:, :, self._n:self._n + n] = key_states
-        self._v[:, :, self._n:self._n + n] = value_states
-        self._n += n
-        self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
-        return self.keys, self.values
-
-
-def _growing_cache(capacity: int) -> DynamicCache | None:
-    """A ``DynamicCache`` of :class:`_GrowingLayer` (None, i.e. the model's default, if this transformers
-    version builds its cache layers differently)."""
-    cache = DynamicCache()
-    if getattr(cache, "layer_class_to_replicate", None) is not DynamicLayer:
-        return None
-    cache.layer_class_to_replicate = functools.partial(_GrowingLayer, capacity)
-    return cache
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,7 @@ def test_delta_paths_equal_per_row_reference():
 
 def test_preallocated_kv_cache_generates_like_dynamic(tiny_base, samples):
     """Generation with the KV cache in preallocated buffers == transformers' growing (torch.cat) cache."""
-    from cl_service.models.mllm import _growing_cache
+    from cl_service.models.generate import _growing_cache
 
     assert _growing_cache(8) is not None  # this transformers version takes the preallocated layers
     m = load_mllm(tiny_base)
