@@ -7,6 +7,7 @@
 #   bash bench/device.sh serve_ray  # H100: two-stage serving through Ray Serve's gRPC proxy (~7 min)
 #   bash bench/device.sh real       # clsvc run + clsvc serve on a 7B-shaped llava-hf base (bench/real_run.py)
 #   bash bench/device.sh gpu_tests  # tests/gpu + bench.train's ray/inproc anchor
+#   bash bench/device.sh tests      # tests/gpu alone
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 DS_BUILD_OPS=0 \
@@ -44,6 +45,8 @@ case "${1:-train}" in
   gpu_tests)  # tests/gpu (the fast paths and the 2-task stream on the GPU) + the training anchor
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
     timeout 250 python3 -m bench.train --suite h100 --only ray,inproc --timeout 110 --out "$OUT/train_anchor.json" ;;
+  tests)  # tests/gpu only: the fast paths, CUDA-graph decoding, ZeRO, the 2-task stream on the GPU
+    timeout ${TESTS_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider --durations=12 tests/gpu 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt" ;;
   x2)
     timeout 560 python3 -m bench.train --suite x2 --timeout 240 --out "$OUT/train_x2.json" ;;
   *) echo "unknown suite $1"; exit 2 ;;
