@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="mrlora", help="offline predictions to compare with")
     p.add_argument("--warmup", type=int, default=4, help="requests before the clock starts")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline")
+    p.add_argument("--retries", type=int, default=None, help="retries of UNAVAILABLE per request (default: the "
+                   "client's; 0 = none): every retry is counted in the figures")
     p.add_argument("--token-env", default="CLSVC_TOKEN")
     p.add_argument("--serve", action="store_true", help="start a local Ray and the app first (then stop them)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         cleanup = _start_local(results, a.address, a.overrides)
     try:
         token = os.environ.get(a.token_env) or None
-        clients = [Client(a.address, token=token) for _ in range(a.clients)]
+        retry = {} if a.retries is None else {"retries": a.retries}
+        clients = [Client(a.address, token=token, **retry) for _ in range(a.clients)]
         clients[0].wait_ready(60)
         for i in range(a.warmup):
             clients[0].predict(items[i % len(items)].images, items[i % len(items)].question, timeout=a.timeout)
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             t.join(a.seconds + a.timeout + 30)
         wall = time.monotonic() - t_start
+        retried = sum(c.retried for c in clients)
         for c in clients:
             c.close()
     finally:
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             cleanup()
     arr = np.array(lat) if lat else np.array([float("nan")])
     fig = {"address": a.address, "clients": a.clients, "seconds": round(wall, 2), "requests": len(lat) + len(errors),
-           "ok": len(lat), "errors": len(errors), "mismatches": len(mismatches), "compared_with": f"{a.method}/{stage}",
+           "ok": len(lat), "errors": len(errors), "retries": retried, "mismatches": len(mismatches), "compared_with": f"{a.method}/{stage}",
            "distinct_items": len(items), "p50_ms": round(float(np.percentile(arr, 50)), 1),
            "p90_ms": round(float(np.percentile(arr, 90)), 1), "p99_ms": round(float(np.percentile(arr, 99)), 1),
            "throughput_rps": round(len(lat) / wall, 2)}

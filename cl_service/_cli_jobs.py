@@ -121,7 +121,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from cl_service.serve.client import Client
 
     token = os.environ.get(a.token_env) or None
-    with Client(a.address, token=token, application=a.application, tls_ca=a.tls_ca) as c:
+    with Client(a.address, token=token, application=a.application, tls_ca=a.tls_ca, retries=a.retries,
+                retry_deadline_s=a.retry_deadline) as c:
         try:
             if a.list:
                 for e in c.list_experts(timeout=a.timeout).experts:

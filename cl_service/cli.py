@@ -194,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-env", default="CLSVC_TOKEN", help="environment variable holding the shared token")
     s.add_argument("--tls-ca", default=None, help="connect with TLS, trusting this PEM CA bundle or server certificate")
     s.add_argument("--application", default=None, help="Serve app name (only when several apps run)")
-    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt")
+    s.add_argument("--retries", type=int, default=6, help="retries of a call failing UNAVAILABLE (jittered "
+                   "exponential backoff from 0.2 s up to 5 s; 0 = none)")
+    s.add_argument("--retry-deadline", type=float, default=30.0, help="no retry starts later than this many seconds "
+                   "after the first attempt")
     s.add_argument("--list", action="store_true", help="list the served experts instead")
     s.add_argument("--json", action="store_true", help="print the whole response as JSON")
     s.set_defaults(func=j.cmd_predict)

@@ -33,6 +33,8 @@ from typing import Any
 
 import grpc
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from cl_service._cfgload import from_dict, to_dict
 from cl_service.adapters.registry import AdapterError
@@ -49,6 +51,20 @@ from cl_service.serve import grpc_api  # module reference: cloudpickle re-import
 
 log = logging.getLogger("cl_service.serve")
 SERVICE_NAME = grpc_api.pb2.DESCRIPTOR.services_by_name["ContinualLearning"].full_name
+
+
+def replica_lost(e: BaseException) -> bool:
+    """Whether a Router/Expert call failed because its replica died or became unreachable (``ActorDiedError``,
+    ``ActorUnavailableError``: both ``RayActorError``; also when wrapped, e.g. in a ``RayTaskError`` or Serve's
+    upstream-crash error) or the deployment has no healthy replica: a state Serve repairs by starting a new one,
+    so the request may be sent again (``UNAVAILABLE``), unlike an error of the request itself."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (RayActorError, DeploymentUnavailableError)):
+            return True
+        seen.add(id(e))
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
 
 
 def _engine(base: str, run: Catalog, stage: StageCfg, max_loaded: int = 16):
@@ -249,6 +265,7 @@ class Ingress:
     # ------------------------------------------------------------------ cl.v1.ContinualLearning
     async def Predict(self, request: Any, grpc_context: Any = None) -> Any:
         t0 = time.perf_counter()
+        stage = "Router"  # the deployment called last, for the message when its replica is lost
         try:
             self._auth(grpc_context)
             sample, n = parse_predict(request, self.limits)
@@ -283,7 +300,7 @@ class Ingress:
                 expert = cat.find(route.expert)
                 decision = grpc_api.pb2.RouterDecision(kind=self.cfg.router_kind, raw_output=route.raw,
                                                        fallback_used=bool(route.fallback))
-            t2 = time.perf_counter()
+            t2, stage = time.perf_counter(), "Expert"
             answer = await self.expert.answer.remote(sample, str(expert.path), n, vision_states)
             answer_ms = (time.perf_counter() - t2) * 1000
             latency = grpc_api.pb2.Latency(route_ms=route_ms, answer_ms=answer_ms,
@@ -295,6 +312,11 @@ class Ingress:
             return self._fail(grpc_context, grpc.StatusCode.FAILED_PRECONDITION, f"adapter problem: {e}",
                               grpc_api.pb2.PredictResponse())
         except Exception as e:  # noqa: BLE001 - logged here; the client gets one line, never a traceback
+            if replica_lost(e):  # Serve starts a new replica; the request is idempotent: clients retry
+                log.warning("Predict: the %s replica was lost (%s)", stage, type(e).__name__)
+                return self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE,
+                                  f"the {stage} replica serving this request was lost ({type(e).__name__}); Serve "
+                                  "is starting a new one: retry", grpc_api.pb2.PredictResponse())
             log.exception("Predict failed")
             return self._fail(grpc_context, grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}",
                               grpc_api.pb2.PredictResponse())
@@ -343,13 +365,14 @@ def build(cfg: ServeCfg, token: str | None = None) -> Any:
     reaches the replicas)."""
     d = to_dict(cfg)
     Catalog.load(cfg.results)  # fail here, with a clear message, rather than in a replica
+    health = {"health_check_period_s": cfg.health_check_period_s}  # how soon a dead replica is replaced
     router = Router.options(num_replicas=cfg.router.replicas, ray_actor_options=_resources(cfg.router),
-                            max_ongoing_requests=max(16, 4 * cfg.router.max_batch_size)).bind(d)
+                            max_ongoing_requests=max(16, 4 * cfg.router.max_batch_size), **health).bind(d)
     expert = Expert.options(num_replicas=cfg.expert.replicas, ray_actor_options=_resources(cfg.expert),
-                            max_ongoing_requests=max(16, 4 * cfg.expert.max_batch_size)).bind(d)
+                            max_ongoing_requests=max(16, 4 * cfg.expert.max_batch_size), **health).bind(d)
     sha = token_sha256(token)
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=256,
-                           user_config={"watch_s": cfg.watch_s}).bind(router, expert, d, sha)
+                           user_config={"watch_s": cfg.watch_s}, **health).bind(router, expert, d, sha)
 
 
 def _resources(stage: StageCfg) -> dict:

@@ -334,3 +334,108 @@ def test_clsvc_serve_refuses_to_start_without_a_token_unless_insecure(app):
                           str(_free_port())], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2 and "without a token" in out.stderr and "--insecure" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _live_replica(app_name: str, deployment: str, timeout: float = 30.0):
+    """The actor handle of a live replica of ``deployment``: Serve names its replica actors
+    ``SERVE_REPLICA::<app>#<deployment>#<id>`` in namespace ``serve`` (no dashboard needed, unlike ray.util.state)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#{deployment}#"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if a["name"].startswith(prefix):
+                try:
+                    return ray.get_actor(a["name"], namespace=a["namespace"])
+                except ValueError:  # gone meanwhile
+                    pass
+        time.sleep(0.2)
+    raise AssertionError(f"no live {deployment} replica within {timeout:.0f} s")
+
+
+def _kill_under_load(app, deployment: str, items: list, ref: dict, n_per_client: int = 8) -> dict:
+    """Two retrying and two raw (``retries=0``) client threads; once 4 requests are answered, the live
+    ``deployment`` replica is killed (``ray.kill``) while it holds requests. Returns the round's figures."""
+    import ray
+
+    from cl_service.serve.client import Client
+
+    addr, name = f"127.0.0.1:{app['port']}", app["cfg"].app_name
+    retrying, raw = Client(addr, token=TOKEN, application=name), Client(addr, token=TOKEN, application=name, retries=0)
+    calls: list[dict] = []
+    lock, stop = threading.Lock(), threading.Event()
+
+    def call(client, kind: str, i: int) -> bool:
+        s = items[i % len(items)]
+        t0 = time.monotonic()
+        try:
+            r = client.predict(s.images, s.question, timeout=60)
+            rec = {"ok": True, "same": (r.answer, r.expert, r.router.raw_output) == ref[s.id]}
+        except grpc.RpcError as e:
+            rec = {"ok": False, "code": e.code(), "details": e.details()}
+        with lock:
+            calls.append({**rec, "kind": kind, "start": t0, "end": time.monotonic()})
+        return rec["ok"]
+
+    def retry_worker(k: int) -> None:
+        for i in range(n_per_client):
+            call(retrying, "retrying", 2 * i + k)
+
+    def raw_worker(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            if not call(raw, "raw", i):
+                stop.wait(0.2)  # a plain client that fails moves on to its next request
+            i += 1
+
+    handle = _live_replica(name, deployment)
+    with ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(retry_worker, k) for k in range(2)] + [pool.submit(raw_worker, k) for k in range(2)]
+        deadline = time.monotonic() + 60
+        while sum(c["ok"] for c in list(calls)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        while ray.get(handle.get_num_ongoing_requests.remote(), timeout=10) < 1 and time.monotonic() < deadline:
+            pass  # kill it while it holds requests
+        t_kill = time.monotonic()
+        ray.kill(handle, no_restart=False)
+        for f in futs[:2]:
+            f.result(timeout=120)
+        stop.set()
+        for f in futs[2:]:
+            f.result(timeout=70)
+    retrying.close()
+    raw.close()
+    by = {k: [c for c in calls if c["kind"] == k] for k in ("raw", "retrying")}
+    after = [c["end"] for c in calls if c["ok"] and c["start"] > t_kill]
+    return {"deployment": deployment, "retrying_requests": len(by["retrying"]),
+            "retrying_failed": [c["details"] for c in by["retrying"] if not c["ok"]], "retries": retrying.retried,
+            "raw_requests": len(by["raw"]), "raw_failed": [(c["code"], c["details"]) for c in by["raw"] if not c["ok"]],
+            "mismatches": sum(c["ok"] and not c["same"] for c in calls),
+            "recovery_s": round(min(after) - t_kill, 2) if after else None}
+
+
+def test_a_killed_router_or_expert_replica_costs_a_retrying_client_nothing(app, pytestconfig):
+    """Issue 23: the Expert replica, then the Router replica, killed under a bounded load. Requests inside the dead
+    replica fail ``UNAVAILABLE`` (the ingress maps the replica's ``ActorDiedError``), those sent meanwhile wait for
+    Serve's new replica; a client that retries UNAVAILABLE gets every answer, equal to the answers before the
+    kills. The figures go to ``.pytest_cache/d/serve-faults/summary.txt``."""
+    items = _samples(app["shards"], "RS")[:3] + _samples(app["shards"], "Med")[:3]
+    ref = {}
+    for s in items:
+        r = app["client"].predict(s.images, s.question, timeout=60)
+        ref[s.id] = (r.answer, r.expert, r.router.raw_output)
+    rounds = [_kill_under_load(app, d, items, ref) for d in ("Expert", "Router")]
+    lines = [f"{r['deployment']} replica killed: retrying client {r['retrying_requests']} requests, "
+             f"{len(r['retrying_failed'])} failed, {r['retries']} retries; raw client {len(r['raw_failed'])}/"
+             f"{r['raw_requests']} failed; recovery {r['recovery_s']} s" for r in rounds]
+    summary = "; ".join(lines)
+    if getattr(pytestconfig, "cache", None) is not None:  # also with -s: printed
+        (pytestconfig.cache.mkdir("serve-faults") / "summary.txt").write_text(summary + "\n")
+    print(summary)
+    for r in rounds:
+        assert not r["retrying_failed"] and r["retrying_requests"] == 16 and not r["mismatches"], summary
+        assert all(code == grpc.StatusCode.UNAVAILABLE and f"the {r['deployment']} replica serving this request was "
+                   "lost" in details for code, details in r["raw_failed"]), (summary, r["raw_failed"])
+        assert len(r["raw_failed"]) + r["retries"] >= 1, summary  # requests were inside the killed replica
+        assert r["recovery_s"] is not None and 0 < r["recovery_s"] < 60, summary

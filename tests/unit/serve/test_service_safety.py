@@ -194,8 +194,8 @@ def test_tls_with_a_self_signed_certificate(tiny_run, tiny_engine, dcl_shards, t
         with Client(f"127.0.0.1:{port}", tls_ca=str(cert)) as c:
             assert c.predict(sample.images, sample.question, expert="RS").expert == "RS"
             assert c.health() == "SERVING"
-        with Client(f"127.0.0.1:{port}") as plain, pytest.raises(grpc.RpcError) as ei:
-            plain.list_experts(timeout=10)  # a plaintext client cannot talk to a TLS server
+        with Client(f"127.0.0.1:{port}", retries=0) as plain, pytest.raises(grpc.RpcError) as ei:
+            plain.list_experts(timeout=10)  # a plaintext client cannot talk to a TLS server (UNAVAILABLE: no retry)
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
         capsys.readouterr()
         assert main(["predict", "--address", f"127.0.0.1:{port}", "--tls-ca", str(cert), "--list"]) == 0
