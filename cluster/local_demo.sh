@@ -32,7 +32,19 @@ timeout 120 "$RAY" start --head --node-ip-address=127.0.0.1 --port="$PORT" --das
   --dashboard-port="$DASH" --ray-client-server-port="${RAY_CLIENT_PORT:-23011}" --temp-dir="$TMP" \
   --disable-usage-stats >/dev/null
 echo "Ray head on 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASH"
-timeout ${DEMO_TIMEOUT:-3600} "$RAY" job submit --address "http://127.0.0.1:$DASH" -- \
-  bash -c "cd '$ROOT' && '$PY' workloads/run_stream.py --config '$CONFIG' --methods '$METHODS' --out '$OUT' ${EXTRA:-}"
+# Right after `ray start` the head's job agent may not be up yet ("No available agent to submit job"): submit
+# without waiting, retrying for up to a minute, then follow the job's log and fail when the job did not succeed.
+JOB=clsvc-demo-$(date +%s)
+for i in $(seq 1 30); do
+  timeout 60 "$RAY" job submit --address "http://127.0.0.1:$DASH" --submission-id "$JOB" --no-wait -- \
+    bash -c "cd '$ROOT' && '$PY' workloads/run_stream.py --config '$CONFIG' --methods '$METHODS' --out '$OUT' ${EXTRA:-}" \
+    >/dev/null 2>"$TMP.submit.err" && break
+  grep -q "already exists" "$TMP.submit.err" && break  # an earlier try got through after all
+  [ "$i" -lt 30 ] || { cat "$TMP.submit.err"; exit 1; }
+  sleep 2
+done
+timeout ${DEMO_TIMEOUT:-3600} "$RAY" job logs --address "http://127.0.0.1:$DASH" --follow "$JOB"
+STATUS=$(timeout 60 "$RAY" job status --address "http://127.0.0.1:$DASH" "$JOB" 2>&1 | tail -3)
+echo "$STATUS" | grep -q SUCCEEDED || { echo "the run did not succeed: $STATUS"; exit 1; }
 echo
 "$PY" -m cl_service.cli report "$OUT"
