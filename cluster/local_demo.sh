@@ -45,6 +45,6 @@ for i in $(seq 1 30); do
 done
 timeout ${DEMO_TIMEOUT:-3600} "$RAY" job logs --address "http://127.0.0.1:$DASH" --follow "$JOB"
 STATUS=$(timeout 60 "$RAY" job status --address "http://127.0.0.1:$DASH" "$JOB" 2>&1 | tail -3)
-echo "$STATUS" | grep -q SUCCEEDED || { echo "the run did not succeed: $STATUS"; exit 1; }
+echo "$STATUS" | grep -qi succeeded || { echo "the run did not succeed: $STATUS"; exit 1; }
 echo
 "$PY" -m cl_service.cli report "$OUT"
