@@ -79,7 +79,8 @@ class RouterCfg:
     lora: LoraCfg = field(default_factory=LoraCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     max_new_tokens: int = 4
-    """Router generation length (the paper allows up to 16; one letter is expected)."""
+    """Router generation length (the paper allows up to 16; one letter is expected). Pools past 26 experts
+    (two-letter labels) decode at least as many tokens as their longest label takes, whatever is set here."""
     augment: int = 0
     """Look-jittered copies of each router training sample (:mod:`cl_service.data.augment`), for the MLLM
     router and the feature routers alike: on a non-IID stream it keeps the router from keying on the

@@ -24,6 +24,7 @@ from cl_service.adapters.moelora import is_moelora, moelora_active
 from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
 from cl_service.engine.cudagraphs import GraphDecoder
+from cl_service.engine.labels import route_labels
 from cl_service.engine.multilora import MultiLoRA
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.models.prompting import first_answer_tokens
@@ -84,6 +85,7 @@ class Engine:
         self._moelora: dict[str, Any] = {}  # loaded MoE-LoRAs (see moelora_active)
         # the first token the base emits for each letter after its prompt (not a bare "▁" before it)
         self._letter_ids = first_answer_tokens(self.mllm, "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+        self._label_cache: dict[str, tuple[int, ...]] = {}  # multi-letter label -> its tokens (engine.labels)
 
     # ------------------------------------------------------------------ adapters
     def _activate(self, path: str | None) -> None:
@@ -285,24 +287,20 @@ class Engine:
         """Two-stage inference, stage one: the MLLM router's letter for each sample.
 
         Output that holds no valid letter falls back, deterministically, to the pool letter with the
-        highest first-token logit (reported as ``fallback=True``), never to a random expert.
+        highest first-token logit (reported as ``fallback=True``), never to a random expert. Pools past 26
+        experts (multi-letter labels, :mod:`cl_service.routers.prompt`) decode at least as many tokens as
+        their longest label needs, whatever ``router_max_new_tokens`` says, and fall back to the label of
+        the highest summed token log-prob (:func:`cl_service.engine.labels.label_scores`).
         """
         if not samples:
             return []
         items = [router_sample(pool, s, None) for s in samples]
         fused = self.fused_lora or vision_states is not None
+        if pool.label_len > 1:
+            return route_labels(self, items, router, pool, fused, vision_states)
         ids = torch.tensor([self._letter_ids[L] for L in pool.letters])
         if fused and self.router_max_new_tokens == 1:
-            # One letter: a single prefill gives the output token and the fallback logits at once.
-            logits = self._last_logits_mixed(items, [router] * len(items), vision_states)
-            raws = [t.strip() for t in self.mllm.tokenizer.batch_decode(logits.argmax(-1)[:, None],
-                                                                       skip_special_tokens=True)]
-            routes = []
-            for raw, row in zip(raws, logits):
-                e = parse_choice(raw, pool)
-                routes.append(Route(e, raw, False) if e is not None
-                              else Route(pool.experts[int(row[ids].argmax())], raw, True))
-            return routes
+            return self._route_one_prefill(items, router, pool, ids, vision_states)
         if fused:
             raws = self.answer_mixed(items, [router] * len(items), self.router_max_new_tokens, vision_states)
         else:
@@ -321,6 +319,20 @@ class Engine:
             for i, row in zip(bad, logits[:, ids]):
                 routes[i] = Route(pool.experts[int(row.argmax())], raws[i], True)
         return routes  # type: ignore[return-value]
+
+    def _route_one_prefill(self, items: list[Sample], router: str, pool: Pool, ids: torch.Tensor,
+                           vision_states: torch.Tensor | None) -> list[Route]:
+        """Every label one token (``ids``, one per expert): a single prefill gives the output token and the
+        fallback logits at once."""
+        logits = self._last_logits_mixed(items, [router] * len(items), vision_states)
+        raws = [t.strip() for t in self.mllm.tokenizer.batch_decode(logits.argmax(-1)[:, None],
+                                                                   skip_special_tokens=True)]
+        routes = []
+        for raw, row in zip(raws, logits):
+            e = parse_choice(raw, pool)
+            routes.append(Route(e, raw, False) if e is not None
+                          else Route(pool.experts[int(row[ids].argmax())], raw, True))
+        return routes
 
     @torch.no_grad()
     def _first_logits(self, items: list[Sample]) -> torch.Tensor:

@@ -31,6 +31,62 @@ def test_parse_takes_the_first_valid_letter(raw, expert):
     assert parse_choice(raw, POOL) == expert
 
 
+EXPECTED_3 = """\
+You are a router choosing among 3 experts (remote sensing, medicine, driving).
+Pick the expert best suited to the image and question below. Answer only with the expert's letter; do not answer the question.
+A. remote sensing: aerial
+B. medicine: slides
+C. driving: cameras
+Question: Is there water?
+The letter of the most suitable expert is:"""
+
+
+def test_prompt_up_to_26_experts_is_the_papers_byte_for_byte():
+    """Taken from the code before pools past 26 experts: small pools' prompts (router training data, job keys,
+    the demo's metrics) must not move."""
+    assert router_prompt(POOL, "Is there water?") == EXPECTED_3
+    p26 = _pool(26)
+    assert p26.label_len == 1 and p26.letters == tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert router_prompt(p26, "q").splitlines()[-2:] == ["Question: q", "The letter of the most suitable expert is:"]
+
+
+def _pool(n):
+    return Pool(tuple(f"e{i}" for i in range(n)), tuple(f"domain {i}: things {i}" for i in range(n)))
+
+
+@pytest.mark.parametrize("n", [27, 30, 100, 676])
+def test_pools_past_26_experts_take_two_letter_labels(n):
+    pool = _pool(n)
+    assert pool.label_len == 2 and len(set(pool.letters)) == n
+    assert pool.letters[:3] == ("AA", "AB", "AC") and pool.letters[26] == "BA"
+    lines = router_prompt(pool, "Is there water?").splitlines()
+    assert f"{n} experts" in lines[0] and "2-letter code" in lines[1] and "do not answer" in lines[1]
+    assert lines[2:2 + n] == [f"{L}. domain {i}: things {i}" for i, L in enumerate(pool.letters)]
+    assert lines[2 + n:] == ["Question: Is there water?", "The 2-letter code of the most suitable expert is:"]
+    s = Sample("e1", "train", "1", [b"x"], "q?", ["yes"], "e1")
+    assert router_sample(pool, s, f"e{n - 1}").answers == [pool.letters[-1]]
+    for i, label in enumerate(pool.letters):  # every label round-trips, bare or wrapped in text
+        for raw in (label, f" {label}.", f"{label} is the answer", f"The answer is {label}", f"{label}expert",
+                    f"zz {label}, then {pool.letters[0]}"):
+            assert parse_choice(raw, pool) == f"e{i}", raw
+
+
+def test_pools_past_676_experts_take_three_letters():
+    pool = _pool(677)
+    assert pool.label_len == 3 and pool.letters[0] == "AAA" and pool.letters[-1] == "BAA"
+    assert parse_choice("BAA.", pool) == "e676" and parse_choice("BA", pool) is None
+
+
+@pytest.mark.parametrize("raw, expert", [("AB.", "e1"), ("AB is the answer", "e1"), ("A B", None), ("A", None),
+                                         ("B", None), ("ab", None), ("ABC", "e1"), ("ABC AC", "e2"),
+                                         ("ZZ", None), ("BE", None), ("BD", "e29"), ("Z AC", "e2"), ("", None),
+                                         ("AB\nAC", "e1")])
+def test_parse_two_letter_labels(raw, expert):
+    """A 30-expert pool labels AA .. BD: the first standalone label wins; a label glued to text at the start
+    counts ("ABC" -> AB, as "Bexpert" -> B); letters split by spaces never join into a label."""
+    assert parse_choice(raw, _pool(30)) == expert
+
+
 class _FakeFeatures:
     """Features = the sample's first image byte as a one-hot: a stand-in for pooled base features."""
 
