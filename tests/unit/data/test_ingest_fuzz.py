@@ -80,8 +80,8 @@ def _bad_records(rng: random.Random, image_names: list[str]):
     paths = image_names + ["", "/etc/passwd", "../good.png", "missing.png", "a\x00b.png", "n" * 5000 + ".png",
                            "sub", ".", "images", "good.png/", "~/good.png"]
 
-    def train(**changes):
-        rec = json.loads(json.dumps(GOOD_TRAIN))
+    def mutated(good, changes):  # a deep copy of a good record; a value of ... drops the key
+        rec = json.loads(json.dumps(good))
         for k, v in changes.items():
             if v is ...:
                 rec.pop(k, None)
@@ -89,14 +89,11 @@ def _bad_records(rng: random.Random, image_names: list[str]):
                 rec[k] = v
         return rec
 
+    def train(**changes):
+        return mutated(GOOD_TRAIN, changes)
+
     def test(**changes):
-        rec = dict(GOOD_TEST)
-        for k, v in changes.items():
-            if v is ...:
-                rec.pop(k, None)
-            else:
-                rec[k] = v
-        return rec
+        return mutated(GOOD_TEST, changes)
 
     def conv():
         turn = {"from": rng.choice(["human", "gpt", "system", None, 1]), "value": rng.choice(odd + ["q", "a"])}

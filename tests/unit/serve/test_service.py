@@ -7,27 +7,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cl_service.config import load_run_cfg
 from cl_service.data.schema import Sample
 from cl_service.data.shards import ShardDataset
-from cl_service.run import LocalTrainer, run_stream
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_base, dcl_shards):
+def served(tiny_run, tiny_base, dcl_shards):
     from cl_service.engine.engine import Engine
     from cl_service.serve.service import ContinualLearningServicer, build_server
 
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("serve-run")
-    cfg = load_run_cfg(None, [
-        f"out={out}", f"data.path={dcl_shards}", f"base.path={tiny_base}", "data.tasks=[RS,Med]",
-        "methods=[mrlora]", "expert.train.max_steps=2", "expert.train.batch_size=4", "router.train.max_steps=2",
-        "router.samples_per_task=4", "expert.lora.rank=4", "router.lora.rank=4", "eval.max_new_tokens=3",
-        "ray.num_workers=0"])
-    run_stream(cfg, LocalTrainer(), log=lambda *_: None)
+    out = tiny_run  # the session's finished RS, Med run (conftest.py); read only here
     engine = Engine(tiny_base)
     engine.max_new_tokens = 3
     servicer = ContinualLearningServicer(out, engine, max_image_bytes=200_000)
