@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +38,13 @@ DOMAINS = ("RS: remote sensing images", "Med: medical images", "AD: autonomous d
            "Sci: science diagrams", "Fin: financial charts", "OCR: text in images", "Math: math problems",
            "VP: visual perception", "GUI: app screenshots")
 POOL = Pool(tuple(f"expert-{d.split(':')[0]}" for d in DOMAINS), DOMAINS)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a server the bench starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def profile(name: str, **override: Any) -> ModelCfg:

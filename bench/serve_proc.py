@@ -23,13 +23,9 @@ from typing import Any
 
 import psutil
 
+from bench.common import free_port  # noqa: F401  (re-exported for the benches)
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_items(results: Path) -> list[Any]:

@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import POOL, bench_model, pct, requests, start, write_json  # noqa: E402
+from bench.common import POOL, bench_model, free_port, pct, requests, start, write_json  # noqa: E402
 from bench.serve import make_adapters  # noqa: E402
 from cl_service.adapters.registry import finalize_adapter  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
@@ -91,12 +90,6 @@ def references(engine: Engine, run: dict[str, Any], reqs: list) -> dict[str, lis
                 e = PrototypeRouter(proto.experts, proto.means, _SharedVision(engine, vs)).route([s])[0].expert
             out[kind].append((e, engine.answer_mixed([s], [run["experts"][e]], 16, vision_states=vs)[0]))
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Load:
@@ -331,7 +324,7 @@ def main() -> None:
             while time.monotonic() < deadline and torch.cuda.mem_get_info()[0] < 0.9 * torch.cuda.mem_get_info()[1]:
                 time.sleep(1.0)
 
-    grpc_port, http_port = _free_port(), _free_port()  # Serve's proxies start once, with the first app
+    grpc_port, http_port = free_port(), free_port()  # Serve's proxies start once, with the first app
     failed = []
     try:
         for kind in args.kinds.split(","):

@@ -204,7 +204,8 @@ def plan_stream(cfg: RunCfg) -> list[dict[str, Any]]:
     except OSError:  # not built yet: nothing trained on it can be complete
         base_dig = None
     extras = {"base_path": base, "dataset": str(data_path), "base_digest": base_dig}
-    inputs = {n: unit_inputs(cfg, m, base_dig, dataset_digest(data_path)) for n, m in methods.items()} if ds else {}
+    data_dig = dataset_digest(data_path) if ds else None
+    inputs = {n: unit_inputs(cfg, m, base_dig, data_dig) for n, m in methods.items()} if ds else {}
     plan = []
     for i, task in enumerate(tasks):
         if ds is None:

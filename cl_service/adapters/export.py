@@ -35,7 +35,8 @@ from typing import Any
 from cl_service._atomic import atomic_write_text, replace_dir
 from cl_service.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR, load_adapter
 from cl_service.adapters.moelora import MOELORA_CONFIG, is_moelora
-from cl_service.adapters.registry import ADAPTER_META, AdapterError, AdapterInfo, AdapterRegistry, read_adapter
+from cl_service.adapters.registry import (ADAPTER_META, AdapterError, AdapterInfo, AdapterRegistry, publish_dir,
+                                          read_adapter)
 
 FORMATS = ("peft", "merged")
 EXPORT_META = "clsvc_export.json"
@@ -63,9 +64,7 @@ def export_adapter(adapter: str | Path, base: str | Path, fmt: str, out: str | P
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     record = {"format": fmt, "adapter": {k: meta.get(k) for k in ("id", "kind", "task", "version", "files")},
               "base": str(base.resolve()), "prompt_style": prompt_style, **(info or {})}
-    stage = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    stage = publish_dir(out)
     try:
         if fmt == "peft":
             record.update(_peft(adapter, base, stage))

@@ -349,7 +349,7 @@ class ShardDataset:
             try:
                 with self._fs.open_input_file(path) as src:
                     rows = (ipc.open_file(src).read_all().num_rows if path.endswith(".arrow")
-                            else pq.ParquetFile(src).read().num_rows)
+                            else pq.ParquetFile(src).metadata.num_rows)
             except pa.ArrowInvalid as e:
                 problems.append(f"{s['file']}: unreadable ({e})")
                 continue

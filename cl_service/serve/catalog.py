@@ -86,13 +86,13 @@ class Catalog:
         if not experts:
             raise AdapterError(f"run {run_dir} holds no complete expert adapter")
         known = {e.task: e for e in experts}
-        router_dir, pool = None, None
+        router_dir, pool, router_version = None, None, None
         for i in range(len(tasks) - 1, 0, -1):
             d = run_dir / "adapters" / "router" / f"stage-{i}-{tasks[i]}"
             seen = tasks[: i + 1]
             if all(t in known for t in seen) and (d / ADAPTER_META).is_file():
                 try:
-                    read_adapter(d, verify=verify)
+                    router_version = int(read_adapter(d, verify=verify).get("version", 1))
                 except AdapterError:
                     continue
                 router_dir = d
@@ -114,7 +114,6 @@ class Catalog:
             h.update(_stats(p))
         for folder, _ in feature_routers.values():
             h.update(str(folder).encode() + (folder / "router.json").read_bytes())
-        router_version = int(read_adapter(router_dir, verify=False).get("version", 1)) if router_dir else None
         return cls(run_dir, tasks, tuple(experts), router_dir, pool, h.hexdigest()[:16], resolved, feature_routers,
                    router_version)
 
