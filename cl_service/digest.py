@@ -20,6 +20,7 @@ from cl_service.data.shards import sha256_file
 
 _NOT_LOADED = {"base.json"}  # the model store's build record (recipe, build time, loss): no load reads it
 _MEMO: dict[str, tuple[tuple, str]] = {}  # folder -> (files' stat signature, digest), for this process
+_DS_MEMO: dict[str, tuple[tuple, str]] = {}  # dataset folder -> (manifest's stat, digest), for this process
 
 
 def base_digest(path: str | os.PathLike) -> str:
@@ -55,13 +56,29 @@ def dataset_digest(path: str | os.PathLike) -> str:
     """Short sha256 of a shard dataset's manifest, canonically: its format and schema version, stream, tasks
     (names, scorers, descriptions) and shards in order (task, split, rows, sha256). When, by which version and
     from where it was written are left out, so a dataset regenerated with the same rows keeps its digest."""
-    from cl_service.data.shards import ShardDataset
+    from cl_service.data.shards import MANIFEST, ShardDataset
 
+    # Job keys ask for it once per key (a sweep's cache: many times per job): memoised by the manifest's stat
+    # for a local folder; a URI's manifest is read each time.
+    local = "://" not in str(path)
+    sig = None
+    if local:
+        try:
+            st = os.stat(Path(path) / MANIFEST)
+            sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError:
+            sig = None
+    hit = _DS_MEMO.get(str(path))
+    if sig is not None and hit is not None and hit[0] == sig:
+        return hit[1]
     m = ShardDataset(path).manifest
     canon = {"format": m.get("format"), "schema_version": m.get("schema_version"), "stream": m.get("stream"),
              "tasks": m.get("tasks"),
              "shards": [[s["task"], s["split"], s["rows"], s["sha256"]] for s in m.get("shards", [])]}
-    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    if sig is not None:
+        _DS_MEMO[str(path)] = (sig, digest)
+    return digest
 
 
 def _files(root: Path) -> list[tuple[str, os.stat_result]]:
