@@ -58,6 +58,19 @@ def finalize_adapter(folder: str | Path, *, id: str, kind: str, task: str, descr
     return meta
 
 
+def restamp_version(stage: str | Path, final: str | Path) -> dict[str, Any]:
+    """Give an adapter finalized elsewhere (a Ray Train worker's own folder, brought here in ``stage``) the
+    version it gets as the replacement of ``final`` here. ``adapter.json`` is not among its own checksums, so
+    the adapter still verifies."""
+    stage = Path(stage)
+    meta = json.loads((stage / ADAPTER_META).read_text())
+    version = _next_version(Path(final), meta.get("files", {}), meta.get("job_key", ""))
+    if meta.get("version") != version:
+        meta["version"] = version
+        atomic_write_text(stage / ADAPTER_META, json.dumps(meta, indent=2))
+    return meta
+
+
 def _final_of(folder: Path) -> Path:
     """The folder a :func:`publish_dir` staging folder (``.<name>.partial-<pid>``) becomes; else itself."""
     m = re.fullmatch(r"\.(.+)\.partial-\d+", folder.name)

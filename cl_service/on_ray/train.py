@@ -254,7 +254,7 @@ def collect_adapters(jobs: list[TrainJob], finals: list[tuple[Checkpoint, dict[s
     or ``s3://``) into the job's ``out_dir`` on this machine, verified by its checksums, atomically; then
     delete that checkpoint (the adapter now lives in the results folder). On a local filesystem the files are
     moved, not copied (at 7B an r128 adapter is 1.4 GB). ``keys``: the jobs' keys, if already computed."""
-    from cl_service.adapters.registry import AdapterError, commit_dir, publish_dir, read_adapter
+    from cl_service.adapters.registry import AdapterError, commit_dir, publish_dir, read_adapter, restamp_version
 
     by_key = {m["job"]: c for c, m in finals}
     for job, key in zip(jobs, keys or [j.key() for j in jobs]):
@@ -274,6 +274,7 @@ def collect_adapters(jobs: list[TrainJob], finals: list[tuple[Checkpoint, dict[s
         except AdapterError as e:
             shutil.rmtree(stage, ignore_errors=True)
             raise RuntimeError(f"the adapter of {job.name} did not arrive intact: {e}") from None
+        restamp_version(stage, job.out_dir)  # the worker versioned it against its own folder, not this one
         commit_dir(stage, job.out_dir)
         try:
             ckpt.filesystem.delete_dir(ckpt.path)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cl_service.adapters.registry import AdapterError, commit_dir, finalize_adapter, publish_dir, read_adapter
+from cl_service.adapters.registry import (AdapterError, commit_dir, finalize_adapter, publish_dir, read_adapter,
+                                          restamp_version)
 from cl_service.serve.catalog import Catalog
 from cl_service.serve.hotadd import CatalogWatch
 
@@ -108,3 +109,20 @@ def test_a_run_with_nothing_complete_is_retried_and_keeps_serving_the_last_catal
     _publish(run / "adapters" / "experts" / "RS", b"weights of RS v2")
     _publish(run / "adapters" / "experts" / "Med", b"weights of Med v2")
     assert watch.poll() is True and {e.task: e.version for e in watch.catalog.experts} == {"RS": 2, "Med": 2}
+
+
+def test_an_adapter_versioned_elsewhere_is_restamped_against_the_folder_it_replaces(run, tmp_path_factory):
+    """A Ray Train worker finalizes into its own folder (version 1 there); the driver restamps it on arrival."""
+    rs = run / "adapters" / "experts" / "RS"
+    elsewhere = tmp_path_factory.mktemp("worker") / "RS"
+    assert _publish(elsewhere, b"retrained on a worker")["version"] == 1
+    stage = publish_dir(rs)
+    for f in elsewhere.iterdir():
+        (stage / f.name).write_bytes(f.read_bytes())
+    assert restamp_version(stage, rs)["version"] == 2  # RS held version 1 with other weights
+    commit_dir(stage, rs)
+    assert read_adapter(rs)["version"] == 2  # and it still verifies
+    again = publish_dir(rs)
+    for f in elsewhere.iterdir():
+        (again / f.name).write_bytes(f.read_bytes())
+    assert restamp_version(again, rs)["version"] == 2  # the same files again: the same version
