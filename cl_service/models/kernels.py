@@ -6,9 +6,14 @@ concatenation on strided views, the SwiGLU two passes. Each kernel here does its
 reproduces transformers' rounding (bf16 after every operation that rounds there), so results stay within
 one bf16 step of the plain model's, almost all of them bitwise equal (``tests/gpu/test_fastpaths.py``).
 
-Every function falls back to the reference formula (transformers' own) on the CPU, without Triton, when
-autograd needs the graph (the kernels are forward-only), for layouts it does not cover, and for good once a
-kernel failed to compile or launch (with a warning; :data:`FAILED` says why).
+Training: under autograd each fused step is a ``torch.autograd.Function`` whose backward is one kernel too
+(RMSNorm: the input's gradient from the saved input, the frozen scale takes none; SwiGLU: both inputs' gradients
+in one pass; rotary embedding: the same rotation by ``-sin``). The backward kernels compute in float32 and round
+once, so gradients are within bf16 rounding of eager autograd's (``tests/gpu/test_fastpaths.py``).
+
+Every function falls back to the reference formula (transformers' own) on the CPU, without Triton, when a
+gradient is needed that the kernels do not give (a trainable RMSNorm scale), for layouts it does not cover, and
+for good once a kernel failed to compile or launch (with a warning; :data:`FAILED` says why).
 """
 
 from __future__ import annotations
@@ -43,12 +48,15 @@ def _failed(name: str, err: Exception) -> None:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernels can run on these tensors (CUDA, Triton present, no kernel failed, no gradient
-    needed, the first one at least :data:`MIN_ELEMENTS` large)."""
-    if (triton is None or FAILED or not all(t.is_cuda for t in tensors)
-            or tensors[0].numel() < max(1, MIN_ELEMENTS)):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    """Whether the fused kernels can run on these tensors (CUDA, Triton present, no kernel failed, the first one
+    at least :data:`MIN_ELEMENTS` large)."""
+    return not (triton is None or FAILED or not all(t.is_cuda for t in tensors)
+                or tensors[0].numel() < max(1, MIN_ELEMENTS))
+
+
+def _grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------- references (transformers' Llama math)
@@ -104,6 +112,22 @@ if triton is not None:
         tl.store(Y + row * stride_y + cols, (w * h).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _rms_norm_bwd_kernel(X, W, DY, DX, stride_x, stride_dy, stride_dx, N, eps, BLOCK: tl.constexpr,
+                             MODE: tl.constexpr):
+        """``dx`` of ``y = w * round(x * rsqrt(mean(x²) + eps))`` (the scale ``w`` frozen): with ``g = round(dy * w)``
+        and ``x̂ = x * r``, ``dx = r * (g - x̂ * mean(g * x̂))``, float32 throughout, rounded once."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        g = _round(tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32) * w, MODE)
+        xh = x * r
+        dx = r * (g - xh * (tl.sum(g * xh, axis=0) / N))
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _rope_heads(X, O, b, l, sxb, sxh, sxl, sob, soh, sol, H, c1, c2, s1, s2, HALF: tl.constexpr, BH: tl.constexpr,
                     MODE: tl.constexpr):
         h = tl.arange(0, BH)[:, None]
@@ -145,29 +169,112 @@ if triton is not None:
         s = _round(g / (1.0 + tl.exp(-g)), MODE)
         tl.store(Y + offs, _round(s * u, MODE).to(Y.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _silu_mul_bwd_kernel(G, U, DY, DG, DU, n, BLOCK: tl.constexpr, MODE: tl.constexpr):
+        """``y = silu(g) * u``: ``du = dy * silu(g)``, ``dg = dy * u * σ(g) * (1 + g * (1 - σ(g)))``."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        tl.store(DU + offs, (dy * _round(g * sig, MODE)).to(DU.dtype.element_ty), mask=m)
+        tl.store(DG + offs, (_round(dy * u, MODE) * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=m)
+
 
 # ---------------------------------------------------------------- entry points
 _MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    N = x.shape[-1]
+    x2 = _rows(x, N)
+    y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(N)
+    _rms_norm_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.stride(0), y.stride(0), N, float(eps),
+                                     BLOCK=block, MODE=_MODE[x.dtype], num_warps=8 if block >= 4096 else 4)
+    return y.view(x.shape)
+
+
+def _rms_norm_bwd(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
+    N = x.shape[-1]
+    x2, dy2 = _rows(x, N), _rows(dy, N)
+    dx = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(N)
+    _rms_norm_bwd_kernel[(x2.shape[0],)](x2, weight.contiguous(), dy2, dx, x2.stride(0), dy2.stride(0), dx.stride(0),
+                                         N, float(eps), BLOCK=block, MODE=_MODE[x.dtype],
+                                         num_warps=8 if block >= 4096 else 4)
+    return dx.view(x.shape)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """Fused RMSNorm with a fused backward for the input (the scale is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return _rms_norm_fwd(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        return _rms_norm_bwd(x, weight, dy, ctx.eps), None, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension (one pass per row on the GPU)."""
+    """RMSNorm over the last dimension (one pass per row on the GPU; under autograd one more for the input's
+    gradient, when the scale is frozen)."""
     N = x.shape[-1]
     if (not usable(x, weight) or x.dtype not in _MODE or weight.dtype != x.dtype or weight.shape != (N,)
-            or N > 65536):
+            or N > 65536 or (weight.requires_grad and torch.is_grad_enabled())):
         return rms_norm_ref(x, weight, eps)
     try:
-        x2 = x.reshape(-1, N)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
-        block = triton.next_power_of_2(N)
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, x2.stride(0), y.stride(0), N, float(eps),
-                                         BLOCK=block, MODE=_MODE[x.dtype], num_warps=8 if block >= 4096 else 4)
-        return y.view(x.shape)
+        return _RMSNorm.apply(x, weight, eps) if _grad(x) else _rms_norm_fwd(x, weight, eps)
     except Exception as e:  # noqa: BLE001 - any compile/launch failure: stay correct
         _failed("rms_norm", e)
         return rms_norm_ref(x, weight, eps)
+
+
+def _rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Hq, L, D = q.shape
+    Hk = k.shape[1]
+    qo, ko = torch.empty_like(q), torch.empty_like(k)  # same strides as the inputs (dense views)
+    if qo.stride(-1) != 1 or ko.stride(-1) != 1:
+        qo, ko = q.new_empty(q.shape), k.new_empty(k.shape)
+    scb = cos.stride(0) if cos.shape[0] > 1 else 0
+    _rope_kernel[(B * L,)](q, k, qo, ko, cos, sin, L, Hq, Hk,
+                           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                           qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+                           scb, cos.stride(1), HALF=D // 2, BH=triton.next_power_of_2(max(Hq, Hk)),
+                           MODE=_MODE[q.dtype], num_warps=4)
+    return qo, ko
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Rope(torch.autograd.Function):
+    """Fused rotary embedding; its backward is the rotation by ``-sin`` (Llama's ``cos``/``sin`` repeat their
+    first half, so the transposed rotation is the inverse one)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        gq, gk = _rope_launch(_unit_last(dq), _unit_last(dk), cos, _unit_last(-sin))
+        return gq, gk, None, None
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
@@ -176,39 +283,54 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     last stride, e.g. the transposed projections) by ``cos``/``sin`` ``[B or 1, L, D]``, in one kernel."""
     if (not usable(q, k, cos, sin) or unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
             or cos.shape != sin.shape or cos.stride() != sin.stride() or q.dtype != k.dtype
-            or cos.dtype != q.dtype or q.dtype not in _MODE):
+            or cos.dtype != q.dtype or q.dtype not in _MODE or _grad(cos, sin)):
         return rope_ref(q, k, cos, sin, unsqueeze_dim)
     B, Hq, L, D = q.shape
-    Hk = k.shape[1]
     if (k.shape[0] != B or k.shape[2:] != (L, D) or D % 2 or cos.shape[1:] != (L, D) or cos.shape[0] not in (1, B)
             or (D // 2) & (D // 2 - 1) or q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1):
         return rope_ref(q, k, cos, sin, unsqueeze_dim)
     try:
-        qo, ko = torch.empty_like(q), torch.empty_like(k)  # same strides as the inputs (dense views)
-        if qo.stride(-1) != 1 or ko.stride(-1) != 1:
-            qo, ko = q.new_empty(q.shape), k.new_empty(k.shape)
-        scb = cos.stride(0) if cos.shape[0] > 1 else 0
-        _rope_kernel[(B * L,)](q, k, qo, ko, cos, sin, L, Hq, Hk,
-                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                               qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-                               scb, cos.stride(1), HALF=D // 2, BH=triton.next_power_of_2(max(Hq, Hk)),
-                               MODE=_MODE[q.dtype], num_warps=4)
-        return qo, ko
+        # Under autograd the backward is the inverse rotation, which needs cos/sin to repeat their first half, as
+        # Llama's rotary embedding makes them (cat(freqs, freqs)); only Llama's attention is patched to come here.
+        return _Rope.apply(q, k, cos, sin) if _grad(q, k) else _rope_launch(q, k, cos, sin)
     except Exception as e:  # noqa: BLE001
         _failed("apply_rope", e)
         return rope_ref(q, k, cos, sin, unsqueeze_dim)
 
 
+def _silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(gate)
+    n = gate.numel()
+    _silu_mul_kernel[(triton.cdiv(n, 2048),)](gate, up, y, n, BLOCK=2048, MODE=_MODE[gate.dtype], num_warps=8)
+    return y
+
+
+class _SiluMul(torch.autograd.Function):
+    """Fused SwiGLU middle with both inputs' gradients in one backward pass."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _silu_mul_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dy = dy.contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        _silu_mul_bwd_kernel[(triton.cdiv(n, 2048),)](gate, up, dy, dg, du, n, BLOCK=2048, MODE=_MODE[gate.dtype],
+                                                      num_warps=8)
+        return dg, du
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` in one pass."""
+    """``silu(gate) * up`` in one pass (and one more for both gradients under autograd)."""
     if (not usable(gate, up) or gate.shape != up.shape or gate.dtype != up.dtype or gate.dtype not in _MODE
             or not gate.is_contiguous() or not up.is_contiguous()):
         return silu_mul_ref(gate, up)
     try:
-        y = torch.empty_like(gate)
-        n = gate.numel()
-        _silu_mul_kernel[(triton.cdiv(n, 2048),)](gate, up, y, n, BLOCK=2048, MODE=_MODE[gate.dtype], num_warps=8)
-        return y
+        return _SiluMul.apply(gate, up) if _grad(gate, up) else _silu_mul_fwd(gate, up)
     except Exception as e:  # noqa: BLE001
         _failed("silu_mul", e)
         return silu_mul_ref(gate, up)
@@ -252,7 +374,7 @@ def fuse_llama(model: torch.nn.Module) -> dict[str, int]:
     """Route a transformers Llama's RMSNorms, SwiGLU MLPs and rotary embedding through the fused kernels.
 
     Idempotent; returns how many modules of each kind were patched now. Modules keep their weights and
-    hooks (LoRA hooks on the Linears still run); on the CPU or under autograd they run the reference math.
+    hooks (LoRA hooks on the Linears still run); on the CPU they run the reference math.
     """
     counts = {"norms": 0, "mlps": 0, "rope": 0}
     llama = False

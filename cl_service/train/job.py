@@ -67,7 +67,8 @@ class TrainJob:
         if d["prompt_style"] == "auto":
             d.pop("prompt_style")
         # Training options added later hash only off their CPU values (what every earlier run used).
-        for k, plain in (("lora_fp32_inputs", True), ("fused_optimizer", False), ("activation_checkpointing", False)):
+        for k, plain in (("lora_fp32_inputs", True), ("fused_optimizer", False), ("activation_checkpointing", False),
+                         ("fused_kernels", False)):
             if d["train"].get(k) in (plain, None):
                 d["train"].pop(k, None)
         if d["train"].get("autocast") == "auto":

@@ -59,6 +59,9 @@ class TrainCfg:
     """One fused AdamW kernel per step (CUDA only). None: on when the trained parameters are on a GPU."""
     activation_checkpointing: bool = False
     """Recompute the base's activations in the backward pass (less memory, ~35% slower at 7B shape)."""
+    fused_kernels: bool | None = None
+    """Run the decoder's RMSNorms, rotary embedding and SwiGLU through fused Triton kernels, forward and
+    backward (:mod:`cl_service.models.kernels`; GPU only). None: on when training on GPUs."""
 
     def __post_init__(self) -> None:
         check_ranges(self, lr=(0, None, "open"), epochs=(0, None, "open"), max_steps=(1, None), batch_size=(1, None),
@@ -74,14 +77,16 @@ def autocast_kind(cfg: TrainCfg, gpu: bool) -> str:
 
 def resolve_train_cfg(cfg: TrainCfg, gpu: bool) -> TrainCfg:
     """``cfg`` with its ``auto`` settings decided for a run on GPUs (``gpu``) or CPUs: bf16 autocast, no
-    fp32 LoRA input copies and fused AdamW on GPUs; the plain float32 path on CPUs."""
+    fp32 LoRA input copies, fused AdamW and fused norm/rotary/SwiGLU kernels on GPUs; the plain float32 path
+    on CPUs."""
     import dataclasses
 
     autocast = autocast_kind(cfg, gpu)
     return dataclasses.replace(
         cfg, autocast=autocast,
         lora_fp32_inputs=cfg.lora_fp32_inputs if cfg.lora_fp32_inputs is not None else autocast == "none",
-        fused_optimizer=cfg.fused_optimizer if cfg.fused_optimizer is not None else gpu)
+        fused_optimizer=cfg.fused_optimizer if cfg.fused_optimizer is not None else gpu,
+        fused_kernels=cfg.fused_kernels if cfg.fused_kernels is not None else gpu)
 
 
 @dataclass

@@ -141,6 +141,8 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         params = load_adapter(mllm, job.init_adapter, ADAPTER_NAME, trainable=True)
     else:
         params = attach_lora(mllm, job.lora, ADAPTER_NAME, seed=job.seed)
+    if device.type == "cuda" and job.train.fused_kernels is not False:  # None: on, as resolve_train_cfg decides
+        mllm.fuse_kernels()
     if job.train.lora_fp32_inputs is False or (
             job.train.lora_fp32_inputs is None and autocast_kind(job.train, device.type == "cuda") != "none"):
         set_input_casting(mllm, False)
@@ -220,7 +222,7 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
              "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
              "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None,
              "train": {"autocast": job.train.autocast, "lora_fp32_inputs": job.train.lora_fp32_inputs,
-                       "fused_optimizer": job.train.fused_optimizer,
+                       "fused_optimizer": job.train.fused_optimizer, "fused_kernels": job.train.fused_kernels,
                        "activation_checkpointing": job.train.activation_checkpointing, "strategy": strategy}}))
         finalize_adapter(stage, id=adapter_id(job), kind=job.kind, task=job.task, description=job.description,
                          base=job.base_path, job_key=job.key(),

@@ -81,17 +81,22 @@ def test_mixed_logits_match_peft_bf16(tiny_base, tmp_path):
     assert (mixed.argmax(-1) == ref.argmax(-1)).float().mean() >= 5 / 6
 
 
-def test_autocast_training_matches_plain_bf16(tiny_base):
-    """The training fast path (autocast, no fp32 input copies, fused AdamW) computes the same loss and
-    adapter gradients as the plain path (peft's fp32 LoRA matmuls) within bf16 tolerance."""
+def test_autocast_training_matches_plain_bf16(tiny_base, monkeypatch):
+    """The training fast path (autocast, no fp32 input copies, fused AdamW; then also the fused norm / rotary /
+    SwiGLU kernels with their backward) computes the same loss and adapter gradients as the plain path (peft's
+    fp32 LoRA matmuls) within bf16 tolerance."""
     from cl_service.adapters.lora import LoraCfg, attach_lora, set_input_casting
     from cl_service.data.synth import BENCHMARKS
+    from cl_service.models import kernels
     from cl_service.models.mllm import load_mllm
 
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)  # the tiny model's tensors all take the kernels when fused
     samples = list(BENCHMARKS.get("dcl-mini").generate("train", 2, 0))[:8]
     out = {}
-    for fast in (False, True):
+    for fast in (False, True, "fused"):
         mllm = load_mllm(tiny_base, dtype="bfloat16", device="cuda")
+        if fast == "fused":
+            assert mllm.fuse_kernels()["norms"] > 0
         params = attach_lora(mllm, LoraCfg(rank=8, alpha=16.0, dropout=0.0), "job", seed=0)
         with torch.no_grad():  # B != 0 so that A gets gradients too
             for n, p in mllm.model.named_parameters():
@@ -107,8 +112,62 @@ def test_autocast_training_matches_plain_bf16(tiny_base):
             loss = mllm.loss(batch)
         loss.backward()
         out[fast] = (loss.detach().float(), torch.cat([p.grad.flatten().float() for p in params]))
-    assert abs(float(out[True][0] - out[False][0])) / abs(float(out[False][0])) < 1e-2
-    assert _rel(out[True][1], out[False][1]) < 5e-2
+    for fast in (True, "fused"):
+        assert abs(float(out[fast][0] - out[False][0])) / abs(float(out[False][0])) < 1e-2
+        assert _rel(out[fast][1], out[False][1]) < 5e-2
+    # the fused kernels add no more error than autocast itself did
+    assert _rel(out["fused"][1], out[True][1]) < 5e-2
+    assert not kernels.FAILED
+
+
+def test_fused_kernel_gradients_match_autograd_bf16(monkeypatch):
+    """Each fused kernel's backward against eager autograd through transformers' formula: input gradients within
+    bf16 rounding (the kernels compute in float32 and round once; eager rounds after every op)."""
+    from transformers.models.llama import modeling_llama as ml
+
+    from cl_service.models import kernels
+
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    torch.manual_seed(0)
+    dev, bf = "cuda", torch.bfloat16
+
+    def grads(fn, *xs):
+        xs = [x.detach().clone().requires_grad_(True) for x in xs]
+        outs = fn(*xs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, [torch.randn_like(o, generator=None) * 0 + dy for o, dy in zip(outs, dys(outs))])
+        return outs, [x.grad for x in xs]
+
+    cache: dict = {}
+
+    def dys(outs):  # the same upstream gradients for both paths
+        key = tuple(o.shape for o in outs)
+        if key not in cache:
+            cache[key] = [torch.randn(o.shape, device=dev, dtype=o.dtype) for o in outs]
+        return cache[key]
+
+    x, w = torch.randn(3, 37, 4096, device=dev, dtype=bf) * 3, torch.randn(4096, device=dev, dtype=bf)
+    (yo,), (gx,) = grads(lambda a: kernels.rms_norm(a, w, 1e-5), x)
+    (yr,), (rx,) = grads(lambda a: kernels.rms_norm_ref(a, w, 1e-5), x)
+    _bf16_step_close(yo, yr, 0.99)
+    assert _rel(gx.float(), rx.float()) < 1e-2
+
+    g, u = torch.randn(5, 11008, device=dev, dtype=bf) * 4, torch.randn(5, 11008, device=dev, dtype=bf)
+    _, (gg, gu) = grads(kernels.silu_mul, g, u)
+    _, (rg, ru) = grads(kernels.silu_mul_ref, g, u)
+    assert _rel(gg.float(), rg.float()) < 1e-2 and _rel(gu.float(), ru.float()) < 1e-2
+
+    original = kernels.ORIGINAL_ROPE or ml.apply_rotary_pos_emb
+    cfg = ml.LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8)
+    rot = ml.LlamaRotaryEmbedding(cfg).to(dev)
+    B, L = 2, 29
+    q = torch.randn(B, L, 32 * 128, device=dev, dtype=bf).view(B, L, 32, 128).transpose(1, 2)
+    k = torch.randn(B, L, 8 * 128, device=dev, dtype=bf).view(B, L, 8, 128).transpose(1, 2)
+    cos, sin = rot(q, torch.arange(L, device=dev)[None].expand(B, L))
+    _, (fq, fk) = grads(lambda a, b: kernels.apply_rope(a, b, cos, sin), q, k)
+    _, (oq, ok) = grads(lambda a, b: original(a, b, cos, sin), q, k)
+    assert _rel(fq.float(), oq.float()) < 1e-2 and _rel(fk.float(), ok.float()) < 1e-2
+    assert not kernels.FAILED
 
 
 def test_pipelined_two_stage_equals_sequential_on_two_streams(tiny_base, tmp_path):
