@@ -40,7 +40,9 @@ class Engine:
     Args:
         base: a local checkpoint folder (or an already loaded :class:`MLLM`).
         cfg: a ``RunCfg`` (``eval.batch_size``, ``eval.max_new_tokens``, ``router.max_new_tokens``) or None.
-        max_loaded: adapters kept in memory at once (least recently used ones are dropped).
+        max_loaded: adapters kept on the model's device at once (least recently used ones leave).
+        max_host_adapters: adapters that left the device kept in host memory (pinned on a GPU machine),
+            so one needed again is paged back in without reading and verifying its files; 0: dropped.
         device: where a base loaded from a folder goes (e.g. ``"cuda"``); None = where it loads (CPU).
         dtype, prompt_style: how a base loaded from a folder is loaded (:func:`load_mllm`).
         fused_kernels: on a GPU, run the decoder's norms, rotary embedding and SwiGLU through fused kernels
@@ -53,7 +55,8 @@ class Engine:
 
     def __init__(self, base: str | Path | MLLM, cfg: Any = None, max_loaded: int = 32,
                  fused_lora: bool = False, device: str | None = None, fused_kernels: bool = True,
-                 dtype: str | None = None, prompt_style: str = "auto", cuda_graphs: bool | str = "auto") -> None:
+                 dtype: str | None = None, prompt_style: str = "auto", cuda_graphs: bool | str = "auto",
+                 max_host_adapters: int = 32) -> None:
         if cuda_graphs not in (True, False, "auto"):
             raise ValueError(f"cuda_graphs must be True, False or 'auto', not {cuda_graphs!r}")
         self.mllm = base if isinstance(base, MLLM) else load_mllm(base, dtype=dtype, device=device,
@@ -67,6 +70,11 @@ class Engine:
         self.cuda_graphs = cuda_graphs
         self._graphs: GraphDecoder | None = None  # built at the first decode on a GPU
         self._multi_loaded: OrderedDict[str, str | None] = OrderedDict()  # path -> digest
+        self._multi_parked: OrderedDict[str, str | None] = OrderedDict()  # in host memory: path -> digest
+        self.max_host_adapters = max_host_adapters
+        #: adapter loads into the stacked set: "disk" (read + verified), "host" (paged back in), "parked"
+        #: (left the device for host memory), "dropped"
+        self.paging: Counter[str] = Counter()
         # The mixed paths may run in two threads at once (a router batch next to an expert batch,
         # cl_service.engine.pipeline): loading/dropping adapters is serialised, and an adapter in use by
         # a running call is never the one dropped to make room.
@@ -130,6 +138,11 @@ class Engine:
             if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != digest:
                 self.multi.drop(key)
                 del self._multi_loaded[key]
+        for key, digest in list(self._multi_parked.items()):
+            meta = Path(key) / ADAPTER_META
+            if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != digest:
+                self.multi.forget(key)
+                del self._multi_parked[key]
 
     def _multi_key(self, path: str | None) -> str | None:
         """Load (or refresh) the adapter folder ``path`` into the stacked multi-adapter set; its key."""
@@ -142,10 +155,16 @@ class Engine:
             self.multi.drop(key)
             del self._multi_loaded[key]
         if key not in self._multi_loaded:
-            if is_moelora(key):
-                raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
-            read_adapter(key)  # complete and checksums match, or AdapterError
-            self.multi.load(key, key)
+            parked = key in self._multi_parked and self._multi_parked.pop(key) == digest
+            if parked and self.multi.unpark(key):  # the same files as when it left the device
+                self.paging["host"] += 1
+            else:
+                self.multi.forget(key)
+                if is_moelora(key):
+                    raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
+                read_adapter(key)  # complete and checksums match, or AdapterError
+                self.multi.load(key, key)
+                self.paging["disk"] += 1
             self._multi_loaded[key] = digest
         self._multi_loaded.move_to_end(key)
         self._used.add(key)
@@ -157,8 +176,23 @@ class Engine:
                 old = next((k for k in self._multi_loaded if k not in keep and not self._pinned[k]), None)
                 if old is None:  # everything else is in use by a running call: drop later
                     return
-                self.multi.drop(old)
-                del self._multi_loaded[old]
+                self._evict(old)
+
+    def _evict(self, key: str) -> None:
+        """Adapter ``key`` leaves the device: into host memory (the least recently parked ones dropped
+        beyond ``max_host_adapters``), or dropped."""
+        digest = self._multi_loaded.pop(key)
+        if self.max_host_adapters <= 0:
+            self.multi.drop(key)
+            self.paging["dropped"] += 1
+            return
+        self.multi.park(key)
+        self._multi_parked[key] = digest
+        self.paging["parked"] += 1
+        while len(self._multi_parked) > self.max_host_adapters:
+            old, _ = self._multi_parked.popitem(last=False)
+            self.multi.forget(old)
+            self.paging["dropped"] += 1
 
     @contextlib.contextmanager
     def _multi_use(self, adapters: Sequence[str | None]):
@@ -355,13 +389,18 @@ class Engine:
         """Width of the question half of :meth:`routing_features` (the decoder's hidden size)."""
         return self.mllm.hidden_size
 
-    def routing_features(self, samples: Sequence[Sample]) -> np.ndarray:
+    def routing_features(self, samples: Sequence[Sample], vision_states: torch.Tensor | None = None) -> np.ndarray:
         """Base-model routing features ``[B, H_text + H_vision]``: the question alone, next to the images
-        (the nearest-neighbour router's input; :meth:`MLLM.routing_features`)."""
+        (the nearest-neighbour router's input; :meth:`MLLM.routing_features`). ``vision_states`` as in
+        :meth:`answer_mixed`: with them, routing is one short text-only base pass (no CLIP, no image tokens)."""
+        bs = max(self.batch_size, len(samples)) if vision_states is not None else self.batch_size
+
         def compute(todo: list[Sample]) -> list[np.ndarray]:
             with self.mllm.adapters_disabled():
-                return list(self.mllm.routing_features(todo, self.batch_size).numpy())
+                return list(self.mllm.routing_features(todo, bs, vision_states).numpy())
 
+        if vision_states is not None or self.memo is None:
+            return np.stack(compute(list(samples)))
         return np.stack(self._memoised(("routing_features",), samples, compute))
 
     def features(self, samples: Sequence[Sample], vision_states: torch.Tensor | None = None) -> np.ndarray:

@@ -81,10 +81,11 @@ def label_scores(eng: "Engine", items: list[Sample], router: str, pool: Pool, fu
         batch = m.collate(chunk, train=True, pixels=not torch.is_tensor(feats))
         last = batch["input_ids"].shape[1] - 1
         keep = torch.tensor([[min(n - 1 + j, last) for j in range(steps)] for n in at]).to(m.device)
-        return m.model(inputs_embeds=m.embed(batch, image_features=feats),
-                       attention_mask=batch["attention_mask"].to(m.device),
-                       position_ids=batch["position_ids"].to(m.device),
-                       logits_to_keep=keep, use_cache=False).logits.float().cpu()
+        h = m.model.model.language_model(inputs_embeds=m.embed(batch, image_features=feats),
+                                         attention_mask=batch["attention_mask"].to(m.device),
+                                         position_ids=batch["position_ids"].to(m.device), use_cache=False).last_hidden_state
+        # the head only at the kept positions (per row; transformers < 5.20 takes no 2-D logits_to_keep)
+        return m.model.lm_head(torch.take_along_dim(h, keep[..., None], dim=1)).float().cpu()
 
     samples, at, bs = [r[1] for r in rows], [r[2] for r in rows], eng.batch_size
     logits: list[torch.Tensor] = []

@@ -108,6 +108,22 @@ def read_lora(folder: str | Path, dtype: torch.dtype, device: torch.device | str
     return lora, (projector or None), rank
 
 
+def _moved(a: _Adapter, device: torch.device, pin: bool = False) -> _Adapter:
+    """``a`` with its LoRA tensors and projector on ``device`` (pinned host memory with ``pin``: faster copies
+    back to the GPU)."""
+    def mv(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, non_blocking=device.type == "cuda")
+        return t.pin_memory() if pin else t
+
+    lora = {m: (mv(A), mv(B)) for m, (A, B) in a.lora.items()}
+    module, projector = a.projector_module, a.projector
+    if module is not None:  # the module holds the projector tensors (loaded with assign=True): move it alone
+        module = module.to(device)
+        held = dict(module.named_parameters()) | dict(module.named_buffers())
+        projector = {k: held[k].data for k in a.projector or {}}
+    return _Adapter(a.key, lora, projector, a.rank, module)
+
+
 class MultiLoRA:
     """Stacked LoRA adapters over one frozen base, applied per row.
 
@@ -128,6 +144,7 @@ class MultiLoRA:
         self._local = threading.local()  # per thread: the stack of active row plans (rows() blocks nest)
         self._active = 0                  # rows() blocks open in all threads; hooks are attached while > 0
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._parked: dict[str, _Adapter] = {}  # out of the stacks, tensors in host memory (see park)
 
     # ------------------------------------------------------------------ adapters
     def __contains__(self, key: str) -> bool:
@@ -158,6 +175,35 @@ class MultiLoRA:
             if self._adapters.pop(key, None) is None:
                 raise KeyError(f"no adapter {key!r}; loaded: {self.keys()}")
             self._built = None
+
+    def park(self, key: str) -> None:
+        """Take adapter ``key`` out of the stacks but keep its tensors in host memory (pinned when the base is
+        on a GPU), so :meth:`unpark` brings it back without reading and verifying its files again."""
+        with self._lock:
+            a = self._adapters.pop(key, None)
+            if a is None:
+                raise KeyError(f"no adapter {key!r}; loaded: {self.keys()}")
+            self._built = None
+        self._parked[key] = _moved(a, torch.device("cpu"), pin=self.mllm.device.type == "cuda")
+
+    def unpark(self, key: str) -> bool:
+        """Back into the stacks from host memory; False when ``key`` is not parked."""
+        a = self._parked.pop(key, None)
+        if a is None:
+            return False
+        a = _moved(a, self.mllm.device)
+        with self._lock:
+            self._adapters[key] = a
+            self._built = None
+        return True
+
+    def forget(self, key: str) -> None:
+        """Drop the host copy of ``key`` (if parked)."""
+        self._parked.pop(key, None)
+
+    @property
+    def parked(self) -> list[str]:
+        return list(self._parked)
 
     def is_vision(self, key: str | None) -> bool:
         return key is not None and self._adapters[key].vision

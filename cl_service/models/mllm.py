@@ -326,15 +326,21 @@ class MLLM:
         sample's images. Keeps the question's signal from being drowned by the image tokens."""
         return self._question_and_images(samples, batch_size, alone=False)
 
-    def routing_features(self, samples: Sequence[Sample], batch_size: int = 64) -> torch.Tensor:
+    def routing_features(self, samples: Sequence[Sample], batch_size: int = 64,
+                         vision_states: torch.Tensor | None = None) -> torch.Tensor:
         """Routing features ``[B, H_text + H_vision]`` float32 on CPU: the question run through the decoder
         *alone* (no image tokens), its last hidden state mean-pooled over the question's tokens, next to the
         mean CLIP state of the sample's images. Unlike :meth:`question_features` the question's part does not
-        see the image, so a test split whose look shifts moves only the image part."""
-        return self._question_and_images(samples, batch_size, alone=True)
+        see the image, so a test split whose look shifts moves only the image part. ``vision_states``: the
+        samples' CLIP states ``[N_img, k, H_vision]`` already computed (a server's stage two reuses them), so
+        routing costs one short text-only pass; needs ``batch_size >= len(samples)``."""
+        if vision_states is not None and len(samples) > batch_size:
+            raise ValueError("precomputed vision_states need batch_size >= len(samples)")
+        return self._question_and_images(samples, batch_size, alone=True, vision_states=vision_states)
 
     @torch.no_grad()
-    def _question_and_images(self, samples: Sequence[Sample], batch_size: int, alone: bool) -> torch.Tensor:
+    def _question_and_images(self, samples: Sequence[Sample], batch_size: int, alone: bool,
+                             vision_states: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder state pooled over each question's tokens (the question after its image tokens, or
         ``alone``) next to each sample's mean CLIP state: ``[B, H_text + H_vision]``."""
         was_training = self.model.training
@@ -345,7 +351,8 @@ class MLLM:
                 chunk = samples[i:i + batch_size]
                 if alone:
                     batch = self.collate([dataclasses.replace(s, images=[]) for s in chunk], train=False, pixels=False)
-                    vs = self.vision_states(torch.cat([self.preprocess_images(s.images, s.id) for s in chunk]))
+                    vs = vision_states if vision_states is not None else self.vision_states(
+                        torch.cat([self.preprocess_images(s.images, s.id) for s in chunk]))
                     inputs = {"input_ids": batch["input_ids"].to(self.device)}
                 else:
                     batch = self.collate(chunk, train=False)

@@ -40,6 +40,7 @@ from cl_service._cfgload import from_dict, to_dict
 from cl_service.adapters.registry import AdapterError
 from cl_service.on_ray.serve_start import (grpc_options, override, parse_args, serve_main, start,  # noqa: F401
                                            wait_running)  # re-exported: they lived here
+from cl_service.routers.base import over_states
 from cl_service.serve.auth import check_token, token_sha256
 from cl_service.serve.batcher import Batcher
 from cl_service.serve.catalog import Catalog, Limits, RequestError, budget_error, parse_predict
@@ -67,7 +68,7 @@ def replica_lost(e: BaseException) -> bool:
     return False
 
 
-def _engine(base: str, run: Catalog, stage: StageCfg, max_loaded: int = 16):
+def _engine(base: str, run: Catalog, stage: StageCfg, max_loaded: int = 16, max_host: int = 32):
     # Batches of varying size and length fragment a fixed-segment CUDA cache (two 7B replicas sharing an
     # H100 ran out with 15 GB reserved but unallocated); read when CUDA is first used in this process.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -78,18 +79,27 @@ def _engine(base: str, run: Catalog, stage: StageCfg, max_loaded: int = 16):
     torch.set_num_threads(max(1, stage.torch_threads))
     # Ray sets CUDA_VISIBLE_DEVICES to the replica's (possibly shared) GPU.
     device = "cuda" if stage.num_gpus > 0 and torch.cuda.is_available() else None
-    engine = Engine(base, max_loaded=max_loaded, device=device, **run.base_settings())
+    engine = Engine(base, max_loaded=max_loaded, device=device, max_host_adapters=max_host, **run.base_settings())
     engine.batch_size = max(engine.batch_size, stage.max_batch_size)  # a Serve batch is one engine pass
     engine.max_new_tokens = int(run.run_setting("eval", "max_new_tokens", engine.max_new_tokens))
     engine.router_max_new_tokens = int(run.run_setting("router", "max_new_tokens", engine.router_max_new_tokens))
     return engine
 
 
-def _batcher(fn: Any, stage: StageCfg) -> Batcher:
+def _batcher(fn: Any, stage: StageCfg, stream: Any = None) -> Batcher:
     """Batches gathered when the model is free (not ``@serve.batch``: see :mod:`cl_service.serve.batcher`);
-    the model runs in a worker thread so the replica keeps accepting requests meanwhile."""
+    the model runs in a worker thread so the replica keeps accepting requests meanwhile, on ``stream`` (a CUDA
+    stream of its own when both stages share one replica) if given."""
+    def on_stream(items: list) -> list:
+        import torch
+
+        with torch.cuda.stream(stream):
+            out = fn(items)
+        stream.synchronize()  # results leave the replica: nothing still running on the stream reads them
+        return out
+
     async def run(items: list) -> list:
-        return await asyncio.to_thread(fn, items)
+        return await asyncio.to_thread(fn if stream is None else on_stream, items)
 
     return Batcher(run, stage.max_batch_size, stage.batch_wait_ms / 1000.0)
 
@@ -99,13 +109,14 @@ class Router:
     """Stage one: choose an expert for each request. Kind ``mllm`` (base + the run's router LoRA, lettered
     pool prompt), or ``prototype`` / ``ridge`` / ``knn`` (the feature router the run saved under ``routers/<kind>/``)."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, engine: Any = None, stream: Any = None) -> None:
         self.cfg = from_dict(ServeCfg, cfg)
         run = Catalog.load(self.cfg.results, verify=False)
         self.run = run
-        self.engine = _engine(run.resolved["base"], run, self.cfg.router, self.cfg.max_loaded_adapters)
+        self.engine = engine if engine is not None else _engine(
+            run.resolved["base"], run, self.cfg.router, self.cfg.max_loaded_adapters, self.cfg.max_host_adapters)
         self._prototypes: dict[tuple[str, ...], Any] = {}
-        self.batcher = _batcher(self._route, self.cfg.router)
+        self.batcher = _batcher(self._route, self.cfg.router, stream)
 
     async def route(self, sample, router_dir: str | None, experts: tuple[str, ...], descriptions: tuple[str, ...]):
         return await self.batcher.submit((sample, router_dir, experts, descriptions))
@@ -133,10 +144,8 @@ class Router:
             router_dir, experts, descs = key
             if self.cfg.router_kind == "mllm":
                 return self.engine.route_mllm(group, router_dir, Pool(experts, descs), vision_states=vs)
-            router = self._feature_router(router_dir, experts)
-            if vs is not None and router.kind == "prototype":  # pooled features over the shared states
-                router = type(router)(router.experts, router.means, _SharedVision(self.engine, vs))
-            return router.route(group)
+            # prototype / knn features start from the shared CLIP states (knn: one short text-only pass)
+            return over_states(self._feature_router(router_dir, experts), self.engine, vs).route(group)
 
         # a hot add mid-batch: two pools, two calls
         routes = route_grouped(samples, [it[1:4] for it in items], on_device, route)
@@ -165,25 +174,16 @@ class Router:
         return self._prototypes[key]
 
 
-class _SharedVision:
-    """The engine as a feature router sees it, with the batch's CLIP states already computed."""
-
-    def __init__(self, engine: Any, vision_states: Any) -> None:
-        self.engine, self.vision_states = engine, vision_states
-
-    def features(self, samples):
-        return self.engine.features(samples, self.vision_states)
-
-
 @serve.deployment(name="Expert")
 class Expert:
     """Stage two: answer with base + the chosen expert. One batch holds rows for any mix of experts."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, engine: Any = None, stream: Any = None) -> None:
         self.cfg = from_dict(ServeCfg, cfg)
         run = Catalog.load(self.cfg.results, verify=False)
-        self.engine = _engine(run.resolved["base"], run, self.cfg.expert, self.cfg.max_loaded_adapters)
-        self.batcher = _batcher(self._answer, self.cfg.expert)
+        self.engine = engine if engine is not None else _engine(
+            run.resolved["base"], run, self.cfg.expert, self.cfg.max_loaded_adapters, self.cfg.max_host_adapters)
+        self.batcher = _batcher(self._answer, self.cfg.expert, stream)
 
     async def answer(self, sample, adapter: str, max_new_tokens: int | None, vision_states: Any = None) -> str:
         return await self.batcher.submit((sample, adapter, max_new_tokens, vision_states))
@@ -366,13 +366,26 @@ def build(cfg: ServeCfg, token: str | None = None) -> Any:
     d = to_dict(cfg)
     Catalog.load(cfg.results)  # fail here, with a clear message, rather than in a replica
     health = {"health_check_period_s": cfg.health_check_period_s}  # how soon a dead replica is replaced
-    router = Router.options(num_replicas=cfg.router.replicas, ray_actor_options=_resources(cfg.router),
-                            max_ongoing_requests=max(16, 4 * cfg.router.max_batch_size), **health).bind(d)
-    expert = Expert.options(num_replicas=cfg.expert.replicas, ray_actor_options=_resources(cfg.expert),
-                            max_ongoing_requests=max(16, 4 * cfg.expert.max_batch_size), **health).bind(d)
+    if not cfg.colocate:
+        router = Router.options(num_replicas=cfg.router.replicas, ray_actor_options=_resources(cfg.router),
+                                max_ongoing_requests=max(16, 4 * cfg.router.max_batch_size), **health).bind(d)
+        expert = Expert.options(num_replicas=cfg.expert.replicas, ray_actor_options=_resources(cfg.expert),
+                                max_ongoing_requests=max(16, 4 * cfg.expert.max_batch_size), **health).bind(d)
+    else:  # one replica (one copy of the base) runs both stages, on two CUDA streams
+        from cl_service.on_ray.serve_stages import Stages
+
+        stages = Stages.options(num_replicas=cfg.expert.replicas, ray_actor_options=_resources(_both(cfg)),
+                                max_ongoing_requests=max(16, 4 * (cfg.router.max_batch_size + cfg.expert.max_batch_size)),
+                                **health).bind(d)
+        router = expert = stages
     sha = token_sha256(token)
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=256,
                            user_config={"watch_s": cfg.watch_s}, **health).bind(router, expert, d, sha)
+
+
+def _both(cfg: ServeCfg) -> StageCfg:
+    """The resources of one replica holding both stages: the Router's and the Expert's together."""
+    return StageCfg(num_cpus=cfg.router.num_cpus + cfg.expert.num_cpus, num_gpus=cfg.router.num_gpus + cfg.expert.num_gpus)
 
 
 def _resources(stage: StageCfg) -> dict:

@@ -83,11 +83,19 @@ class ServeCfg:
     expert: StageCfg = field(default_factory=StageCfg)
     ingress_num_cpus: float = 0.1
     """CPUs reserved by the gRPC ingress (validation, catalog, health)."""
+    colocate: bool = False
+    """Run both stages in one replica (``expert.replicas`` of them, each with the Router's and the Expert's
+    resources together) on one copy of the base, on two CUDA streams, instead of a Router and an Expert
+    deployment. On one GPU this avoids two processes time-slicing it (and a second copy of the base); separate
+    deployments scale the stages apart on several GPUs."""
     share_vision_states: bool = True
     """The Router computes base CLIP states once per request and the Expert reuses them (experts without
     vision LoRA skip the CLIP pass; experts with vision LoRA recompute their own)."""
     max_loaded_adapters: int = 16
-    """Adapters an Expert replica keeps in memory (LRU)."""
+    """Adapters a replica keeps on its device (LRU); a batch naming more experts holds them all while it runs."""
+    max_host_adapters: int = 32
+    """Adapters that left a replica's device kept in host memory (pinned on a GPU machine, LRU), so an expert
+    needed again is paged back in without reading and verifying its files; 0 = dropped."""
     watch_s: float = 2.0
     """Poll the results folder this often for newly published experts/routers (hot add); 0 = never."""
     auth_token_env: str = "CLSVC_TOKEN"

@@ -152,6 +152,35 @@ def test_feature_router_kind_serves_the_runs_saved_router(app, kind, method):
         serve.delete(cfg.app_name)
 
 
+def test_colocated_stages_answer_as_the_separate_deployments(app):
+    """``colocate=true``: one Stages replica (one base) runs both stages; routes and answers equal the offline
+    evaluation's, as the Router + Expert app's do, and its batch logs show both stages ran."""
+    from ray import serve
+
+    from cl_service.on_ray import serve as clserve
+    from cl_service.serve.client import Client
+
+    cfg = clserve.override(app["cfg"], app_name="clsvc-colo", route_prefix="/clsvc-colo", colocate=True)
+    serve.run_many([serve.RunTarget(target=clserve.build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    try:
+        clserve.wait_running(cfg.app_name, 120)
+        deployments = serve.status().applications[cfg.app_name].deployments
+        assert set(deployments) == {"Ingress", "Stages"}
+        items = [(t, s) for t in ("RS", "Med") for s in _samples(app["shards"], t)[:3]]
+        with Client(f"127.0.0.1:{app['port']}", application=cfg.app_name) as c:
+            for t, s in items:
+                r = c.predict(s.images, s.question, timeout=60)
+                ref = _offline(app["out"], "stage-1-Med", t, "mrlora")[s.id]
+                assert (r.answer, r.expert, r.router.raw_output) == (ref["text"], ref["metadata"]["expert"],
+                                                                      ref["metadata"]["router_raw"]), s.id
+        h = serve.get_deployment_handle("Stages", cfg.app_name)
+        for stage in ("Router", "Expert"):
+            assert sum(n for *_, n in h.batch_log.remote(stage).result(timeout_s=30)) >= len(items)
+    finally:
+        serve.delete(cfg.app_name)
+
+
 def test_named_expert_skips_routing(app):
     s = _samples(app["shards"], "Med")[0]
     r = app["client"].predict(s.images, s.question, expert="expert:Med", max_new_tokens=1)

@@ -110,3 +110,53 @@ def test_preallocated_kv_cache_generates_like_dynamic(tiny_base, samples):
     fast = m.generate(samples, 7, 4)
     m.preallocate_kv = False
     assert m.generate(samples, 7, 4) == fast
+
+
+def test_adapters_beyond_the_device_budget_page_through_host_memory(tiny_base, adapters, samples, monkeypatch,
+                                                                    tmp_path):
+    """Two adapters on the device at once, the others parked in host memory: answers equal those of an engine
+    holding them all, and an adapter needed again comes back from host memory without a second read+verify of
+    its files; a parked adapter whose files changed is read again."""
+    import cl_service.engine.engine as engine_mod
+
+    import shutil
+
+    keys = ["e1", "e2", "e3", "vis"]
+    folders = [str(shutil.copytree(adapters[k], tmp_path / k)) for k in keys]  # one is edited below
+    rows = [folders[i % len(folders)] for i in range(len(samples))]
+    ref = Engine(tiny_base).answer_mixed(samples, rows, 6)
+
+    reads = []
+    real_read = engine_mod.read_adapter
+    monkeypatch.setattr(engine_mod, "read_adapter", lambda key: (reads.append(key), real_read(key))[1])
+    eng = Engine(tiny_base, max_loaded=2, max_host_adapters=8)
+    for _ in range(2):  # one adapter per call: the device holds two, so each call pages
+        for f in folders:
+            idx = [i for i, r in enumerate(rows) if r == f]
+            got = eng.answer_mixed([samples[i] for i in idx], [f] * len(idx), 6)
+            assert got == [ref[i] for i in idx]
+    assert len(reads) == len(folders), "each adapter read and verified once; later loads come from host memory"
+    assert eng.paging["disk"] == 4 and eng.paging["host"] == 4 and eng.paging["parked"] >= 6
+    assert len(eng.multi.keys()) <= 2 and set(eng.multi.parked) | set(eng.multi.keys()) == {str(p) for p in
+                                                                                          map(_resolved, folders)}
+    # a mixed batch over all four holds them all for the call; the next call trims back to the budget
+    assert eng.answer_mixed(samples, rows, 6) == ref
+    eng.answer_mixed(samples[:1], [folders[0]], 6)
+    assert len(eng.multi.keys()) == 2 and len(eng.multi.parked) == 2
+    # a host copy is valid only for the files it was read from
+    parked = eng.multi.parked[0]
+    meta = _resolved(parked) / "adapter.json"
+    meta.write_text(meta.read_text() + " ")
+    eng.forget_missing()
+    assert parked not in eng.multi.parked
+
+    nohost = Engine(tiny_base, max_loaded=1, max_host_adapters=0)
+    nohost.answer_mixed(samples[:1], [folders[0]], 6)
+    nohost.answer_mixed(samples[:1], [folders[1]], 6)
+    assert nohost.multi.parked == [] and nohost.paging["dropped"] == 1
+
+
+def _resolved(p):
+    from pathlib import Path
+
+    return Path(p).resolve()

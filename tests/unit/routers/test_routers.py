@@ -237,3 +237,11 @@ def test_routing_features_of_the_real_model_see_the_question_alone(tiny_base, dc
     eng.batch_size = 2
     eng.memo = None
     np.testing.assert_allclose(f, eng.routing_features(samples), atol=1e-4)
+    # a server's stage one: the CLIP states it already computed, one short text-only pass (batch of 5 > 2)
+    np.testing.assert_allclose(f, eng.routing_features(samples, eng.vision_states(samples)), atol=1e-4)
+    from cl_service.routers.base import over_states
+    from cl_service.routers.nearest import NearestRouter
+
+    knn = NearestRouter.fit(eng, {"RS": samples[:3], "AD": samples[3:]})
+    shared = over_states(knn, eng, eng.vision_states(samples))
+    assert shared.engine is not eng and [r.expert for r in shared.route(samples)] == [r.expert for r in knn.route(samples)]
