@@ -50,6 +50,9 @@ class StageResult:
     folders: dict[str, dict[str, bytes]] = field(default_factory=dict)
     """Folders the unit produced (a feature router, ``routers/<kind>/stage-<i>-<task>``): path relative to the
     run folder -> {file name: bytes}. The evaluator may run on another node, so the driver writes them."""
+    task_adapters: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Test task -> the adapters its answers read ({path relative to the run folder: digest}): what lets the next
+    stage carry an entry over (:func:`evaluate_stage`'s ``previous``) only while those adapters are unchanged."""
 
 
 def rel_path(p: Path, out: Path) -> str:
@@ -123,13 +126,22 @@ def score(samples: Sequence[Sample], answers) -> float:
     return 100.0 * total / max(1, len(samples))
 
 
-def evaluate_stage(method: Any, ctx: StageContext, tests: dict[str, list[Sample]], train_s: float) -> StageResult:
+def evaluate_stage(method: Any, ctx: StageContext, tests: dict[str, list[Sample]], train_s: float,
+                   previous: StageResult | None = None) -> StageResult:
     """Evaluate ``method`` after stage ``ctx.stage`` on the test items of every task of the stream.
 
-    ``ctx.engine`` answers (its adapters-used set is reset first: the record lists the adapters this unit
+    ``ctx.engine`` answers (its adapters-used set is reset per task: the record lists the adapters this unit
     read, with their digests, so a resumed run knows when to recompute it). ``train_s`` is the stage's
     training time, recorded alongside. Stages a method does not evaluate (``joint`` before the last) give
     a row of ``None`` and no predictions.
+
+    ``previous``: this method's unit of stage ``ctx.stage - 1`` over the same test items, when the caller still
+    holds it. Entries the method declares unchanged (its optional ``unchanged(ctx, task)``: ``oracle`` on every
+    task but the new one, ``zero_shot`` on all) are then carried over instead of answered again, as long as the
+    adapters they read are unchanged: row, predictions (relabelled with this stage's model id) and adapters
+    are those a full evaluation gives (``tests/unit/eval/test_stage_carry.py``), and a stage costs the new
+    task's items instead of every task's. The record counts the items answered (``items_answered``) and names
+    the carried tasks (``carried``).
     """
     engine, tasks, out = ctx.engine, ctx.tasks, Path(ctx.run_dir)
     name, task, T = method.name, ctx.task, len(ctx.tasks)
@@ -149,9 +161,25 @@ def evaluate_stage(method: Any, ctx: StageContext, tests: dict[str, list[Sample]
     routed: dict[str, float] = {}
     fallbacks = 0
     predictions: dict[str, list[dict[str, Any]]] = {}
+    task_adapters: dict[str, dict[str, str]] = {}
+    carried: list[str] = []
+    answered = 0
     if method.evaluates(ctx):
+        carry = _carriable(method, ctx, previous)
         for j, t in enumerate(tasks):
+            if t in carry:
+                row[j], task_adapters[t] = previous.record["row"][j], previous.task_adapters[t]
+                if t in previous.record["router_accuracy"]:
+                    routed[t] = previous.record["router_accuracy"][t]
+                fallbacks += sum(bool(p["metadata"].get("fallback")) for p in previous.predictions[t])
+                predictions[t] = [prediction_record(p["question_id"], p["prompt"], p["text"], f"{name}@{task}",
+                                                    p["metadata"]) for p in previous.predictions[t]]
+                carried.append(t)
+                continue
+            engine.reset_used()
             answers = method.predict(ctx, tests[t])
+            answered += len(tests[t])
+            task_adapters[t] = {rel_path(p, out): adapter_digest(p) for p in engine.used_adapters()}
             row[j] = score(tests[t], answers)
             if method.routed:
                 routed[t] = 100.0 * sum(a.expert == t for a in answers) / max(1, len(answers))
@@ -161,14 +189,41 @@ def evaluate_stage(method: Any, ctx: StageContext, tests: dict[str, list[Sample]
                                                  "fallback": a.fallback})
                               for s, a in zip(tests[t], answers)]
     rs = ctx.extra["router_stats"]
+    adapters = {rel: d for t in tasks for rel, d in task_adapters.get(t, {}).items()}
     rec = {"method": name, "stage": ctx.stage, "task": task, "tasks": list(tasks), "row": row,
            "router_accuracy": routed, "router_seconds": rs["seconds"], "router_requests": rs["requests"],
            "fallbacks": fallbacks, "train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t1, 3),
-           "adapters": {rel_path(p, out): adapter_digest(p) for p in engine.used_adapters()},
-           "device": str(engine.mllm.device)}
+           "items_answered": answered, "carried": carried,
+           "adapters": dict(sorted(adapters.items())), "device": str(engine.mllm.device)}
     engine.reset_used()
     ctx.extra.pop("emit_folder", None)
-    return StageResult(rec, predictions, folders)
+    return StageResult(rec, predictions, folders, task_adapters)
+
+
+def _carriable(method: Any, ctx: StageContext, previous: StageResult | None) -> set[str]:
+    """The tasks whose entry of ``previous`` (stage ``ctx.stage - 1``) this stage may carry over: the method
+    declares them unchanged, and every adapter the entry read still has the digest it had then."""
+    unchanged = getattr(method, "unchanged", None)
+    if unchanged is None or previous is None or ctx.stage == 0:
+        return set()
+    rec = previous.record
+    if (rec.get("method") != method.name or rec.get("stage") != ctx.stage - 1 or rec.get("tasks") != list(ctx.tasks)
+            or any(v is None for v in rec.get("row", [None]))):
+        return set()
+    out, digests = set(), {}
+    for t in ctx.tasks:
+        if t not in previous.task_adapters or t not in previous.predictions or not unchanged(ctx, t):
+            continue
+        adapters = previous.task_adapters[t]
+        for rel in adapters:
+            if rel not in digests:
+                try:
+                    digests[rel] = adapter_digest(Path(ctx.run_dir) / rel)
+                except OSError:
+                    digests[rel] = None
+        if all(digests[rel] == d for rel, d in adapters.items()):
+            out.add(t)
+    return out
 
 
 def write_stage(out: Path, result: StageResult) -> None:
@@ -213,10 +268,13 @@ class StageEvaluator:
         engine_factory: ``(base_path, cfg) -> Engine`` when ``engine`` is None; default :func:`default_engine`
             on ``device``.
         device: where the default engine's base goes (``"cuda"``); None = CPU.
+        carry: hand each method's previous unit to the next (:func:`evaluate_stage`'s ``previous``), so entries
+            the method declares unchanged are carried over; False answers every entry (the memo still
+            serves repeated answers).
     """
 
     def __init__(self, setup: EvalSetup, engine: Any = None, engine_factory: Callable | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, carry: bool = True) -> None:
         cfg = setup.cfg
         self.setup = setup
         self.out = Path(setup.out)
@@ -232,6 +290,8 @@ class StageEvaluator:
         self._train_cache: dict[tuple, list] = {}
         self._methods: dict[str, Any] = {}
         self._extras: dict[str, dict[str, Any]] = {}
+        self.carry = carry
+        self._last: dict[str, StageResult] = {}  # each method's latest unit: what the next stage may carry over
 
     def train_samples(self, task: str, limit: int, seed: int, augment: int = 0) -> list[Sample]:
         """A seeded choice of a task's training samples, with ``augment`` look-jittered copies of each;
@@ -241,8 +301,11 @@ class StageEvaluator:
             self._train_cache[key] = choose_with_copies(self.ds, task, "train", limit, seed, augment)
         return self._train_cache[key]
 
-    def evaluate(self, method: str, stage: int, train_s: float = 0.0) -> StageResult:
-        """Unit (``method``, ``stage``); adapters changed on disk since the last unit are reloaded."""
+    def evaluate(self, method: str, stage: int, train_s: float = 0.0,
+                 previous: StageResult | None = None) -> StageResult:
+        """Unit (``method``, ``stage``); adapters changed on disk since the last unit are reloaded. ``previous``:
+        the method's unit of the stage before, from whoever holds it (a Ray evaluator's driver, when its actors
+        restart between stages); default: this process's own (with ``carry``)."""
         if method not in self._methods:
             self._methods[method] = METHODS.get(method)()
             self._extras[method] = {"base_path": self.setup.base_path, "dataset": self.setup.data_path,
@@ -250,7 +313,10 @@ class StageEvaluator:
         self.engine.forget_missing()
         ctx = StageContext(stage, self.tasks, self.descriptions, self.out, self.setup.cfg, self.engine,
                            self._extras[method])
-        return evaluate_stage(self._methods[method], ctx, self.tests, train_s)
+        previous = (previous or self._last.get(method)) if self.carry else None
+        result = evaluate_stage(self._methods[method], ctx, self.tests, train_s, previous)
+        self._last[method] = result
+        return result
 
 
 class LocalEvaluator:

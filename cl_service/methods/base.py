@@ -69,5 +69,12 @@ class Method(Protocol):
         """Whether this stage's row of the accuracy matrix is evaluated (``joint`` only at the end)."""
         ...
 
+    # Optional: ``unchanged(ctx, task) -> bool``, True when the method's answers on ``task`` at ``ctx.stage`` are
+    # by construction those of stage ``ctx.stage - 1`` (the same adapters answer the same items: ``oracle`` on
+    # every task but the new one, ``zero_shot`` on all). The evaluator then carries those entries over instead
+    # of answering them again (:func:`cl_service.eval.stage.evaluate_stage`). Methods whose adapters or router
+    # change at every stage (``lora_ft``, the routed ``mrlora*``: a retrained or refit router re-routes every
+    # earlier task) do not define it.
+
 
 METHODS: Registry[type] = Registry("method")

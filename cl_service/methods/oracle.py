@@ -17,6 +17,11 @@ class Oracle:
     def evaluates(self, ctx: StageContext) -> bool:
         return True
 
+    def unchanged(self, ctx: StageContext, task: str) -> bool:
+        """Every task but the new one keeps its answerer from the previous stage (its own expert, or the base
+        while not learned): only the new task's column entry is answered again."""
+        return task != ctx.task
+
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
         experts = [s.task if s.task in ctx.seen else None for s in samples]
         return answer_by_expert(ctx, samples, experts)

@@ -16,5 +16,9 @@ class ZeroShot:
     def evaluates(self, ctx: StageContext) -> bool:
         return True
 
+    def unchanged(self, ctx: StageContext, task: str) -> bool:
+        """The frozen base answers every stage alike: a stage after the first answers nothing again."""
+        return True
+
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
         return [Answer(t) for t in ctx.engine.answer(samples, None)]

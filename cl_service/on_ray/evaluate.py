@@ -74,8 +74,8 @@ class _EvalActor:
         if self.mirror is not None:
             shutil.rmtree(self.mirror, ignore_errors=True)
 
-    def evaluate(self, method: str, stage: int, train_s: float) -> StageResult:
-        return self.ev.evaluate(method, stage, train_s)
+    def evaluate(self, method: str, stage: int, train_s: float, previous: StageResult | None = None) -> StageResult:
+        return self.ev.evaluate(method, stage, train_s, previous)
 
 
 def num_evaluators(cfg: Any, cluster: dict[str, float]) -> int:
@@ -140,6 +140,9 @@ class RayEvaluator:
         self.mirrors: list[str | None] = []  # per actor: its mirror folder, or None
         #: (stage, adapter folder relative to adapters/, actors it went to): what the mirrors were sent
         self.sent: list[tuple[int, str, int]] = []
+        #: each method's latest unit: actors restarted between stages get it back with the next unit, so that
+        #: entries the method keeps unchanged are carried over (:func:`cl_service.eval.stage.evaluate_stage`)
+        self._last: dict[str, StageResult] = {}
 
     def start(self, setup: EvalSetup) -> None:
         self.setup = setup
@@ -207,7 +210,9 @@ class RayEvaluator:
             self._stop()
             raise
         order = list(self.cfg.methods)
-        refs = {self.actors[order.index(m) % len(self.actors)].evaluate.remote(m, stage, train_s): m
+        # Resident actors keep their own previous units; restarted ones get them from here.
+        refs = {self.actors[order.index(m) % len(self.actors)].evaluate.remote(
+                    m, stage, train_s, None if self.resident else self._last.get(m)): m
                 for m in methods}
         pending = list(refs)
         try:
@@ -216,7 +221,9 @@ class RayEvaluator:
                 if not ready:
                     raise TimeoutError(f"evaluation of stage {stage}: {[refs[r] for r in pending]} not done in "
                                        f"{self.timeout_s:.0f} s (ray.timeout_s)")
-                yield refs[ready[0]], ray.get(ready[0], timeout=self.timeout_s)
+                result = ray.get(ready[0], timeout=self.timeout_s)
+                self._last[refs[ready[0]]] = result
+                yield refs[ready[0]], result
         except BaseException:
             self._stop()
             raise

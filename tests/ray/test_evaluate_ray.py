@@ -109,6 +109,9 @@ def test_actors_stop_between_stages_when_training_needs_their_cpus(ray_local, lo
     assert sum("evaluators stopped" in s for s in logs) == 1  # after stage 1; the last stage just closes
     assert not ev.actors
     _assert_same(local, out, metrics, methods)
+    # the restarted actor got oracle's stage-1 unit back from the driver: only the new task was answered
+    rec = json.loads((out / "stages" / "oracle" / "stage-1-Med.json").read_text())
+    assert rec["carried"] == ["RS"] and rec["items_answered"] == 6  # dcl_shards: 6 test items per task
 
 
 def test_evaluators_that_cannot_fit_are_refused_at_once(ray_local, tmp_path, tiny_base, dcl_shards):
