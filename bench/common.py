@@ -40,6 +40,19 @@ DOMAINS = ("RS: remote sensing images", "Med: medical images", "AD: autonomous d
 POOL = Pool(tuple(f"expert-{d.split(':')[0]}" for d in DOMAINS), DOMAINS)
 
 
+def pool(n: int) -> Pool:
+    """``n`` experts: :data:`POOL` itself for ``n == 9``; else its domains repeated as numbered sets
+    (``expert-RS``, ..., ``expert-RS2``, ...), each described as its domain plus its set."""
+    if n == len(POOL.experts):
+        return POOL
+    ids, descs = [], []
+    for i in range(n):
+        d, k = DOMAINS[i % len(DOMAINS)], i // len(DOMAINS)
+        ids.append(f"expert-{d.split(':')[0]}{k + 1 if k else ''}")
+        descs.append(d if not k else f"{d}, set {k + 1}")
+    return Pool(tuple(ids), tuple(descs))
+
+
 def free_port() -> int:
     """A free TCP port on loopback (for a server the bench starts)."""
     with socket.socket() as s:

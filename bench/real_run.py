@@ -93,8 +93,10 @@ def write_base(path: Path, seed: int = 0) -> dict[str, Any]:
     return {"build_s": round(built, 1), "write_s": round(time.perf_counter() - t0 - built, 1)}
 
 
-def write_data(path: Path, train: int, test: int, size: int = 336) -> dict[str, Any]:
-    """dcl-mini with every image re-rendered at ``size`` px (bicubic), as Arrow shards."""
+def write_data(path: Path, train: int, test: int, size: int = 336, question_words: int = 0) -> dict[str, Any]:
+    """dcl-mini with every image re-rendered at ``size`` px (bicubic), as Arrow shards; with ``question_words``
+    each question is lengthened to about that many words by a context sentence built from its own words
+    (the issue's training shape is 576 image + 128 text tokens per item)."""
     from PIL import Image
 
     from cl_service.data.shards import ShardWriter
@@ -112,7 +114,12 @@ def write_data(path: Path, train: int, test: int, size: int = 336) -> dict[str, 
                 out = io.BytesIO()
                 im.convert("RGB").resize((size, size), Image.BICUBIC).save(out, format="PNG")
                 imgs.append(out.getvalue())
-        return type(s)(**{**s.__dict__, "images": imgs})
+        q = s.question
+        if question_words:
+            words = q.split()
+            pad = [words[i % len(words)] for i in range(max(0, question_words - len(words)))]
+            q = ("Context: " + " ".join(pad) + ". " if pad else "") + q
+        return type(s)(**{**s.__dict__, "images": imgs, "question": q})
 
     tasks = [{"name": t.name, "scorer": t.scorer, "description": t.description} for t in spec.tasks]
     with ShardWriter(path, tasks, info={"benchmark": "dcl-mini@336", "stream": spec.task_names}, overwrite=True) as w:
@@ -174,7 +181,9 @@ def run_figures(run: Path, wall: float) -> dict[str, Any]:
     for f in sorted((run / "adapters").rglob("train_log.json")):
         j = json.loads(f.read_text())
         jobs.append({k: j.get(k) for k in ("job", "steps", "tokens_per_s", "load_seconds", "train_seconds", "seconds",
-                                           "peak_gpu_gib", "device", "dtype")} | {"tokens": sum(j.get("step_tokens") or [])})
+                                           "peak_gpu_gib", "device", "dtype")}
+                    | {"tokens": sum(j.get("step_tokens") or []),
+                       "tokens_per_step": round(sum(j.get("step_tokens") or [0]) / max(1, len(j.get("step_tokens") or [])))})
     stages: dict[int, dict[str, Any]] = {}
     answered, eval_s = 0, 0.0
     for f in sorted((run / "stages").rglob("*.json")):
@@ -209,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-timeout", type=float, default=420)
     ap.add_argument("--serve-seconds", type=float, default=20)
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--question-words", type=int, default=0,
+                    help="lengthen every question to about this many words (90: ~704 tokens per training item)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check of this script: a tiny llava-hf folder, 32 px data, no GPU keys")
     ap.add_argument("overrides", nargs="*", help="more RunCfg overrides for clsvc run")
@@ -230,12 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         res["base"] = write_base(work / "llava-7b-hf")
     res["base"]["seconds"] = round(time.perf_counter() - t, 1)
     print("base", res["base"], flush=True)
-    res["data"] = write_data(work / "dcl-336", a.train_per_task, a.test_per_task, 32 if a.smoke else 336)
+    data = work / (f"dcl-336-q{a.question_words}" if a.question_words else "dcl-336")
+    res["data"] = write_data(data, a.train_per_task, a.test_per_task, 32 if a.smoke else 336, a.question_words)
     print("data", res["data"], flush=True)
     save()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     run = work / "run"
-    cmd = [sys.executable, "-m", "cl_service.cli", "run", "--out", str(run), "--data", str(work / "dcl-336"),
+    cmd = [sys.executable, "-m", "cl_service.cli", "run", "--out", str(run), "--data", str(data),
            "--methods", METHODS, f"base.path={work / 'llava-7b-hf'}", "ray.use_gpu=true", "ray.num_workers=1",
            "ray.cpus_per_worker=4", "ray.gpus_per_worker=0.5", "eval.num_workers=1", "eval.num_gpus=0.5",
            "eval.cpus_per_worker=4", "eval.batch_size=64", "eval.max_new_tokens=8", "ray.checkpoint_every=1000",

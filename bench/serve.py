@@ -41,20 +41,24 @@ from cl_service.adapters.lora import LoraCfg, attach_lora, remove_lora, save_ada
 from cl_service.adapters.registry import finalize_adapter  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
 from cl_service.engine.pipeline import Pipeline  # noqa: E402
+from cl_service.routers.base import over_states  # noqa: E402
+from cl_service.routers.prompt import Pool  # noqa: E402
 from cl_service.routers.prototype import PrototypeRouter  # noqa: E402
 
 
-def make_adapters(mllm, root: Path, rank: int, targets: tuple[str, ...]) -> tuple[dict[str, str], str]:
-    """Nine experts + a router, saved and registered like trained ones (random non-zero LoRA B)."""
+def make_adapters(mllm, root: Path, rank: int, targets: tuple[str, ...], experts: Pool = POOL
+                  ) -> tuple[dict[str, str], str]:
+    """The pool's experts (nine by default) + a router, saved and registered like trained ones (random
+    non-zero LoRA B)."""
     dirs = {}
-    for i, name in enumerate([*POOL.experts, "router"]):
+    for i, name in enumerate([*experts.experts, "router"]):
         params = attach_lora(mllm, LoraCfg(rank=rank, alpha=2.0 * rank, dropout=0.0, targets=targets), "x", seed=i)
         g = torch.Generator(device=mllm.device).manual_seed(i)
         with torch.no_grad():
             for p in params:
                 p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.01)
         folder = save_adapter(mllm, root / name, "x")
-        desc = POOL.descriptions[i] if i < len(POOL.experts) else name  # what the router prompt lists
+        desc = experts.descriptions[i] if i < len(experts.experts) else name  # what the router prompt lists
         finalize_adapter(folder, id=f"expert:{name}", kind="expert", task=name, description=desc, base="random",
                          job_key=name)
         remove_lora(mllm)
@@ -63,19 +67,14 @@ def make_adapters(mllm, root: Path, rank: int, targets: tuple[str, ...]) -> tupl
     return dirs, router
 
 
-class _SharedVision:
-    """What a router sees as its engine, with the batch's CLIP states already computed."""
-
-    def __init__(self, engine: Engine, vs: torch.Tensor) -> None:
-        self.engine, self.vs = engine, vs
-
-    def features(self, samples):
-        return self.engine.features(samples, self.vs)
-
-
 class TwoStage:
-    def __init__(self, engine: Engine, experts: dict[str, str], router: str, proto: PrototypeRouter) -> None:
-        self.engine, self.experts, self.router, self.proto = engine, experts, router, proto
+    """CLIP once per batch, stage one (``mllm`` router, or a feature router: ``proto`` / ``knn``, over the
+    shared CLIP states), stage two (every chosen expert in one mixed pass)."""
+
+    def __init__(self, engine: Engine, experts: dict[str, str], router: str, proto: PrototypeRouter,
+                 pool: Pool = POOL, feature_routers: dict[str, Any] | None = None) -> None:
+        self.engine, self.experts, self.router, self.proto, self.experts_pool = engine, experts, router, proto, pool
+        self.feature_routers = {"proto": proto, **(feature_routers or {})}
         self.pool = ThreadPoolExecutor(8)
 
     def vision(self, samples) -> torch.Tensor:
@@ -89,11 +88,10 @@ class TwoStage:
         """CLIP once for the batch, then the router's choice per request."""
         vs = self.vision(samples)
         if router == "mllm":
-            chosen = [r.expert for r in self.engine.route_mllm(samples, self.router, POOL, vision_states=vs)]
+            routes = self.engine.route_mllm(samples, self.router, self.experts_pool, vision_states=vs)
         else:
-            chosen = [r.expert for r in PrototypeRouter(self.proto.experts, self.proto.means,
-                                                        _SharedVision(self.engine, vs)).route(samples)]
-        return vs, chosen
+            routes = over_states(self.feature_routers[router], self.engine, vs).route(samples)
+        return vs, [r.expert for r in routes]
 
     def stage2(self, samples, vs: torch.Tensor, experts: list[str]) -> list[str]:
         return self.engine.answer_mixed(samples, [self.experts[e] for e in experts], vision_states=vs)

@@ -1,7 +1,8 @@
 """Two-stage serving at LLaVA-1.5-7B shapes through the Ray Serve gRPC path (Ingress -> Router -> Expert).
 
-The same nine rank-64 experts + router adapter and the same requests as :mod:`bench.serve` (random weights),
-laid out as a run results folder (``config.resolved.json``, ``base/``, ``adapters/``, ``routers/prototype/``)
+The same nine rank-64 experts (``--experts N``: more) + router adapter and the same requests as :mod:`bench.serve`
+(random weights), laid out as a run results folder (``config.resolved.json``, ``base/``, ``adapters/``,
+``routers/prototype/``, ``routers/knn/``)
 that :func:`cl_service.on_ray.serve.build_app` serves unchanged. A local Ray on 127.0.0.1 runs the app with
 the Router and the Expert replica sharing one GPU (``router.num_gpus=expert.num_gpus=0.5``); concurrent gRPC
 clients (``cl_service.serve.client.Client``) drive it through Serve's gRPC proxy.
@@ -10,7 +11,7 @@ clients (``cl_service.serve.client.Client``) drive it through Serve's gRPC proxy
     python -m bench.serve_ray --profile tiny --device cpu --batch 4 --clients 8 --seconds 5 --duration 4 \\
         --rate 2 --words 8                        # CPU smoke
 
-Figures (``$OUT/serve_ray.json``), per router kind (``mllm``, ``prototype``): closed-loop requests/s with
+Figures (``$OUT/serve_ray.json``), per router kind (``--kinds``: ``mllm``, ``knn``, ``prototype``): closed-loop requests/s with
 ``--clients`` concurrent clients, p50/p90/p99 latency at ``--rate`` req/s (open loop, arrival to answer),
 the Expert's batch sizes, and a check that single requests through Serve give exactly the engine's answers.
 """
@@ -41,22 +42,27 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import POOL, bench_model, free_port, pct, requests, start, write_json  # noqa: E402
+from bench.common import POOL, bench_model, pool, free_port, pct, requests, start, write_json  # noqa: E402
 from bench.serve import make_adapters  # noqa: E402
 from cl_service.adapters.registry import finalize_adapter  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
+from cl_service.routers.base import over_states  # noqa: E402
+from cl_service.routers.nearest import NearestRouter  # noqa: E402
+from cl_service.routers.prompt import Pool  # noqa: E402
 from cl_service.routers.prototype import PrototypeRouter  # noqa: E402
 from cl_service.routers.store import save_router  # noqa: E402
 
 
-def make_run(mllm, root: Path, rank: int, targets: tuple[str, ...], words: int) -> dict[str, Any]:
-    """A results folder the Serve app loads: the base, nine experts, the MLLM router of the last stage and a
-    prototype router fitted on 4 requests per expert. Also returns the engine over ``mllm``."""
-    tasks = list(POOL.experts)
+def make_run(mllm, root: Path, rank: int, targets: tuple[str, ...], words: int, experts_pool: Pool = POOL
+             ) -> dict[str, Any]:
+    """A results folder the Serve app loads: the base, the pool's experts (nine by default), the MLLM router of
+    the last stage, and the prototype and knn routers fitted on 4 requests per expert. Also returns the
+    engine over ``mllm``."""
+    tasks = list(experts_pool.experts)
     t0 = time.perf_counter()
     mllm.save(root / "base")
     saved_s = time.perf_counter() - t0
-    experts, router = make_adapters(mllm, root / "adapters" / "experts", rank, targets)
+    experts, router = make_adapters(mllm, root / "adapters" / "experts", rank, targets, experts_pool)
     last = f"stage-{len(tasks) - 1}-{tasks[-1]}"
     router_dir = root / "adapters" / "router" / last
     router_dir.parent.mkdir(parents=True)
@@ -68,26 +74,27 @@ def make_run(mllm, root: Path, rank: int, targets: tuple[str, ...], words: int) 
     per_task = {e: requests(4, mllm.image_size, n_words=words, seed=10 + i) for i, e in enumerate(tasks)}
     proto = PrototypeRouter.fit(engine, per_task)
     save_router(proto, root / "routers" / "prototype" / last)
+    knn = NearestRouter.fit(engine, per_task)
+    save_router(knn, root / "routers" / "knn" / last)
     (root / "config.resolved.json").write_text(json.dumps({
         "tasks": tasks, "base": str(root / "base"), "dataset": "", "seed": 0,
         "config": {"eval": {"max_new_tokens": 16}, "router": {"max_new_tokens": 1}}}, indent=2))
-    return {"experts": experts, "router": str(router_dir), "proto": proto, "base_save_s": saved_s, "engine": engine}
+    return {"experts": experts, "router": str(router_dir), "proto": proto, "knn": knn, "pool": experts_pool,
+            "base_save_s": saved_s, "engine": engine}
 
 
 def references(engine: Engine, run: dict[str, Any], reqs: list) -> dict[str, list]:
     """Single requests through the engine exactly as a Serve batch of one runs them (CLIP once, then the
     router, then the chosen expert): ``{kind: [(expert, answer)]}``."""
-    from cl_service.on_ray.serve import _SharedVision
-
-    out: dict[str, list] = {"mllm": [], "prototype": []}
-    proto = run["proto"]
+    out: dict[str, list] = {"mllm": [], "prototype": [], "knn": []}
+    feature = {"prototype": run["proto"], "knn": run["knn"]}
     for s in reqs:
         vs = engine.vision_states([s])
         for kind in out:
             if kind == "mllm":
-                e = engine.route_mllm([s], run["router"], POOL, vision_states=vs)[0].expert
+                e = engine.route_mllm([s], run["router"], run["pool"], vision_states=vs)[0].expert
             else:
-                e = PrototypeRouter(proto.experts, proto.means, _SharedVision(engine, vs)).route([s])[0].expert
+                e = over_states(feature[kind], engine, vs).route([s])[0].expert
             out[kind].append((e, engine.answer_mixed([s], [run["experts"][e]], 16, vision_states=vs)[0]))
     return out
 
@@ -186,7 +193,8 @@ def _stages(handles: dict[str, Any], t_from: float, t_to: float) -> dict[str, An
     are held up between them)."""
     out: dict[str, Any] = {}
     for name, h in handles.items():
-        rows = [b for b in h.batch_log.remote().result(timeout_s=60) if t_from <= b[0] < t_to]
+        log = (h.batch_log.remote() if not isinstance(h, tuple) else h[0].batch_log.remote(h[1])).result(timeout_s=60)
+        rows = [b for b in log if t_from <= b[0] < t_to]
         key = name.lower()
         out[f"{key}_batches"] = len(rows)
         out[f"{key}_mean_batch"] = statistics.mean(b[2] for b in rows) if rows else None
@@ -237,9 +245,12 @@ def main() -> None:
     ap.add_argument("--rate", default="10", help="arrival rates of the latency runs (req/s, comma-separated)")
     ap.add_argument("--duration", type=float, default=15.0)
     ap.add_argument("--words", type=int, default=54)
-    ap.add_argument("--kinds", default="mllm,prototype")
+    ap.add_argument("--kinds", default="mllm,knn", help="router kinds, comma-separated: mllm, prototype, knn")
+    ap.add_argument("--experts", type=int, default=9, help="experts in the run (9: the bench's nine domains)")
     ap.add_argument("--work", default=None, help="where the results folder is written (default: a temp dir)")
     ap.add_argument("--no-share-vision", action="store_true", help="each stage runs CLIP itself")
+    ap.add_argument("--colocate", default="false",
+                    help="serve colocate: false, true, or both (each router kind twice: separate, then one replica)")
     ap.add_argument("--deploy-timeout", type=float, default=300.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -253,7 +264,8 @@ def main() -> None:
     mcfg, mllm = bench_model(args.profile, args.device)
     root = Path(args.work or tempfile.mkdtemp(prefix="clsvc-serve-ray-")) / "run"
     root.mkdir(parents=True)
-    run = make_run(mllm, root, args.rank, tuple(args.targets.split(",")), args.words)
+    run = make_run(mllm, root, args.rank, tuple(args.targets.split(",")), args.words, pool(args.experts))
+    res["experts"] = args.experts
     reqs = requests(4 * args.batch, mcfg.image_size, n_words=args.words)
     engine = run.pop("engine")
     refs = references(engine, run, reqs[:4])
@@ -290,12 +302,18 @@ def main() -> None:
         load = Load(f"127.0.0.1:{cfg.grpc_port}", cfg.app_name, reqs)
         # Exactness: one request at a time is a Serve batch of one, computed as the engine does.
         got = [(x.expert, x.answer) for x in (load.one(0, i) for i in range(4))]
-        r["single_requests_equal_engine"] = got == [tuple(x) for x in refs[kind]]
-        r["single_requests"] = {"serve": got, "engine": refs[kind]}
+        ref = refs[cfg.router_kind]
+        r["single_requests_equal_engine"] = got == [tuple(x) for x in ref]
+        r["single_routes_equal_engine"] = [e for e, _ in got] == [x[0] for x in ref]
+        r["single_requests"] = {"serve": got, "engine": ref}
         t1 = time.perf_counter()
         load.burst(2 * args.batch)  # full batches in both replicas once (allocations, kernels)
         r["warm_burst_s"] = time.perf_counter() - t1
-        handles = {st: serve.get_deployment_handle(st, app_name=cfg.app_name) for st in ("Router", "Expert")}
+        if cfg.colocate:  # one Stages deployment keeps both stages' batch logs
+            both = serve.get_deployment_handle("Stages", app_name=cfg.app_name)
+            handles = {st: (both, st) for st in ("Router", "Expert")}
+        else:
+            handles = {st: serve.get_deployment_handle(st, app_name=cfg.app_name) for st in ("Router", "Expert")}
         probes0 = _probe_warnings(tmp)
         t_from = time.time() + args.warm
         r["closed_loop"] = load.closed_loop(args.clients, args.seconds, args.warm)
@@ -304,7 +322,7 @@ def main() -> None:
         c["queue_probe_timeouts"] = _probe_warnings(tmp) - probes0
         print(f"[{kind}] closed loop {args.clients} clients: {c['req_per_s']:.2f} req/s, p50 {c['p50_s']:.2f} s, "
               f"{_stage_line(c)}, probe timeouts {c['queue_probe_timeouts']}, errors {c['errors']}, "
-              f"exact singles {r['single_requests_equal_engine']}", flush=True)
+              f"exact singles {r['single_requests_equal_engine']} (routes {r['single_routes_equal_engine']})", flush=True)
         save()
         for rate in [float(x) for x in args.rate.split(",")]:
             time.sleep(2.0)
@@ -327,23 +345,26 @@ def main() -> None:
     grpc_port, http_port = free_port(), free_port()  # Serve's proxies start once, with the first app
     failed = []
     try:
-        for kind in args.kinds.split(","):
+        modes = {"false": [False], "true": [True], "both": [False, True]}[args.colocate]
+        for kind, colocate in [(k, c) for k in args.kinds.split(",") for c in modes]:
+            name = kind + ("-colocated" if colocate else "")
             cfg = load_serve_cfg(None, [
                 f"results={root}", f"grpc_port={grpc_port}", f"http_port={http_port}", f"router_kind={kind}",
-                "watch_s=0", f"share_vision_states={not args.no_share_vision}", f"app_name=clsvc-{kind}", f"route_prefix=/clsvc-{kind}", "request_timeout_s=300",
-                f"ingress_num_cpus={min(cpus, 1)}",
+                "watch_s=0", f"max_loaded_adapters={max(32, args.experts + 1)}",
+                f"share_vision_states={not args.no_share_vision}", f"colocate={colocate}", f"app_name=clsvc-{name}",
+                f"route_prefix=/clsvc-{name}", "request_timeout_s=300", f"ingress_num_cpus={min(cpus, 1)}",
                 *[f"{st}.{k}={v}" for st in ("router", "expert") for k, v in (
                     ("num_gpus", gpus), ("num_cpus", cpus), ("max_batch_size", args.batch),
                     ("batch_wait_ms", args.batch_wait_ms), ("torch_threads", 4))]])
-            r: dict[str, Any] = {}
-            runs[kind] = r
+            r: dict[str, Any] = {"router_kind": kind, "colocate": colocate}
+            runs[name] = r
             try:
-                measure(kind, cfg, r)
+                measure(name, cfg, r)
             except Exception as e:  # noqa: BLE001 - recorded; the next router kind still runs
                 r["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
-                failed.append(kind)
-                print(f"[{kind}] FAILED: {r['error'][:500]}", flush=True)
-                _log_tail(tmp, out.with_name(f"serve_ray_logs_{kind}.txt"))
+                failed.append(name)
+                print(f"[{name}] FAILED: {r['error'][:500]}", flush=True)
+                _log_tail(tmp, out.with_name(f"serve_ray_logs_{name}.txt"))
                 _bounded(lambda: serve.delete(cfg.app_name), 60)
             save()
         if failed:
