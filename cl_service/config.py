@@ -20,7 +20,8 @@ class DataCfg:
     """Where the task stream comes from."""
 
     benchmark: str = "dcl-mini"
-    """Built-in benchmark generated when ``path`` is not set (``dcl-mini`` | ``acl-mini`` | ``acl-glyphs``)."""
+    """Built-in benchmark generated when ``path`` is not set (``dcl-mini`` | ``acl-mini`` | ``acl-glyphs``; the
+    procedural ``proc-5`` | ``proc-10`` | ``proc-20`` | ``proc-50`` | ``proc-100`` streams for cost measurements)."""
     path: str | None = None
     """A shard dataset from ``clsvc data ingest``/``synth``; its stream order is used."""
     train_per_task: int = 300
@@ -175,8 +176,14 @@ class RayCfg:
     """``deepspeed`` = DeepSpeed ZeRO-2."""
     parallel_experts: bool = False
     """Train the independent experts of different tasks at the same time (one Ray Train run each)."""
+    persistent_workers: bool = True
+    """One Ray Train worker group for the whole run, handed each stage's jobs (a group start costs ~15 s per stage
+    on 2 CPUs, ~40 s on a GPU node); it holds its resources between stages. Used by ``clsvc run`` unless
+    ``parallel_experts``, or evaluator actors need the group's resources between stages (then a group per stage,
+    as with ``false``); sweeps always start a group per stage. Results are the same either way."""
     max_failures: int = 2
-    """Ray Train ``FailureConfig``: a killed worker restarts from the last checkpoint."""
+    """Ray Train ``FailureConfig``: a killed worker restarts from the last checkpoint (per stage, also with
+    ``persistent_workers``)."""
     checkpoint_every: int = 50
     """Steps between in-training checkpoints."""
     storage_path: str | None = None

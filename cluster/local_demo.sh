@@ -15,6 +15,9 @@ PORT=${RAY_PORT:-6381}
 DASH=${RAY_DASHBOARD_PORT:-8266}
 TMP=${RAY_TMP:-/tmp/clsvc-demo-ray}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token TOKENIZERS_PARALLELISM=false
+# Nothing preempts this one-machine cluster: Ray Train's preemption watcher would start one more actor
+# process per stage (the workers read the variable through `ray start`'s environment).
+export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}
 # The base store and other caches stay in the checkout (the Ray head started below passes this on to the job).
 export CLSVC_HOME=${CLSVC_HOME:-$ROOT/.clsvc}
 PY=$ROOT/.venv/bin/python

@@ -60,10 +60,27 @@ def run(cfg: RunCfg, log=print) -> dict:
         storage = cfg.ray.storage_path or str(Path(cfg.out).resolve() / "ray")
         env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(cfg.ray.cpus_per_worker)))}
         # Evaluation: evaluator actors holding the base (eval.num_workers), or this driver between training runs.
-        return run_stream(cfg, RayTrainer(cfg.ray, storage, env), log=log, evaluator=make_evaluator(cfg, log, env))
+        evaluator = make_evaluator(cfg, log, env)
+        trainer = RayTrainer(cfg.ray, storage, env, persistent=_persistent(cfg, evaluator, log))
+        try:
+            return run_stream(cfg, trainer, log=log, evaluator=evaluator)
+        finally:
+            trainer.close()  # the persistent worker group, also on an error or interrupt
     finally:
         if started:
             ray.shutdown()
+
+
+def _persistent(cfg: RunCfg, evaluator, log) -> bool:
+    """``ray.persistent_workers``, unless ``parallel_experts`` or evaluator actors that stop between stages so
+    that training can be scheduled (an idle group holding its resources would starve them)."""
+    if not cfg.ray.persistent_workers or cfg.ray.parallel_experts:
+        return False
+    if not getattr(evaluator, "resident", True):
+        log("training: a worker group per stage (ray.persistent_workers): the evaluator actors need its "
+            "resources between stages")
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

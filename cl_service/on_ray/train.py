@@ -1,16 +1,17 @@
 """Ray Train backend: each training job runs in a ``TorchTrainer`` (DDP over gloo/NCCL, or DeepSpeed ZeRO-2).
 
-All jobs of a stage run in one worker group, one after another (a group start costs ~20 s on a small
-machine); with ``parallel_experts`` each job gets its own concurrent run. The workers call the same
-:func:`cl_service.train.runner.run_train_job` as the in-process backend, on ``ray.train.torch.get_device()``
-(their GPU with ``ray.use_gpu``), with their rank and world size, and with checkpoint hooks: every
-``checkpoint_every`` steps rank 0 saves the adapter and the optimizer/scheduler state (under DeepSpeed every
-rank its optimizer partition) and reports it; a restarted worker group (``FailureConfig(max_failures)``)
-resumes from ``ray.train.get_checkpoint()`` instead of step 0. Finished adapters come back to the driver
-as checkpoints under ``ray.storage_path`` (:func:`collect_adapters`), and the adapters jobs start from
-(``init_adapter``: ``lora_ft`` stages, a continued router, ``olora``, ``moelora``) go out through the object
-store (:func:`ship_inits`): workers neither read nor write the driver's results folder, so nodes need no
-shared filesystem for results (the base and the dataset they do read).
+All jobs of a stage run in one worker group, one after another (a group start costs ~15 s on a small machine);
+with ``persistent`` (``ray.persistent_workers``, what ``clsvc run`` uses) one group serves every stage of the
+run (:mod:`cl_service.on_ray._group`); with ``parallel_experts`` each job gets its own concurrent run. The
+workers call the same :func:`cl_service.train.runner.run_train_job` as the in-process backend, on
+``ray.train.torch.get_device()`` (their GPU with ``ray.use_gpu``), with their rank and world size, and with
+checkpoint hooks: every ``checkpoint_every`` steps rank 0 saves the adapter and the optimizer/scheduler state
+(under DeepSpeed every rank its optimizer partition) and reports it; a restarted worker group
+(``FailureConfig(max_failures)``) resumes from ``ray.train.get_checkpoint()`` instead of step 0. Finished
+adapters come back to the driver as checkpoints under ``ray.storage_path`` (:func:`collect_adapters`), and the
+adapters jobs start from (``init_adapter``: ``lora_ft`` stages, a continued router, ``olora``, ``moelora``) go
+out through the object store (:func:`ship_inits`): workers neither read nor write the driver's results folder,
+so nodes need no shared filesystem for results (the base and the dataset they do read).
 """
 
 from __future__ import annotations
@@ -43,27 +44,55 @@ def _train_fn(config: dict[str, Any]) -> None:
     checkpoint also lists the jobs this group has finished (``done.json``), so a restarted group skips them
     without looking at the driver's files."""
     import torch
-    import ray.train.torch
-
-    from cl_service.train.runner import load_resume, run_train_job
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    jobs: list[TrainJob] = config["jobs"]
-    keys: list[str] = config["keys"]  # computed by the driver, which can read every init adapter
-    inits: Inits = config.get("inits") or Inits()
+    ctx = ray.train.get_context()
+    ckpt = ray.train.get_checkpoint()
+    resume, resume_job, done = read_checkpoint(ckpt, ctx.get_world_rank())
+    fail_at = int(os.environ.get("CLSVC_FAIL_AT_STEP", "0"))  # test hook: kill the worker once, mid-training
+    run_jobs(config["jobs"], config["keys"],  # keys computed by the driver, which can read every init adapter
+             config.get("inits") or Inits(), config, done, resume, resume_job,
+             fail_at=fail_at if ckpt is None else 0)
+
+
+def read_checkpoint(ckpt: Checkpoint | None, rank: int) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+    """What a (re)started worker group resumes from: ``(resume state of this rank, key of the job it belongs
+    to, keys of the finished jobs)``; nothing when there is no checkpoint, or when it is gone (a persistent
+    group's driver deletes a stage's checkpoints once it has collected its adapters)."""
+    from cl_service.train.runner import load_resume
+
+    if ckpt is None:
+        return None, None, []
+    try:
+        import pyarrow.fs
+
+        if ckpt.filesystem.get_file_info(ckpt.path).type == pyarrow.fs.FileType.NotFound:
+            return None, None, []
+    except OSError:
+        return None, None, []
+    with ckpt.as_directory() as d:
+        resume = load_resume(d, rank)
+        marker = Path(d) / "job.txt"
+        resume_job = marker.read_text() if marker.is_file() else None
+        done_file = Path(d) / _DONE
+        done = json.loads(done_file.read_text()) if done_file.is_file() else []
+    return resume, resume_job, done
+
+
+def run_jobs(jobs: list[TrainJob], keys: list[str], inits: "Inits", config: dict[str, Any], done: list[str],
+             resume: dict[str, Any] | None, resume_job: str | None, fail_at: int = 0,
+             on_final: Callable[[str], None] | None = None) -> None:
+    """In a Ray Train worker: train ``jobs`` (of driver-computed ``keys``) in order but those in ``done`` (which
+    grows as jobs finish), the one of key ``resume_job`` from ``resume``; report an in-training checkpoint every
+    ``config["checkpoint_every"]`` steps and each finished adapter as a final checkpoint, then call
+    ``on_final(key)`` (rank 0, the adapter's checkpoint persisted)."""
+    import ray.train.torch
+
+    from cl_service.train.runner import run_train_job
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    resume, resume_job, done = None, None, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume = load_resume(d, rank)
-            marker = Path(d) / "job.txt"
-            resume_job = marker.read_text() if marker.is_file() else None
-            done_file = Path(d) / _DONE
-            done = json.loads(done_file.read_text()) if done_file.is_file() else []
-    fail_at = int(os.environ.get("CLSVC_FAIL_AT_STEP", "0"))  # test hook: kill the worker once, mid-training
     for job, key in zip(jobs, keys):
         if key in done:
             continue
@@ -93,14 +122,20 @@ def _train_fn(config: dict[str, Any]) -> None:
             adapter = Path(staging) / _ADAPTER
             job = inits.localise(job, key, Path(staging) / "init", log=_say)
             run_train_job(job, rank=rank, world_size=world, resume=mine, on_checkpoint=on_checkpoint,
-                          checkpoint_every=int(config["checkpoint_every"]),
-                          fail_at_step=fail_at if ckpt is None else 0,
+                          checkpoint_every=int(config["checkpoint_every"]), fail_at_step=fail_at,
                           log=_say if rank == 0 else None,
                           strategy=config.get("strategy", "ddp"), device=device, dest=adapter)
             done.append(key)
             report({"final": 1}, fill=(lambda d: shutil.move(str(adapter), Path(d) / _ADAPTER)) if rank == 0 else None,
-                   name=f"final-{job.name.replace('/', '_')}-{key}")
+                   name=final_name(job, key))
+        if on_final is not None and rank == 0:
+            on_final(key)
         resume = None
+
+
+def final_name(job: TrainJob, key: str) -> str:
+    """The checkpoint folder of a job's finished adapter (under the run's folder in ``ray.storage_path``)."""
+    return f"final-{job.name.replace('/', '_')}-{key}"
 
 
 #: Checkpoint layout: the finished adapter's folder, and the keys of the jobs a worker group has finished.
@@ -208,16 +243,35 @@ class RayTrainer:
     than the driver's does (default: the ``CLSVC_FORCE_MIRROR`` environment variable; for tests)."""
 
     def __init__(self, cfg: RayCfg, storage: str, env: dict[str, str] | None = None,
-                 mirror: bool | None = None) -> None:
+                 mirror: bool | None = None, persistent: bool = False) -> None:
         self.cfg = cfg
         self.storage = str(Path(storage).resolve()) if "://" not in storage else storage
         self.env = env or {}
         self.mirror = mirror
+        #: ``persistent``: one worker group for every :meth:`fit` until :meth:`close`
+        #: (:mod:`cl_service.on_ray._group`; ``ray.persistent_workers``); not for ``parallel_experts``.
+        self.group = None
+        if persistent and not cfg.parallel_experts:
+            from cl_service.on_ray._group import PersistentGroup
+
+            self.group = PersistentGroup(cfg, self.storage, self.env)
+
+    def close(self) -> None:
+        """Stop the persistent worker group, if any (nothing is left running); the trainer may be used again."""
+        if self.group is not None:
+            self.group.close()
 
     def fit(self, jobs: list[TrainJob]) -> dict[str, float]:
         times: dict[str, float] = {}
         keys = {id(j): j.key() for j in jobs}  # here, where every init adapter is readable (workers may not)
         inits = ship_inits(jobs, self.mirror)  # held here until the fit ends: the refs stay alive
+        if self.group is not None:
+            seconds, finals = self.group.train(jobs, [keys[id(j)] for j in jobs], inits)
+            try:
+                collect_adapters(jobs, finals, [keys[id(j)] for j in jobs])
+            finally:
+                self.group.clear_checkpoints()
+            return {"+".join(j.name for j in jobs): seconds}
         # Every training run is driven from a remote task, so ``ray.timeout_s`` bounds it: a run that cannot be
         # scheduled (Train V2 then waits for resources forever) or hangs is cancelled, with its worker group
         # (owned by the task), and reported. Independent jobs (``parallel_experts``) get one run each, at once.
