@@ -100,8 +100,7 @@ class Engine:
         if path is None:
             return
         key = str(Path(path).resolve())
-        meta_file = Path(key) / ADAPTER_META
-        digest = hashlib.sha256(meta_file.read_bytes()).hexdigest() if meta_file.is_file() else None
+        digest = _meta_digest(key)
         hit = self._loaded.get(key)
         if hit is not None and hit[1] != digest:
             delete_adapter(self.mllm, hit[0])
@@ -127,30 +126,23 @@ class Engine:
         self._used.clear()
 
     def forget_missing(self) -> None:
-        """Drop cached adapters whose folder vanished or changed."""
+        """Drop cached adapters (peft-loaded, stacked or parked in host memory) whose folder vanished or changed."""
         for key, (name, digest) in list(self._loaded.items()):
-            meta = Path(key) / ADAPTER_META
-            if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != digest:
+            if _meta_digest(key) != digest:
                 delete_adapter(self.mllm, name)
                 del self._loaded[key]
-        for key, digest in list(self._multi_loaded.items()):
-            meta = Path(key) / ADAPTER_META
-            if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != digest:
-                self.multi.drop(key)
-                del self._multi_loaded[key]
-        for key, digest in list(self._multi_parked.items()):
-            meta = Path(key) / ADAPTER_META
-            if not meta.is_file() or hashlib.sha256(meta.read_bytes()).hexdigest() != digest:
-                self.multi.forget(key)
-                del self._multi_parked[key]
+        for held, drop in ((self._multi_loaded, self.multi.drop), (self._multi_parked, self.multi.forget)):
+            for key, digest in list(held.items()):
+                if _meta_digest(key) != digest:
+                    drop(key)
+                    del held[key]
 
     def _multi_key(self, path: str | None) -> str | None:
         """Load (or refresh) the adapter folder ``path`` into the stacked multi-adapter set; its key."""
         if path is None:
             return None
         key = str(Path(path).resolve())
-        meta_file = Path(key) / ADAPTER_META
-        digest = hashlib.sha256(meta_file.read_bytes()).hexdigest() if meta_file.is_file() else None
+        digest = _meta_digest(key)
         if key in self._multi_loaded and self._multi_loaded[key] != digest:
             self.multi.drop(key)
             del self._multi_loaded[key]
@@ -393,28 +385,25 @@ class Engine:
         """Base-model routing features ``[B, H_text + H_vision]``: the question alone, next to the images
         (the nearest-neighbour router's input; :meth:`MLLM.routing_features`). ``vision_states`` as in
         :meth:`answer_mixed`: with them, routing is one short text-only base pass (no CLIP, no image tokens)."""
-        bs = max(self.batch_size, len(samples)) if vision_states is not None else self.batch_size
-
-        def compute(todo: list[Sample]) -> list[np.ndarray]:
-            with self.mllm.adapters_disabled():
-                return list(self.mllm.routing_features(todo, bs, vision_states).numpy())
-
-        if vision_states is not None or self.memo is None:
-            return np.stack(compute(list(samples)))
-        return np.stack(self._memoised(("routing_features",), samples, compute))
+        return self._base_features("routing_features", self.mllm.routing_features, samples, vision_states)
 
     def features(self, samples: Sequence[Sample], vision_states: torch.Tensor | None = None) -> np.ndarray:
         """Pooled base-model features ``[B, H]`` (the prototype router's input); ``vision_states`` as in
         :meth:`answer_mixed`."""
+        return self._base_features("features", self.mllm.pooled_features, samples, vision_states)
+
+    def _base_features(self, kind: str, fn, samples: Sequence[Sample], vision_states: torch.Tensor | None) -> np.ndarray:
+        """``fn(samples, batch_size, vision_states)`` of the plain base, stacked; memoised per sample unless the
+        batch brings its own CLIP states (then one call over all of it)."""
         bs = max(self.batch_size, len(samples)) if vision_states is not None else self.batch_size
 
         def compute(todo: list[Sample]) -> list[np.ndarray]:
             with self.mllm.adapters_disabled():
-                return list(self.mllm.pooled_features(todo, bs, vision_states).numpy())
+                return list(fn(todo, bs, vision_states).numpy())
 
         if vision_states is not None or self.memo is None:
             return np.stack(compute(list(samples)))
-        return np.stack(self._memoised(("features",), samples, compute))
+        return np.stack(self._memoised((kind,), samples, compute))
 
     # ------------------------------------------------------------------ memo
     def enable_memo(self) -> None:
@@ -443,6 +432,12 @@ class Engine:
             for i, v in zip(todo, compute([samples[i] for i in todo])):
                 self.memo[keys[i]] = v
         return [self.memo[k] for k in keys]
+
+
+def _meta_digest(key: str) -> str | None:
+    """sha256 of an adapter folder's ``adapter.json`` (None when it is missing): what says a cached copy is stale."""
+    meta = Path(key) / ADAPTER_META
+    return hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else None
 
 
 def _sample_digest(s: Sample) -> str:

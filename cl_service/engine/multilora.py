@@ -110,10 +110,12 @@ def read_lora(folder: str | Path, dtype: torch.dtype, device: torch.device | str
 
 def _moved(a: _Adapter, device: torch.device, pin: bool = False) -> _Adapter:
     """``a`` with its LoRA tensors and projector on ``device`` (pinned host memory with ``pin``: faster copies
-    back to the GPU)."""
+    back to the GPU). Blocking copies: the two stages of a server may page on different CUDA streams, and
+    a copy still in flight on one must not be read on the other."""
     def mv(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device, non_blocking=device.type == "cuda")
-        return t.pin_memory() if pin else t
+        if pin:  # straight into page-locked memory: one copy, not a pageable one then a pinned one
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        return t.to(device)
 
     lora = {m: (mv(A), mv(B)) for m, (A, B) in a.lora.items()}
     module, projector = a.projector_module, a.projector
