@@ -53,6 +53,15 @@ def pool(n: int) -> Pool:
     return Pool(tuple(ids), tuple(descs))
 
 
+def model_args(ap: Any, targets_help: str = "decoder Linears of every adapter, e.g. q,v or q,k,v,o,gate,up,down") -> None:
+    """The serving benches' shared arguments: the model profile, its device, and the experts' LoRA rank and
+    targets."""
+    ap.add_argument("--profile", default="llava-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--targets", default="q,v", help=targets_help)
+
+
 def free_port() -> int:
     """A free TCP port on loopback (for a server the bench starts)."""
     with socket.socket() as s:

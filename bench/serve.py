@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import POOL, Timer, bench_model, pct, requests, start, write_json  # noqa: E402
+from bench.common import POOL, Timer, bench_model, model_args, pct, requests, start, write_json  # noqa: E402
 from cl_service.adapters.lora import LoraCfg, attach_lora, remove_lora, save_adapter  # noqa: E402
 from cl_service.adapters.registry import finalize_adapter  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
@@ -387,10 +387,7 @@ def _rates(arg: str) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", default="llava-7b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--targets", default="q,v", help="decoder Linears of every adapter, e.g. q,v or q,k,v,o,gate,up,down")
+    model_args(ap)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--rate", default="10,16", help="arrival rates for the latency runs (req/s, comma-separated)")

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import POOL, bench_model, pool, free_port, pct, requests, start, write_json  # noqa: E402
+from bench.common import POOL, bench_model, free_port, model_args, pct, pool, requests, start, write_json  # noqa: E402
 from bench.serve import make_adapters  # noqa: E402
 from cl_service.adapters.registry import finalize_adapter  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
@@ -233,10 +233,7 @@ def _log_tail(temp_dir: str, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", default="llava-7b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--targets", default="q,v")
+    model_args(ap)
     ap.add_argument("--batch", type=int, default=64, help="router/expert max_batch_size (@serve.batch)")
     ap.add_argument("--batch-wait-ms", type=float, default=25.0)
     ap.add_argument("--clients", type=int, default=192, help="concurrent clients of the closed loop")

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import POOL, Timer, bench_model, pool, requests, start, write_json  # noqa: E402
+from bench.common import POOL, Timer, bench_model, model_args, pool, requests, start, write_json  # noqa: E402
 from bench.serve import TwoStage, closed_loop, make_adapters  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
 from cl_service.routers.nearest import NearestRouter  # noqa: E402
@@ -73,10 +73,7 @@ def stage_two(two: TwoStage, names: list[str], cache: dict):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="llava-7b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--targets", default="q,v")
+    model_args(ap)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--words", type=int, default=54)
