@@ -25,7 +25,7 @@ import sys
 import threading
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:
 from bench.common import POOL, Timer, bench_model, model_args, pct, requests, start, write_json  # noqa: E402
 from cl_service.adapters.lora import LoraCfg, attach_lora, remove_lora, save_adapter  # noqa: E402
 from cl_service.adapters.registry import finalize_adapter  # noqa: E402
+from cl_service.engine.continuous import ContinuousBatcher  # noqa: E402
 from cl_service.engine.engine import Engine  # noqa: E402
 from cl_service.engine.pipeline import Pipeline  # noqa: E402
 from cl_service.routers.base import over_states  # noqa: E402
@@ -100,12 +101,30 @@ class TwoStage:
         vs, chosen = self.stage1(samples, router)
         return self.stage2(samples, vs, force or chosen), chosen
 
-    def pipeline(self, router: str, batch: int, wait_s: float = 0.0, stage2_first: bool = True) -> Pipeline:
-        """Both stages overlapped: stage one of the next batch runs while this one is answered."""
+    def pipeline(self, router: str, batch: int, wait_s: float = 0.0, stage2_first: bool = True,
+                 continuous: ContinuousBatcher | None = None) -> Pipeline:
+        """Both stages overlapped: stage one of the next batch runs while this one is answered (``continuous``:
+        each routed row joins that batcher's running decode)."""
+        if continuous is not None:
+            def hand_on(items, mid):
+                per = mid[0].split([len(s.images) for s in items])
+                return [_then(continuous.submit(s, self.experts[e], vision_states=v), e)
+                        for s, e, v in zip(items, mid[1], per)]
+
+            return Pipeline(lambda items: self.stage1(items, router), hand_on, device=self.engine.mllm.device,
+                            max_batch=batch, wait_s=wait_s)
         return Pipeline(lambda items: self.stage1(items, router),
                         lambda items, mid: list(zip(self.stage2(items, mid[0], mid[1]), mid[1])),
                         device=self.engine.mllm.device, max_batch=batch, wait_s=wait_s, stage2_first=stage2_first,
                         merge=lambda mids: (torch.cat([m[0] for m in mids]), [e for m in mids for e in m[1]]))
+
+
+def _then(fut: Future, expert: str) -> Future:
+    """A future of ``(answer, expert)`` once ``fut`` has the answer."""
+    out: Future = Future()
+    fut.add_done_callback(lambda f: out.set_exception(f.exception()) if f.exception() is not None
+                          else out.set_result((f.result(), expert)))
+    return out
 
 
 #: Kernel-name fragments per category, first match wins (CUDA kernel names of cuBLAS/CUTLASS, SDPA, ATen).
@@ -252,14 +271,15 @@ def decode_steps(engine: Engine, experts: dict[str, str], reqs: list, batch: int
 
 
 def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, clients: int, warm_s: float, seconds: float,
-                          router: str, stage2_first: bool = True) -> dict[str, Any]:
+                          router: str, stage2_first: bool = True, continuous: ContinuousBatcher | None = None
+                          ) -> dict[str, Any]:
     """``clients`` closed-loop clients (each sends its next request when its answer arrives) against a
     :class:`Pipeline`; requests/s = answers in a ``seconds`` window after ``warm_s`` of warm-up."""
     done: list[float] = []
     chosen: set[str] = set()
     stop = threading.Event()
     errors: list[BaseException] = []
-    with two.pipeline(router, batch, stage2_first=stage2_first) as p:
+    with two.pipeline(router, batch, stage2_first=stage2_first, continuous=continuous) as p:
         def send(i: int) -> None:
             f = p.submit(reqs[i % len(reqs)])
             f.add_done_callback(lambda f, i=i: landed(f, i))
@@ -294,7 +314,16 @@ def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, clients: int, w
     busy = {k: sum(min(y, b) - max(x, a) for s, x, y, _ in log if s == k and y > a and x < b) / (b - a) for k in (1, 2)}
     mean = {k: statistics.mean([m for s, _, _, m in window if s == k] or [0]) for k in (1, 2)}
     dur = {k: statistics.mean([y - x for s, x, y, _ in window if s == k] or [0]) for k in (1, 2)}
-    return {"req_per_s": rate, "answers_in_window_per_s": sum(a <= t < b for t in done) / (b - a),
+    in_window = sum(a <= t < b for t in done) / (b - a)
+    if continuous is not None:  # answers land a row at a time: count them; stage two's work is the batcher's
+        rate = in_window
+        work = [(k, x, y, n) for k, x, y, n in list(continuous.log) if x >= a and y <= b]
+        busy[2] = sum(y - x for _, x, y, _ in work) / (b - a)
+        joins = [n for k, _, _, n in work if k == "prefill"]
+        steps = [(y - x, n) for k, x, y, n in work if k == "step"]
+        mean[2] = statistics.mean(joins or [0])
+        dur[2] = statistics.mean([d for d, _ in steps] or [0])
+    return {"req_per_s": rate, "answers_in_window_per_s": in_window, "continuous": continuous is not None,
             "clients": clients, "batch": batch, "window_s": b - a, "batches_timed": len(ends) - 1,
             "mean_stage1_batch": mean[1], "mean_stage2_batch": mean[2], "stage1_s_per_batch": dur[1],
             "stage2_s_per_batch": dur[2], "stage1_busy": busy[1], "stage2_busy": busy[2],
@@ -302,10 +331,11 @@ def pipelined_closed_loop(two: TwoStage, reqs: list, batch: int, clients: int, w
 
 
 def pipelined_fixed_rate(two: TwoStage, reqs: list, rate: float, duration: float, max_batch: int,
-                         router: str, wait_s: float = 0.0) -> dict[str, Any]:
+                         router: str, wait_s: float = 0.0, continuous: ContinuousBatcher | None = None
+                         ) -> dict[str, Any]:
     """Requests submitted one by one every ``1/rate`` s to a :class:`Pipeline`; latency = arrival to answer."""
     n = int(rate * duration)
-    with two.pipeline(router, max_batch, wait_s) as p:
+    with two.pipeline(router, max_batch, wait_s, continuous=continuous) as p:
         p.map(reqs[:max_batch], timeout_s=600)
         p.log.clear()
         lat: list[float] = []
@@ -323,7 +353,9 @@ def pipelined_fixed_rate(two: TwoStage, reqs: list, rate: float, duration: float
             f.result(timeout=600)
         served = time.perf_counter() - t0
         sizes = {k: [b for s, _, _, b in p.log if s == k] for k in (1, 2)}
-    return {"rate": rate, "requests": n, "wait_s": wait_s, "p50_s": pct(lat, 50), "p90_s": pct(lat, 90),
+        if continuous is not None:  # stage two's "batches": the joins into the running decode
+            sizes[2] = [b for k, x, _, b in list(continuous.log) if k == "prefill" and x >= t0]
+    return {"rate": rate, "continuous": continuous is not None, "requests": n, "wait_s": wait_s, "p50_s": pct(lat, 50), "p90_s": pct(lat, 90),
             "p99_s": pct(lat, 99), "mean_batch": statistics.mean(sizes[2]),
             "mean_stage1_batch": statistics.mean(sizes[1]), "achieved_req_per_s": n / served}
 
@@ -408,12 +440,13 @@ def main() -> None:
     ap.add_argument("--decode-reps", type=int, default=5, help="graphs section: timed calls per figure")
     ap.add_argument("--hbm-tbs", type=float, default=4.3, help="graphs section: memory bandwidth for the traffic "
                     "time (TB/s; 4.3 = a device-to-device copy measured on an H200, KINDS.md; datasheet 4.8)")
-    ap.add_argument("--sections", default="serial,big,stage2,fixed,pipeline,peft,agree",
+    ap.add_argument("--sections", default="serial,big,stage2,fixed,pipeline,continuous,peft,agree",
                     help="what to run (comma-separated): serial (closed loop, one batch at a time), big (the same "
                          "at --big-batch), stage2 (answer only), fixed (fixed-rate latency), pipeline (both stages "
                          "overlapped: closed loop at --batch and --big-batch, fixed rate), peft, agree, profile (GPU "
                          "kernel time per stage by category; not in the default), graphs (one decode step at "
-                         "--batch, eager vs CUDA graphs, against its memory-traffic time; not in the default)")
+                         "--batch, eager vs CUDA graphs, against its memory-traffic time; not in the default), "
+                         "continuous (the pipelined closed loop and fixed rate with stage two continuously batched)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -540,6 +573,32 @@ def main() -> None:
                       f"(mean batch {r['mean_stage1_batch']:.1f} routed / {r['mean_batch']:.1f} answered, "
                       f"served {r['achieved_req_per_s']:.1f} req/s)", flush=True)
                 save()
+
+    if "continuous" in sections:  # stage two with continuous batching (the rows join the running decode)
+        cont: dict[str, Any] = {}
+        res["continuous"] = cont
+        engine.batch_size = args.batch
+        with engine.continuous(slots=args.batch, max_queue=8 * args.batch) as cb:
+            for rk in ("mllm", "proto"):
+                cont[f"{rk}_router_batch{args.batch}"] = r = pipelined_closed_loop(
+                    two, reqs, args.batch, 3 * args.batch, args.pipe_warm, args.pipe_seconds, rk, continuous=cb)
+                print(f"continuous closed loop {rk:5s} router: {r['req_per_s']:7.2f} req/s ({r['clients']} clients; "
+                      f"routed batch {r['mean_stage1_batch']:.1f}, join {r['mean_stage2_batch']:.1f}, step "
+                      f"{1000 * r['stage2_s_per_batch']:.1f} ms; busy {r['stage1_busy']:.0%} / {r['stage2_busy']:.0%})",
+                      flush=True)
+                save()
+            for rate in _rates(args.rate):
+                for rk in ("mllm", "proto"):
+                    cont[f"fixed_rate_{rk}@{rate:g}"] = r = pipelined_fixed_rate(
+                        two, reqs, rate, args.duration, args.batch, rk, args.pipe_wait, continuous=cb)
+                    print(f"continuous fixed rate {rate:g} req/s, {rk:5s} router: p50 {r['p50_s']:.3f} s p99 "
+                          f"{r['p99_s']:.3f} s (mean routed batch {r['mean_stage1_batch']:.1f}, join "
+                          f"{r['mean_batch']:.1f}, served {r['achieved_req_per_s']:.1f} req/s)", flush=True)
+                    save()
+            cont["stats"] = dict(cb.stats)
+            cont["graph_stats"] = dict(cb.dec.stats)
+        if cuda:
+            torch.cuda.empty_cache()
 
     vs_all = {}
 

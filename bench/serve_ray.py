@@ -200,14 +200,40 @@ def _stages(handles: dict[str, Any], t_from: float, t_to: float) -> dict[str, An
         out[f"{key}_mean_batch"] = statistics.mean(b[2] for b in rows) if rows else None
         out[f"{key}_busy"] = sum(min(b[1], t_to) - b[0] for b in rows) / (t_to - t_from)
         out[f"{key}_mean_batch_s"] = statistics.mean(b[1] - b[0] for b in rows) if rows else None
+        if name == "Expert":  # continuous batching: the decode steps between the joins (empty otherwise)
+            steps = [b for b in (h[0] if isinstance(h, tuple) else h).step_log.remote().result(timeout_s=60)
+                     if t_from <= b[0] < t_to]
+            if steps:
+                out["expert_steps"] = len(steps)
+                out["expert_mean_rows_per_step"] = statistics.mean(b[2] for b in steps)
+                out["expert_step_ms"] = 1000 * statistics.mean(b[1] - b[0] for b in steps)
+                out["expert_busy"] += sum(min(b[1], t_to) - b[0] for b in steps) / (t_to - t_from)
     return out
+
+
+def _plan(args: Any) -> list[tuple[str, bool, bool]]:
+    """``(router kind, colocate, continuous)`` per configuration to serve, in order."""
+    if args.plan:
+        out = []
+        for entry in args.plan.split(","):
+            kind, *flags = entry.strip().split("+")
+            if set(flags) - {"colocate", "continuous"}:
+                raise SystemExit(f"--plan {entry!r}: flags are +colocate and +continuous")
+            out.append((kind, "colocate" in flags, "continuous" in flags))
+        return out
+    modes = {"false": [False], "true": [True], "both": [False, True]}
+    return [(k, c, n) for k in args.kinds.split(",") for c in modes[args.colocate] for n in modes[args.continuous]]
 
 
 def _stage_line(d: dict[str, Any]) -> str:
     def f(x: Any, spec: str) -> str:
         return "-" if x is None else format(x, spec)
-    return ", ".join(f"{k} batch {f(d[f'{k}_mean_batch'], '.1f')} ({f(d[f'{k}_mean_batch_s'], '.2f')} s), "
+    line = ", ".join(f"{k} batch {f(d[f'{k}_mean_batch'], '.1f')} ({f(d[f'{k}_mean_batch_s'], '.2f')} s), "
                      f"busy {f(d[f'{k}_busy'], '.0%')}" for k in ("router", "expert"))
+    if "expert_steps" in d:
+        line += (f"; {d['expert_steps']} decode steps of {d['expert_mean_rows_per_step']:.1f} rows, "
+                 f"{d['expert_step_ms']:.1f} ms each")
+    return line
 
 
 def _probe_warnings(temp_dir: str) -> int:
@@ -248,6 +274,11 @@ def main() -> None:
     ap.add_argument("--no-share-vision", action="store_true", help="each stage runs CLIP itself")
     ap.add_argument("--colocate", default="false",
                     help="serve colocate: false, true, or both (each router kind twice: separate, then one replica)")
+    ap.add_argument("--continuous", default="false",
+                    help="serve continuous (stage two joins the running decode): false, true, or both")
+    ap.add_argument("--plan", default=None,
+                    help="exact configurations instead of --kinds x --colocate x --continuous, comma-separated "
+                         "KIND[+colocate][+continuous], e.g. mllm+continuous,knn+colocate+continuous")
     ap.add_argument("--deploy-timeout", type=float, default=300.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -342,18 +373,17 @@ def main() -> None:
     grpc_port, http_port = free_port(), free_port()  # Serve's proxies start once, with the first app
     failed = []
     try:
-        modes = {"false": [False], "true": [True], "both": [False, True]}[args.colocate]
-        for kind, colocate in [(k, c) for k in args.kinds.split(",") for c in modes]:
-            name = kind + ("-colocated" if colocate else "")
+        for kind, colocate, continuous in _plan(args):
+            name = kind + ("-colocated" if colocate else "") + ("-continuous" if continuous else "")
             cfg = load_serve_cfg(None, [
                 f"results={root}", f"grpc_port={grpc_port}", f"http_port={http_port}", f"router_kind={kind}",
-                "watch_s=0", f"max_loaded_adapters={max(32, args.experts + 1)}",
+                "watch_s=0", f"max_loaded_adapters={max(32, args.experts + 1)}", f"continuous={continuous}",
                 f"share_vision_states={not args.no_share_vision}", f"colocate={colocate}", f"app_name=clsvc-{name}",
                 f"route_prefix=/clsvc-{name}", "request_timeout_s=300", f"ingress_num_cpus={min(cpus, 1)}",
                 *[f"{st}.{k}={v}" for st in ("router", "expert") for k, v in (
                     ("num_gpus", gpus), ("num_cpus", cpus), ("max_batch_size", args.batch),
                     ("batch_wait_ms", args.batch_wait_ms), ("torch_threads", 4))]])
-            r: dict[str, Any] = {"router_kind": kind, "colocate": colocate}
+            r: dict[str, Any] = {"router_kind": kind, "colocate": colocate, "continuous": continuous}
             runs[name] = r
             try:
                 measure(name, cfg, r)

@@ -11,7 +11,8 @@ every tensor it reads at a fixed address):
   tokens uses the view ``[Bb, H_kv, Lb, D]``: ``Bb`` the batch bucket (:data:`BATCH_BUCKETS`) and ``Lb`` the
   length bucket (:func:`length_bucket`, at most 12.5% over ``L + n``). The prefill (eager, transformers) writes
   rows ``:B``, columns ``:L`` (:class:`cl_service.models.generate._GrowingLayer` with storage); step ``t`` writes
-  column ``L + t`` with ``index_copy_`` at a device index.
+  column ``L + t``, scattered at a per-row device index (one column for all rows here; each row its own in
+  continuous batching, :mod:`cl_service.engine.continuous`).
 - **Attention over a fixed length.** Every step reads all ``Lb`` columns under a boolean mask kept in a static
   ``[Bb, Lb]`` buffer (the prompt's padding mask; the graph sets the new column). Columns not yet written are
   masked, and finite (the buffers start zeroed), so no ``0 * inf`` NaN leaks through the weighted sum. Padding
@@ -95,16 +96,19 @@ def unsupported(mllm: MLLM) -> str | None:
 
 
 class _StaticKV:
-    """What the decoder layers see as ``past_key_values`` in a step: writes the new token's keys/values at the
-    device index ``col`` of the static buffers and returns the whole buffers."""
+    """What the decoder layers see as ``past_key_values`` in a step: writes each row's new key/value at that
+    row's device column ``col[b]`` of the static buffers and returns the whole buffers."""
 
     def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], col: torch.Tensor) -> None:
         self.kv, self.col = kv, col
+        self._where: torch.Tensor | None = None  # col broadcast to the keys' shape, made once per step
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.kv[layer_idx]
-        k.index_copy_(2, self.col, key_states)
-        v.index_copy_(2, self.col, value_states)
+        if self._where is None:
+            self._where = self.col.view(-1, 1, 1, 1).expand_as(key_states)
+        k.scatter_(2, self._where, key_states)
+        v.scatter_(2, self._where, value_states)
         return k, v
 
 
@@ -116,7 +120,7 @@ class _Graph:
     kv: list[tuple[torch.Tensor, torch.Tensor]]   # per layer: [Bb, H_kv, Lb, D] views of the arena
     ids: torch.Tensor                             # [Bb, 1] this step's tokens
     pos: torch.Tensor                             # [Bb, 1] their positions
-    col: torch.Tensor                             # [1] the cache column they go to
+    col: torch.Tensor                             # [Bb] the cache column each row's token goes to
     mask: torch.Tensor                            # [Bb, Lb] bool, True = attend
     plan: _Plan | None                            # static LoRA row plan (None: the plain base)
     graph: torch.cuda.CUDAGraph | None = None
@@ -244,7 +248,7 @@ class GraphDecoder:
                              onehot=torch.zeros(Bb, 1, S * r, dtype=self.mllm.dtype, device=dev))
             g = _Graph(Bb, Lb, kv, ids=torch.zeros(Bb, 1, dtype=torch.long, device=dev),
                        pos=torch.zeros(Bb, 1, dtype=torch.long, device=dev),
-                       col=torch.zeros(1, dtype=torch.long, device=dev),
+                       col=torch.zeros(Bb, dtype=torch.long, device=dev),
                        mask=torch.zeros(Bb, Lb, dtype=torch.bool, device=dev), plan=plan)
             self._graphs[key] = g
             while len(self._graphs) > self.max_graphs:
@@ -336,7 +340,7 @@ class GraphDecoder:
         with self.multi.plan_block(g.plan) if g.plan is not None else contextlib.nullcontext():
             h = lm.embed_tokens(g.ids)
             pe = lm.rotary_emb(h, position_ids=g.pos)
-            g.mask.index_fill_(1, g.col, True)
+            g.mask.scatter_(1, g.col[:, None], True)
             am = g.mask[:, None, None, :]
             kv = _StaticKV(g.kv, g.col)
             for layer in lm.layers:

@@ -186,19 +186,36 @@ class Engine:
             self.multi.forget(old)
             self.paging["dropped"] += 1
 
+    def hold_adapters(self, adapters: Sequence[str | None]) -> list[str | None]:
+        """The stacked-set keys of adapter folders ``adapters`` (loaded as needed; None = the base), kept loaded
+        until :meth:`release_adapters` gives them back (a continuous batch holds a row's adapter while it decodes)."""
+        with self._multi_lock:
+            keys = [self._multi_key(a) for a in adapters]
+            used = [k for k in keys if k is not None]
+            self._trim_multi(set(used) | {k for k, n in self._pinned.items() if n > 0})
+            self._pinned.update(used)
+        return keys
+
+    def release_adapters(self, keys: Sequence[str | None]) -> None:
+        """Give back keys from :meth:`hold_adapters` (each once)."""
+        with self._multi_lock:
+            self._pinned -= Counter(k for k in keys if k is not None)  # keeps only keys still in use
+
     @contextlib.contextmanager
     def _multi_use(self, adapters: Sequence[str | None]):
         """The stacked-set keys of ``adapters`` (loaded as needed), kept loaded until the block ends."""
-        with self._multi_lock:
-            keys = [self._multi_key(a) for a in adapters]
-            used = {k for k in keys if k is not None}
-            self._trim_multi(used)
-            self._pinned.update(used)
+        keys = self.hold_adapters(adapters)
         try:
             yield keys
         finally:
-            with self._multi_lock:
-                self._pinned -= Counter(used)  # keeps only keys still in use
+            self.release_adapters(keys)
+
+    def continuous(self, **kw: Any) -> "ContinuousBatcher":
+        """Stage two with continuous batching over this engine: requests join the running decode between steps
+        (:class:`cl_service.engine.continuous.ContinuousBatcher`, which documents ``kw``)."""
+        from cl_service.engine.continuous import ContinuousBatcher
+
+        return ContinuousBatcher(self, **kw)
 
     def _run(self, path: str | None, fn):
         if path is None:

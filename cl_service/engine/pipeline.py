@@ -12,7 +12,10 @@ gathers a batch whenever it is free: everything queued, up to ``max_batch``; a r
 queue empty waits ``wait_s`` for company. At most ``depth`` routed batches wait for stage two; beyond
 that stage one waits (back-pressure), so memory stays bounded. With ``merge``, stage two takes every
 routed batch waiting when it becomes free (up to ``max_batch`` requests) and answers them as one: under
-light load stage one routes small batches as they come, and stage two still runs full ones.
+light load stage one routes small batches as they come, and stage two still runs full ones. A stage two that
+returns a ``Future`` per request instead (rows handed to a
+:class:`~cl_service.engine.continuous.ContinuousBatcher`) resolves each caller when its own row is answered,
+and takes the next routed batch at once.
 
 The stages must be safe to run in two threads at once. :class:`~cl_service.engine.engine.Engine`'s mixed
 paths are (``route_mllm`` with ``vision_states``, ``answer_mixed``, ``features``): their per-row adapter
@@ -59,7 +62,8 @@ class Pipeline:
 
     Args:
         stage1: ``items -> mid``, run on a batch of submitted items (e.g. CLIP states + routes).
-        stage2: ``(items, mid) -> results``, one result per item, in order (e.g. the experts' answers).
+        stage2: ``(items, mid) -> results``, one result per item, in order (e.g. the experts' answers), or a
+            ``Future`` per item that resolves to it.
         device: the model's device; on ``cuda`` each stage gets its own stream, and stage two waits
             for stage one's work on the batch (an event) before it starts.
         max_batch: most items per batch.
@@ -231,7 +235,11 @@ class Pipeline:
                 continue
             self.log.append((2, t0, time.perf_counter(), len(items)))
             for f, r in zip(futs, out):
-                f.set_result(r)
+                if isinstance(r, Future):  # a row handed on (continuous batching): its caller waits for it alone
+                    r.add_done_callback(lambda r, f=f: f.set_exception(r.exception()) if r.exception() is not None
+                                        else f.set_result(r.result()))
+                else:
+                    f.set_result(r)
 
 
 def _on(stream: Any):

@@ -176,17 +176,39 @@ class Router:
 
 @serve.deployment(name="Expert")
 class Expert:
-    """Stage two: answer with base + the chosen expert. One batch holds rows for any mix of experts."""
+    """Stage two: answer with base + the chosen expert. One batch holds rows for any mix of experts; with
+    ``continuous``, requests join the running decode between steps instead (:mod:`cl_service.engine.continuous`)."""
 
     def __init__(self, cfg: dict, engine: Any = None, stream: Any = None) -> None:
         self.cfg = from_dict(ServeCfg, cfg)
         run = Catalog.load(self.cfg.results, verify=False)
         self.engine = engine if engine is not None else _engine(
             run.resolved["base"], run, self.cfg.expert, self.cfg.max_loaded_adapters, self.cfg.max_host_adapters)
-        self.batcher = _batcher(self._answer, self.cfg.expert, stream)
+        self.batcher = self.cont = None
+        if self.cfg.continuous:
+            self.cont = self.engine.continuous(slots=self.cfg.expert.max_batch_size, max_queue=self.cfg.max_queued,
+                                               wait_s=self.cfg.expert.batch_wait_ms / 1000.0, stream=stream)
+            self._clock = time.time() - time.perf_counter()  # its log is in perf_counter seconds
+        else:
+            self.batcher = _batcher(self._answer, self.cfg.expert, stream)
 
     async def answer(self, sample, adapter: str, max_new_tokens: int | None, vision_states: Any = None) -> str:
-        return await self.batcher.submit((sample, adapter, max_new_tokens, vision_states))
+        queued = self.cont.queued if self.cont is not None else self.batcher.queued
+        if queued >= self.cfg.max_queued:
+            raise _busy(queued, self.cfg.max_queued)
+        if self.cont is None:
+            return await self.batcher.submit((sample, adapter, max_new_tokens, vision_states))
+        from cl_service.engine.continuous import QueueFull
+
+        err = budget_error(self.engine, sample, max_new_tokens)
+        if err is not None:
+            raise err
+        vs = None if vision_states is None else unpack_states([vision_states], "cpu")  # the worker moves it
+        try:
+            fut = self.cont.submit(sample, adapter, max_new_tokens, vs)
+        except QueueFull:
+            raise _busy(self.cont.queued, self.cfg.max_queued) from None
+        return await asyncio.wrap_future(fut)
 
     def _answer(self, items: list[tuple]) -> list:
         """Rows for different experts share each forward pass (``Engine.answer_mixed``); one call per
@@ -201,11 +223,27 @@ class Expert:
                               None if vs is None else per_sample_states(vs, samples))
 
     def batch_sizes(self) -> list[int]:
-        return [n for _, _, n in self.batcher.log]
+        return [n for _, _, n in self.batch_log()]
 
     def batch_log(self) -> list[tuple[float, float, int]]:
-        """``(start, end, size)`` of the last 1000 batches (``time.time()``)."""
-        return list(self.batcher.log)
+        """``(start, end, size)`` of the last 1000 batches (``time.time()``); with ``continuous``, of the last
+        prefills of requests joining the decode."""
+        if self.cont is None:
+            return list(self.batcher.log)
+        return self._log("prefill")
+
+    def step_log(self) -> list[tuple[float, float, int]]:
+        """With ``continuous``: ``(start, end, rows decoding)`` of the last decode steps (``time.time()``)."""
+        return self._log("step") if self.cont is not None else []
+
+    def _log(self, kind: str) -> list[tuple[float, float, int]]:
+        return [(a + self._clock, b + self._clock, n) for k, a, b, n in list(self.cont.log) if k == kind]
+
+
+def _busy(queued: int, limit: int) -> RequestError:
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the server is busy: {queued} requests already wait for an answer (max_queued={limit}); "
+                        "retry later")
 
 
 @serve.deployment(name="Ingress")
@@ -370,17 +408,23 @@ def build(cfg: ServeCfg, token: str | None = None) -> Any:
         router = Router.options(num_replicas=cfg.router.replicas, ray_actor_options=_resources(cfg.router),
                                 max_ongoing_requests=max(16, 4 * cfg.router.max_batch_size), **health).bind(d)
         expert = Expert.options(num_replicas=cfg.expert.replicas, ray_actor_options=_resources(cfg.expert),
-                                max_ongoing_requests=max(16, 4 * cfg.expert.max_batch_size), **health).bind(d)
+                                max_ongoing_requests=_ongoing(cfg, cfg.expert.max_batch_size), **health).bind(d)
     else:  # one replica (one copy of the base) runs both stages, on two CUDA streams
         from cl_service.on_ray.serve_stages import Stages
 
         stages = Stages.options(num_replicas=cfg.expert.replicas, ray_actor_options=_resources(_both(cfg)),
-                                max_ongoing_requests=max(16, 4 * (cfg.router.max_batch_size + cfg.expert.max_batch_size)),
+                                max_ongoing_requests=_ongoing(cfg, cfg.router.max_batch_size + cfg.expert.max_batch_size),
                                 **health).bind(d)
         router = expert = stages
     sha = token_sha256(token)
     return Ingress.options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=256,
                            user_config={"watch_s": cfg.watch_s}, **health).bind(router, expert, d, sha)
+
+
+def _ongoing(cfg: ServeCfg, batch: int) -> int:
+    """A replica's Serve ``max_ongoing_requests``: room for the requests it computes and the ``max_queued``
+    that may wait, so the bound a client meets is the replica's own (``RESOURCE_EXHAUSTED``)."""
+    return max(16, 4 * batch, batch + cfg.max_queued + 1)
 
 
 def _both(cfg: ServeCfg) -> StageCfg:

@@ -58,6 +58,10 @@ class Stages:
         """The answer batches' sizes (as the Expert deployment reports them)."""
         return self.expert.batch_sizes()
 
+    def step_log(self) -> list[tuple[float, float, int]]:
+        """The decode steps with ``continuous`` (as the Expert deployment reports them)."""
+        return self.expert.step_log()
+
     def batch_log(self, stage: str = "Expert") -> list[tuple[float, float, int]]:
         """``(start, end, size)`` of the last 1000 batches of ``stage`` (``Router`` or ``Expert``)."""
         return (self.router if stage == "Router" else self.expert).batch_log()

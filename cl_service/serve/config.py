@@ -88,6 +88,14 @@ class ServeCfg:
     resources together) on one copy of the base, on two CUDA streams, instead of a Router and an Expert
     deployment. On one GPU this avoids two processes time-slicing it (and a second copy of the base); separate
     deployments scale the stages apart on several GPUs."""
+    continuous: bool = False
+    """Stage two with continuous batching (:mod:`cl_service.engine.continuous`): a request joins the Expert's
+    running decode between two decode steps (up to ``expert.max_batch_size`` rows decode at once; a row leaves
+    as soon as its answer is done) instead of waiting for the batch in flight to finish. ``expert.batch_wait_ms``
+    is then how long a request that finds nothing decoding waits for company."""
+    max_queued: int = 256
+    """Requests that may wait for stage two in one Expert (or Stages) replica, to join the decode or the next
+    batch; one more gets ``RESOURCE_EXHAUSTED`` at once (clients retry later) instead of an unbounded wait."""
     share_vision_states: bool = True
     """The Router computes base CLIP states once per request and the Expert reuses them (experts without
     vision LoRA skip the CLIP pass; experts with vision LoRA recompute their own)."""
@@ -112,7 +120,7 @@ class ServeCfg:
     the client retries."""
 
     def __post_init__(self) -> None:
-        _cfgload.check_ranges(self, health_check_period_s=(0, None, "open"))
+        _cfgload.check_ranges(self, health_check_period_s=(0, None, "open"), max_queued=(1, None))
 
 
 def load_serve_cfg(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ServeCfg:

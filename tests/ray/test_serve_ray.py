@@ -153,14 +153,16 @@ def test_feature_router_kind_serves_the_runs_saved_router(app, kind, method):
 
 
 def test_colocated_stages_answer_as_the_separate_deployments(app):
-    """``colocate=true``: one Stages replica (one base) runs both stages; routes and answers equal the offline
-    evaluation's, as the Router + Expert app's do, and its batch logs show both stages ran."""
+    """``colocate=true`` with ``continuous=true``: one Stages replica (one base) runs both stages, stage two
+    with continuous batching; routes and answers equal the offline evaluation's, as the Router + Expert app's
+    do, and its logs show both stages ran (the requests joined the decode, which stepped)."""
     from ray import serve
 
     from cl_service.on_ray import serve as clserve
     from cl_service.serve.client import Client
 
-    cfg = clserve.override(app["cfg"], app_name="clsvc-colo", route_prefix="/clsvc-colo", colocate=True)
+    cfg = clserve.override(app["cfg"], app_name="clsvc-colo", route_prefix="/clsvc-colo", colocate=True,
+                           continuous=True)
     serve.run_many([serve.RunTarget(target=clserve.build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     try:
@@ -177,6 +179,7 @@ def test_colocated_stages_answer_as_the_separate_deployments(app):
         h = serve.get_deployment_handle("Stages", cfg.app_name)
         for stage in ("Router", "Expert"):
             assert sum(n for *_, n in h.batch_log.remote(stage).result(timeout_s=30)) >= len(items)
+        assert h.step_log.remote().result(timeout_s=30)
     finally:
         serve.delete(cfg.app_name)
 

@@ -1,0 +1,409 @@
+"""Continuous batching for stage two: requests join the running decode between steps.
+
+Batch-at-a-time answering (:meth:`Engine.answer_mixed`) makes a request that arrives while a batch decodes
+wait for that whole batch, then for its own; under light load a lone request waits for company, under heavy
+load short answers wait for the longest one in their batch. :class:`ContinuousBatcher` keeps one running
+decode instead:
+
+- **Slots.** A fixed number of rows (``slots``), each with its own KV-cache row in static buffers of
+  ``[slots, H_kv, Lb, D]`` per layer (the :class:`~cl_service.engine.cudagraphs.GraphDecoder` arena), its own
+  cache column, position, adapter and answer length. A step decodes one token for every live row, in the
+  smallest batch bucket that holds the highest live slot, as a replayed CUDA graph on a GPU (the captured step
+  writes each row's key/value at that row's column) or the same static-buffer step run eagerly on the CPU.
+- **Joining.** Between two steps, the requests waiting (oldest first, any mix of experts) are prefilled
+  together through the stacked multi-adapter path (:class:`~cl_service.engine.multilora.MultiLoRA`: each row
+  its expert's LoRA and projector, CLIP states given by stage one reused), their keys/values copied into free
+  slots, and their first token taken from the prefill. They decode from the next step on.
+- **Leaving.** A row that emits EOS or reaches its ``max_new_tokens`` resolves its future at once and frees its
+  slot (and its hold on the adapter, :meth:`Engine.hold_adapters`); the next waiting request takes it.
+- **Back-pressure.** At most ``max_queue`` requests wait to join; :meth:`submit` then raises
+  :class:`QueueFull` (a server answers ``RESOURCE_EXHAUSTED``), or waits up to its ``timeout_s`` for room.
+  Nothing waits without bound.
+- **Fairness.** Joining is first come, first served over all experts; no expert's rows can hold a slot longer
+  than their own answer.
+
+Answers equal :meth:`Engine.answer_mixed`'s for the same rows (the decode reads a longer, masked cache, so in
+bf16 they may differ at a near-tie, as CUDA-graph decoding may). One worker thread owns the decoder (its own
+arena and graphs, not the engine's) and, on a GPU, its own high-priority CUDA stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cl_service.data.schema import Sample
+from cl_service.engine.cudagraphs import GraphDecoder, _Graph, batch_bucket, length_bucket
+from cl_service.engine.multilora import _Plan
+from cl_service.models.generate import _growing_cache
+
+__all__ = ["ContinuousBatcher", "QueueFull"]
+
+
+class QueueFull(RuntimeError):
+    """Too many requests wait to join the running decode (:attr:`ContinuousBatcher.max_queue`)."""
+
+
+@dataclass
+class _Pending:
+    sample: Sample
+    adapter: str | None
+    max_new: int
+    states: torch.Tensor | None    # the sample's CLIP states [n_img, k, d] (any device) or None
+    ready: Any                     # a CUDA event the states' producer recorded, or None
+    fut: Future
+    t: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Row:
+    fut: Future
+    key: str | None
+    max_new: int
+    slot: int
+    col: int                       # the cache column the next token's key/value go to
+    pos: int                       # its position id
+    tokens: list[int]
+    t: float                       # submitted (perf_counter)
+
+
+class ContinuousBatcher:
+    """Stage two of two-stage inference with continuous batching (see the module doc).
+
+    Args:
+        engine: the :class:`~cl_service.engine.Engine` whose base, stacked adapters and tokenizer answer.
+        slots: rows decoding at once (the arena holds this many, rounded up to a batch bucket).
+        max_queue: requests that may wait to join; beyond it :meth:`submit` raises :class:`QueueFull`.
+        max_prefill: most requests joining in one prefill (default: ``slots``); a smaller value shortens the
+            pause a large join puts on the rows decoding.
+        max_new_tokens: a request's answer length when it names none (default: the engine's).
+        capture: replay captured CUDA graphs on a GPU (default: the engine's ``cuda_graphs`` setting); the CPU
+            always runs the same step eagerly.
+        wait_s: when nothing decodes, how long the first request waits for company before it is prefilled
+            (a request arriving while rows decode joins at the next step without waiting).
+        stream: the CUDA stream the worker runs on (default: a new one at high priority).
+    """
+
+    def __init__(self, engine: Any, slots: int = 64, max_queue: int = 256, max_prefill: int | None = None,
+                 max_new_tokens: int | None = None, capture: bool | None = None, wait_s: float = 0.0,
+                 stream: Any = None, name: str = "clsvc-continuous") -> None:
+        if slots < 1 or max_queue < 1 or (max_prefill is not None and max_prefill < 1):
+            raise ValueError(f"slots, max_queue and max_prefill must be >= 1 (got {slots}, {max_queue}, {max_prefill})")
+        if wait_s < 0:
+            raise ValueError(f"wait_s must be >= 0, got {wait_s}")
+        self.wait_s = float(wait_s)
+        self.engine, self.mllm = engine, engine.mllm
+        self.slots, self.max_queue = int(slots), int(max_queue)
+        self.max_prefill = int(max_prefill or slots)
+        self.max_new_tokens = int(max_new_tokens or engine.max_new_tokens)
+        cuda = self.mllm.device.type == "cuda"
+        if capture is None:
+            capture = bool(engine.cuda_graphs)
+        self.dec = GraphDecoder(self.mllm, engine.multi, capture=bool(capture) and cuda)
+        if self.dec.reason is not None:
+            raise ValueError(f"continuous batching is not available for this base: {self.dec.reason}")
+        self.cap = batch_bucket(self.slots, self.dec.buckets)
+        #: "prefills", "joined", "steps", "finished", "failed", "queue_full", "arena_grown", "max_live"
+        self.stats: Counter[str] = Counter()
+        #: ``(kind, start, end, rows)`` of the last 2000 prefills ("prefill") and steps ("step"), perf_counter s
+        self.log: deque[tuple[str, float, float, int]] = deque(maxlen=2000)
+        self._queue: deque[_Pending] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._rows: dict[int, _Row] = {}            # slot -> row
+        self._Lb = 0                                 # cache length of the arena (0: none yet)
+        self._views: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # [cap, H, Lb, D] per layer
+        self._mask: torch.Tensor | None = None       # [cap, Lb] bool: the master attention mask
+        self._idx = torch.zeros(self.cap, dtype=torch.long, device=self.mllm.device)  # slot -> adapter stack slot
+        self._stacks: Any = None                     # the adapter stacks _idx refers to
+        self._synced: _Graph | None = None           # the graph whose buffers hold the live mask (else _mask)
+        self._stream = (stream if stream is not None else torch.cuda.Stream(self.mllm.device, priority=-1)) if cuda \
+            else None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def live(self) -> int:
+        return len(self._rows)
+
+    def submit(self, sample: Sample, adapter: str | None, max_new_tokens: int | None = None,
+               vision_states: torch.Tensor | None = None, timeout_s: float | None = None) -> Future:
+        """Queue one request: its answer from base + ``adapter`` (a folder; None = the plain base), as a future.
+
+        ``vision_states``: the sample's CLIP states ``[n_img, k, d]`` from stage one (CPU or this device), so the
+        prefill skips the CLIP pass. A full queue raises :class:`QueueFull` at once, or after waiting up to
+        ``timeout_s`` for room."""
+        ready = None
+        if vision_states is not None and vision_states.is_cuda:  # stage one's stream may still be writing it
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(vision_states.device))
+        item = _Pending(sample, adapter, int(max_new_tokens or self.max_new_tokens), vision_states, ready, Future())
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cv:
+            while len(self._queue) >= self.max_queue and not self._closed:
+                left = 0.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    self.stats["queue_full"] += 1
+                    raise QueueFull(f"{len(self._queue)} requests already wait for stage two (max_queue="
+                                    f"{self.max_queue}); retry later")
+                self._cv.wait(left)
+            if self._closed:
+                raise RuntimeError("continuous batcher is closed")
+            self._queue.append(item)
+            self._cv.notify_all()
+        return item.fut
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Finish what was submitted, then stop the worker (bounded by ``timeout_s``)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError(f"continuous batcher did not finish within {timeout_s:.0f} s")
+
+    def __enter__(self) -> "ContinuousBatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            while True:
+                with self._cv:
+                    while not self._queue and not self._rows and not self._closed:
+                        self._cv.wait()
+                    if self._closed and not self._queue and not self._rows:
+                        return
+                    if not self._rows and self.wait_s > 0:  # idle: the first request waits a little for company
+                        deadline = self._queue[0].t + self.wait_s
+                        while (len(self._queue) < min(self.slots, self.max_prefill) and not self._closed
+                               and time.perf_counter() < deadline):
+                            self._cv.wait(max(0.0, deadline - time.perf_counter()))
+                    free = self.slots - len(self._rows)
+                    n = min(free, self.max_prefill, self.engine.batch_size, len(self._queue))
+                    take = [self._queue.popleft() for _ in range(n)]
+                    if take:
+                        self._cv.notify_all()  # room in the queue
+                take = [p for p in take if p.fut.set_running_or_notify_cancel()]  # callers that gave up: skipped
+                try:
+                    if take:
+                        self._join(take)
+                    if self._rows:
+                        self._step()
+                except BaseException as e:  # noqa: BLE001 - the rows in flight get it; the worker goes on
+                    self._fail_all(e)
+
+    @torch.no_grad()
+    def _join(self, take: list[_Pending]) -> None:
+        """Prefill ``take`` together (one by one when that fails, so a bad row fails alone) into free slots."""
+        try:
+            self._prefill_into_slots(take)
+        except Exception as e:  # noqa: BLE001
+            if len(take) == 1:
+                self._fail(take, e)
+                return
+            for p in take:
+                try:
+                    self._prefill_into_slots([p])
+                except Exception as e1:  # noqa: BLE001 - this row's own error
+                    self._fail([p], e1)
+
+    def _prefill_into_slots(self, take: list[_Pending]) -> None:
+        eng, mllm = self.engine, self.mllm
+        t0 = time.perf_counter()
+        keys = eng.hold_adapters([p.adapter for p in take])  # a missing or broken adapter raises here
+        try:
+            samples = [p.sample for p in take]
+            states = None
+            if all(p.states is not None for p in take):
+                for p in take:
+                    if p.ready is not None:
+                        torch.cuda.current_stream().wait_event(p.ready)
+                states = torch.cat([p.states.to(mllm.device, non_blocking=True) for p in take])
+            chunk, ck, feats = next(eng._mixed_chunks(samples, keys, states))
+            if len(chunk) != len(take):
+                raise RuntimeError(f"engine batch_size {eng.batch_size} is below the join of {len(take)}")
+            with mllm.adapters_disabled(), eng.multi.rows(ck):
+                batch = mllm.collate(chunk, train=False, pixels=not torch.is_tensor(feats))
+                mask = batch["attention_mask"].to(mllm.device)
+                L = mask.shape[1]
+                res = mllm.model(inputs_embeds=mllm.embed(batch, image_features=feats), attention_mask=mask,
+                                 position_ids=batch["position_ids"].to(mllm.device), use_cache=True,
+                                 logits_to_keep=1, past_key_values=_growing_cache(L))
+            first = res.logits[:, -1].argmax(-1).tolist()  # also waits for the prefill (the states may go)
+            kv = [(layer.keys, layer.values) for layer in res.past_key_values.layers]
+            need = L + max(p.max_new for p in take)
+            self._ensure_arena(need)
+            free = [s for s in range(self.cap) if s < self.slots and s not in self._rows][:len(take)]
+            at = torch.tensor(free, device=mllm.device)
+            self._flush()
+            for (k, v), (K, V) in zip(self._views, kv):
+                k[:, :, :L].index_copy_(0, at, K)
+                v[:, :, :L].index_copy_(0, at, V)
+            self._mask[at] = False
+            self._mask[at, :L] = mask.bool()
+            n_real = mask.sum(1).tolist()
+        except BaseException:
+            eng.release_adapters(keys)
+            raise
+        self._remap(force=True)
+        stacks_slots = self._slots_now()
+        for p, key, s, tok, n in zip(take, keys, free, first, n_real):
+            self._idx[s] = stacks_slots.get(key, 0) if key is not None else 0
+            self._rows[s] = _Row(p.fut, key, p.max_new, s, col=L, pos=int(n), tokens=[tok], t=p.t)
+            self._check_done(s)
+        self.stats["prefills"] += 1
+        self.stats["joined"] += len(take)
+        self.stats["max_live"] = max(self.stats["max_live"], len(self._rows))
+        self.log.append(("prefill", t0, time.perf_counter(), len(take)))
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        self._remap()
+        Bb = batch_bucket(max(self._rows) + 1, self.dec.buckets)
+        g = self.dec._entry(Bb, self._Lb, self._lora_template())
+        if g is None:
+            raise torch.OutOfMemoryError("no memory for the continuous batch's decode buffers")
+        if self._synced is not g:
+            self._flush()
+            g.mask.copy_(self._mask[:Bb])
+            if g.plan is not None:
+                S = g.plan.onehot.shape[-1] // g.plan.rank
+                g.plan.idx.copy_(self._idx[:Bb])
+                g.plan.onehot.copy_(F.one_hot(g.plan.idx, S).to(g.plan.onehot.dtype)
+                                    .repeat_interleave(g.plan.rank, dim=1).unsqueeze(1))
+            self._synced = g
+        ids, pos, col = [0] * Bb, [0] * Bb, [0] * Bb  # free slots: token 0 at column 0, ignored
+        for s, r in self._rows.items():
+            ids[s], pos[s], col[s] = r.tokens[-1], r.pos, r.col
+        dev = torch.tensor([ids, pos, col], dtype=torch.long).to(self.mllm.device)
+        g.ids[:, 0].copy_(dev[0])
+        g.pos[:, 0].copy_(dev[1])
+        g.col.copy_(dev[2])
+        if self.dec.capture and g.graph is None and self.dec.reason is None:
+            try:
+                self.dec._capture(g)
+            except Exception as e:  # noqa: BLE001 - stay correct: decode on eagerly
+                self.dec.reason = f"capture failed: {type(e).__name__}: {e}"[:400]
+                self.dec.capture = False
+        if g.graph is not None and self.dec.capture:
+            g.graph.replay()
+            logits = g.logits
+        else:
+            logits = self.dec._forward(g)
+        nxt = logits[:Bb].argmax(-1).tolist()
+        self.stats["steps"] += 1
+        rows = len(self._rows)
+        for s in list(self._rows):
+            r = self._rows[s]
+            r.tokens.append(nxt[s])
+            r.col += 1
+            r.pos += 1
+            self._check_done(s)
+        self.log.append(("step", t0, time.perf_counter(), rows))
+
+    # ------------------------------------------------------------------ rows and buffers
+    def _check_done(self, s: int) -> None:
+        r = self._rows[s]
+        eos = self.mllm.eos_id
+        if r.tokens[-1] != eos and len(r.tokens) < r.max_new:
+            return
+        del self._rows[s]
+        self.engine.release_adapters([r.key])
+        self._flush()
+        self._mask[s] = False
+        self._mask[s, 0] = True  # a free slot attends its column 0 (finite, ignored): no empty softmax
+        self._idx[s] = 0
+        row = r.tokens[: r.tokens.index(eos)] if eos in r.tokens else r.tokens
+        self.stats["finished"] += 1
+        r.fut.set_result(self.mllm.tokenizer.decode(row, skip_special_tokens=True).strip())
+
+    def _flush(self) -> None:
+        """Bring the master mask up to date with the graph buffers the last steps wrote, and mark every
+        graph's buffers stale (the next step loads them from the master)."""
+        g, self._synced = self._synced, None
+        if g is not None and self._mask is not None and g.Lb == self._Lb:
+            self._mask[:g.Bb].copy_(g.mask)
+
+    def _ensure_arena(self, need: int) -> None:
+        """Static buffers whose cache length holds ``need`` positions; the live rows' keys, values and mask move
+        along when they grow (when no row is live, an arena more than twice too long shrinks)."""
+        Lb = length_bucket(need)
+        if self._views is not None and (Lb <= self._Lb and (self._rows or 2 * Lb > self._Lb)):
+            return
+        if self._views is not None and self._rows:
+            self._flush()
+        live = sorted(self._rows)
+        at = torch.tensor(live, dtype=torch.long, device=self.mllm.device)
+        keep = [(k.index_select(0, at), v.index_select(0, at)) for k, v in self._views] if live else []
+        old_mask, old_L = self._mask, self._Lb
+        self.dec.clear()
+        self._views, self._synced = None, None
+        views = self.dec._views(self.cap, Lb)
+        if views is None:
+            raise torch.OutOfMemoryError(f"no memory for a continuous batch of {self.cap} x {Lb} positions")
+        self._views, self._Lb = views, Lb
+        self._mask = torch.zeros(self.cap, Lb, dtype=torch.bool, device=self.mllm.device)
+        self._mask[:, 0] = True
+        if live:
+            for (k, v), (K, V) in zip(views, keep):
+                k[:, :, :old_L].index_copy_(0, at, K)
+                v[:, :, :old_L].index_copy_(0, at, V)
+            self._mask[at] = False
+            self._mask[at, :old_L] = old_mask[at]
+        self.stats["arena_grown"] += 1
+
+    def _slots_now(self) -> dict[str, int]:
+        return self.engine.multi._build()[1]
+
+    def _remap(self, force: bool = False) -> None:
+        """Adapters loaded or dropped since the last step rebuild the stacks (slot numbers may move): point each
+        live row at its adapter's slot in the new stacks."""
+        stacks, slots, _ = self.engine.multi._build()
+        if stacks is self._stacks and not force:
+            return
+        self._flush()
+        self._stacks = stacks
+        for s, r in self._rows.items():
+            self._idx[s] = slots[r.key] if r.key is not None else 0
+
+    def _lora_template(self) -> _Plan | None:
+        stacks, _, r = self.engine.multi._build()
+        if not stacks:
+            return None
+        return _Plan(stacks=stacks, rank=r, vision=False, idx=self._idx, uniform=None)
+
+    def _fail(self, items: list[_Pending], e: BaseException) -> None:
+        for p in items:
+            if not p.fut.done():
+                p.fut.set_exception(e)
+        self.stats["failed"] += len(items)
+
+    def _fail_all(self, e: BaseException) -> None:
+        """A step failed: every live row gets the error, and the decoder starts over from empty buffers."""
+        rows, self._rows = list(self._rows.values()), {}
+        for r in rows:
+            self.engine.release_adapters([r.key])
+            if not r.fut.done():
+                r.fut.set_exception(e)
+        self.stats["failed"] += len(rows)
+        self.dec.clear()
+        self._views, self._mask, self._Lb, self._synced, self._stacks = None, None, 0, None, None
+        self._idx.zero_()
