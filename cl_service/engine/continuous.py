@@ -305,8 +305,10 @@ class ContinuousBatcher:
                 self.dec.capture = False
         if g.graph is not None and self.dec.capture:
             g.graph.replay()
+            self.dec.stats["replays"] += 1
             logits = g.logits
         else:
+            self.dec.stats["eager_steps"] += 1
             logits = self.dec._forward(g)
         nxt = logits[:Bb].argmax(-1).tolist()
         self.stats["steps"] += 1
