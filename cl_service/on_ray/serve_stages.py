@@ -11,6 +11,7 @@ deployments (``route`` then ``answer``), so routing, validation, hot add and err
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from ray import serve
@@ -19,6 +20,9 @@ from cl_service._cfgload import from_dict
 from cl_service.on_ray.serve import Expert, Router, _engine
 from cl_service.serve.catalog import Catalog
 from cl_service.serve.config import ServeCfg
+
+
+_SWITCH_S = 0.0005  # the GIL's switch interval in a Stages replica (Python's default: 0.005)
 
 
 def _streams(engine: Any) -> tuple[Any, Any]:
@@ -38,6 +42,11 @@ class Stages:
     batches) over one shared engine."""
 
     def __init__(self, cfg: dict) -> None:
+        # Two model threads share this process's GIL. A thread blocked on a CUDA sync (stage two's decode step)
+        # takes the GIL back only after the interpreter's switch interval (5 ms by default) while the other
+        # thread launches an eager prefill; a step needs it several times, so its 10 ms became ~100 ms on an
+        # H200 with the MLLM router beside it (BENCHMARKS.md). A shorter interval keeps those waits short.
+        sys.setswitchinterval(_SWITCH_S)
         c = from_dict(ServeCfg, cfg)
         run = Catalog.load(c.results, verify=False)
         stage = c.expert if c.expert.max_batch_size >= c.router.max_batch_size else c.router

@@ -471,3 +471,48 @@ def test_a_killed_router_or_expert_replica_costs_a_retrying_client_nothing(app, 
                    "lost" in details for code, details in r["raw_failed"]), (summary, r["raw_failed"])
         assert len(r["raw_failed"]) + r["retries"] >= 1, summary  # requests were inside the killed replica
         assert r["recovery_s"] is not None and 0 < r["recovery_s"] < 60, summary
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_expert_refuses_past_max_queued(app, continuous):
+    """An Expert replica (its class, in process) whose model is held busy: ``max_queued`` requests wait, the next
+    gets ``RESOURCE_EXHAUSTED`` at once, and the waiting ones are answered once the model is free."""
+    import asyncio
+    import threading
+
+    from cl_service._cfgload import to_dict
+    from cl_service.on_ray import serve as clserve
+    from cl_service.serve.catalog import Catalog, RequestError
+
+    cfg = clserve.override(app["cfg"], continuous=continuous, max_queued=2, **{"expert.batch_wait_ms": 0.0})
+    expert = clserve.Expert.func_or_class(to_dict(cfg))
+    adapter = str(Catalog.load(cfg.results).find("Med").path)
+    gate = threading.Event()
+    if continuous:
+        join = expert.cont._join
+        expert.cont._join = lambda take: (gate.wait(60), join(take))
+    else:
+        run = expert.batcher.fn
+
+        async def held(items):
+            await asyncio.to_thread(gate.wait, 60)
+            return await run(items)
+
+        expert.batcher.fn = held
+    s = _samples(app["shards"], "Med")
+
+    async def drive():
+        first = asyncio.ensure_future(expert.answer(s[0], adapter, 2))
+        await asyncio.sleep(0.3)  # the first request is taken by the model (held at the gate)
+        waiting = [asyncio.ensure_future(expert.answer(x, adapter, 2)) for x in s[1:3]]
+        await asyncio.sleep(0.2)
+        with pytest.raises(RequestError) as ei:
+            await expert.answer(s[3], adapter, 2)
+        gate.set()
+        return ei.value, await asyncio.wait_for(asyncio.gather(first, *waiting), 120)
+
+    err, answers = asyncio.run(drive())
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued=2" in err.message
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    if continuous:
+        expert.cont.close()
