@@ -39,8 +39,8 @@ TEST_PER_TASK = {5: 20, 10: 16, 20: 10, 50: 6}
 
 
 def _router_steps(n: int) -> int:
-    """MLLM router training steps (batch 8), retrained from the base as ``router.mode=retrain`` does: dcl_mini.yaml's
-    120, more for long pools, far short of the paper's ~40 epochs (9.6 epochs of 5 x 20 samples at N = 5, 1.9 at
+    """MLLM router training steps (batch 8), retrained from the base as ``router.mode=retrain`` does: 120 (what
+    dcl_mini.yaml used when these curves were measured; it now continues its router for 80), more for long pools, far short of the paper's ~40 epochs (9.6 epochs of 5 x 20 samples at N = 5, 1.9 at
     N = 50), within the time budget (200 steps at N = 5 routed no better: 72% against 79%)."""
     return {5: 120, 10: 120, 20: 160}.get(n, 240)
 
