@@ -27,3 +27,32 @@ def ray_local():
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     yield ray
     ray.shutdown()
+
+
+def _rs_job(out_dir, tiny_base, dcl_shards):
+    """The job the Ray Train tests kill and resume: 6 steps of a rank-4 LoRA on RS, batch 4, lr 1e-2, seed 0."""
+    from cl_service.adapters.lora import LoraCfg
+    from cl_service.train.job import DataPart, TrainJob
+    from cl_service.train.loop import TrainCfg
+
+    return TrainJob(name="expert/RS", kind="expert", task="RS", out_dir=str(out_dir), base_path=str(tiny_base),
+                    dataset=str(dcl_shards), parts=(DataPart("RS"),), lora=LoraCfg(rank=4, alpha=8),
+                    train=TrainCfg(lr=1e-2, max_steps=6, batch_size=4), description="RS", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(ray_local, tmp_path_factory, tiny_base, dcl_shards):
+    """An uninterrupted run of ``_rs_job`` on 2 gloo workers, a group of its own: what a killed
+    and resumed run must equal (tests/ray/test_train_ray.py, per-stage groups; test_train_persistent.py, one group
+    for every stage). Trained once per session: ``{"weights_key": ..., "log": train_log.json}``; a test compares
+    only a job of the same ``weights_key`` (everything that determines the trained weights)."""
+    import json
+
+    from cl_service.config import RayCfg
+    from cl_service.on_ray.train import RayTrainer
+
+    tmp = tmp_path_factory.mktemp("ddp-reference")
+    job = _rs_job(tmp / "uninterrupted", tiny_base, dcl_shards)
+    cfg = RayCfg(num_workers=2, cpus_per_worker=1, max_failures=2, checkpoint_every=2, timeout_s=300)
+    RayTrainer(cfg, str(tmp / "storage")).fit([job])
+    return {"weights_key": job.weights_key(), "log": json.loads((tmp / "uninterrupted" / "train_log.json").read_text())}

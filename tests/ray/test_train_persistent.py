@@ -36,7 +36,8 @@ def _wait_cpus(ray, n: float, within_s: float = 30) -> bool:
     return False
 
 
-def test_one_group_trains_stage_after_stage_and_a_killed_worker_resumes(ray_local, tmp_path, tiny_base, dcl_shards):
+def test_one_group_trains_stage_after_stage_and_a_killed_worker_resumes(ray_local, tmp_path, tiny_base, dcl_shards,
+                                                                        ddp_reference):
     from cl_service.on_ray.train import RayTrainer
 
     a = _job(tmp_path, tiny_base, dcl_shards)
@@ -63,11 +64,12 @@ def test_one_group_trains_stage_after_stage_and_a_killed_worker_resumes(ray_loca
     log = json.loads(Path(a.out_dir, "train_log.json").read_text())
     assert log["world_size"] == 2 and log["resumed_from_step"] == 2 and log["steps"] == 6
     assert _checkpoint_dirs(storage) == []
-    # The same numbers as a group per stage, uninterrupted.
-    whole = a.replace(out_dir=str(tmp_path / "uninterrupted"))
-    RayTrainer(cfg, str(tmp_path / "storage2")).fit([whole])
-    ref = json.loads(Path(whole.out_dir, "train_log.json").read_text())
-    assert ref["resumed_from_step"] == 0 and log["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
+    # The same numbers as a group per stage, uninterrupted: the session's run of this very job (same weights_key)
+    # on 2 workers in a non-persistent group (ddp_reference, conftest).
+    assert a.weights_key() == ddp_reference["weights_key"]
+    ref = ddp_reference["log"]
+    assert ref["world_size"] == 2 and ref["resumed_from_step"] == 0
+    assert log["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=1e-7)
     assert _wait_cpus(ray_local, 2)
 
 
