@@ -161,3 +161,25 @@ def test_ray_timeout_bounds_a_run_that_cannot_be_scheduled_and_the_cluster_stays
     assert not Path(job.out_dir).exists()
     RayTrainer(RayCfg(num_workers=1, cpus_per_worker=1, timeout_s=300), str(tmp_path / "s2")).fit([job])
     assert read_adapter(job.out_dir, job.key())["id"] == "expert:RS"
+
+
+def test_parallel_experts_train_independent_jobs_as_concurrent_runs(ray_local, tmp_path, tiny_base, dcl_shards):
+    """``ray.parallel_experts``: a stage's independent jobs get a worker group each, at once (on GPUs: different
+    GPUs); each adapter equals the one the same job trains in a shared group, one job after another."""
+    from cl_service.on_ray.train import RayTrainer
+
+    def jobs(root):
+        rs = _job(root, tiny_base, dcl_shards, steps=3)
+        med = _job(root, tiny_base, dcl_shards, name="expert/Med", steps=3).replace(task="Med", parts=(DataPart("Med"),))
+        return [rs, med]
+
+    par, seq = jobs(tmp_path / "par"), jobs(tmp_path / "seq")
+    times = RayTrainer(RayCfg(num_workers=1, cpus_per_worker=1, parallel_experts=True, timeout_s=300),
+                       str(tmp_path / "storage")).fit(par)
+    assert set(times) == {"expert/RS", "expert/Med"}  # one run per job
+    together = RayTrainer(RayCfg(num_workers=1, cpus_per_worker=1, timeout_s=300), str(tmp_path / "storage2")).fit(seq)
+    assert set(together) == {"expert/RS+expert/Med"}
+    for a, b in zip(par, seq):
+        assert read_adapter(a.out_dir, a.key())["id"] == read_adapter(b.out_dir, b.key())["id"]
+        la, lb = (json.loads(open(f"{j.out_dir}/train_log.json").read()) for j in (a, b))
+        assert la["steps"] == 3 and la["losses"] == pytest.approx(lb["losses"], rel=1e-6, abs=1e-7)
