@@ -38,10 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from cl_service.data.schema import Sample
-from cl_service.engine.cudagraphs import GraphDecoder, _Graph, batch_bucket, length_bucket
+from cl_service.engine.cudagraphs import GraphDecoder, _Graph, batch_bucket, fill_onehot, length_bucket
 from cl_service.engine.multilora import _Plan
 from cl_service.models.generate import _growing_cache
 
@@ -68,11 +67,9 @@ class _Row:
     fut: Future
     key: str | None
     max_new: int
-    slot: int
     col: int                       # the cache column the next token's key/value go to
     pos: int                       # its position id
     tokens: list[int]
-    t: float                       # submitted (perf_counter)
 
 
 class ContinuousBatcher:
@@ -262,11 +259,10 @@ class ContinuousBatcher:
         except BaseException:
             eng.release_adapters(keys)
             raise
-        self._remap(force=True)
-        stacks_slots = self._slots_now()
         for p, key, s, tok, n in zip(take, keys, free, first, n_real):
-            self._idx[s] = stacks_slots.get(key, 0) if key is not None else 0
-            self._rows[s] = _Row(p.fut, key, p.max_new, s, col=L, pos=int(n), tokens=[tok], t=p.t)
+            self._rows[s] = _Row(p.fut, key, p.max_new, col=L, pos=int(n), tokens=[tok])
+        self._remap(force=True)  # the new rows' adapter slots (their loads may have rebuilt the stacks)
+        for s in free:
             self._check_done(s)
         self.stats["prefills"] += 1
         self.stats["joined"] += len(take)
@@ -276,19 +272,18 @@ class ContinuousBatcher:
     @torch.no_grad()
     def _step(self) -> None:
         t0 = time.perf_counter()
-        self._remap()
+        stacks, rank = self._remap()
         Bb = batch_bucket(max(self._rows) + 1, self.dec.buckets)
-        g = self.dec._entry(Bb, self._Lb, self._lora_template())
+        lora = _Plan(stacks=stacks, rank=rank, vision=False, idx=self._idx, uniform=None) if stacks else None
+        g = self.dec._entry(Bb, self._Lb, lora)
         if g is None:
             raise torch.OutOfMemoryError("no memory for the continuous batch's decode buffers")
         if self._synced is not g:
             self._flush()
             g.mask.copy_(self._mask[:Bb])
             if g.plan is not None:
-                S = g.plan.onehot.shape[-1] // g.plan.rank
                 g.plan.idx.copy_(self._idx[:Bb])
-                g.plan.onehot.copy_(F.one_hot(g.plan.idx, S).to(g.plan.onehot.dtype)
-                                    .repeat_interleave(g.plan.rank, dim=1).unsqueeze(1))
+                fill_onehot(g.plan)
             self._synced = g
         ids, pos, col = [0] * Bb, [0] * Bb, [0] * Bb  # free slots: token 0 at column 0, ignored
         for s, r in self._rows.items():
@@ -372,25 +367,16 @@ class ContinuousBatcher:
             self._mask[at, :old_L] = old_mask[at]
         self.stats["arena_grown"] += 1
 
-    def _slots_now(self) -> dict[str, int]:
-        return self.engine.multi._build()[1]
-
-    def _remap(self, force: bool = False) -> None:
+    def _remap(self, force: bool = False) -> tuple[dict, int]:
         """Adapters loaded or dropped since the last step rebuild the stacks (slot numbers may move): point each
-        live row at its adapter's slot in the new stacks."""
-        stacks, slots, _ = self.engine.multi._build()
-        if stacks is self._stacks and not force:
-            return
-        self._flush()
-        self._stacks = stacks
-        for s, r in self._rows.items():
-            self._idx[s] = slots[r.key] if r.key is not None else 0
-
-    def _lora_template(self) -> _Plan | None:
-        stacks, _, r = self.engine.multi._build()
-        if not stacks:
-            return None
-        return _Plan(stacks=stacks, rank=r, vision=False, idx=self._idx, uniform=None)
+        live row at its adapter's slot in the new stacks. Returns the current ``(stacks, rank)``."""
+        stacks, slots, rank = self.engine.multi._build()
+        if stacks is not self._stacks or force:
+            self._flush()
+            self._stacks = stacks
+            for s, r in self._rows.items():
+                self._idx[s] = slots[r.key] if r.key is not None else 0
+        return stacks, rank
 
     def _fail(self, items: list[_Pending], e: BaseException) -> None:
         for p in items:

@@ -95,6 +95,12 @@ def unsupported(mllm: MLLM) -> str | None:
     return None
 
 
+def fill_onehot(plan: _Plan) -> None:
+    """Write the one-hot rows ``[Bb, 1, S*r]`` of a static row plan from its slot indices ``plan.idx``."""
+    S = plan.onehot.shape[-1] // plan.rank
+    plan.onehot.copy_(F.one_hot(plan.idx, S).to(plan.onehot.dtype).repeat_interleave(plan.rank, dim=1).unsqueeze(1))
+
+
 class _StaticKV:
     """What the decoder layers see as ``past_key_values`` in a step: writes each row's new key/value at that
     row's device column ``col[b]`` of the static buffers and returns the whole buffers."""
@@ -291,11 +297,9 @@ class GraphDecoder:
         g.ids.zero_()
         g.pos.zero_()
         if g.plan is not None:
-            S = g.plan.onehot.shape[-1] // g.plan.rank
             g.plan.idx.zero_()
             g.plan.idx[:B] = lora.idx
-            g.plan.onehot.copy_(F.one_hot(g.plan.idx, S).to(g.plan.onehot.dtype)
-                                .repeat_interleave(g.plan.rank, dim=1).unsqueeze(1))
+            fill_onehot(g.plan)
 
     def _step(self, g: _Graph, B: int, tokens: torch.Tensor, positions: torch.Tensor, column: int
               ) -> torch.Tensor | None:

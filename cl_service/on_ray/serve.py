@@ -193,10 +193,9 @@ class Expert:
             self.batcher = _batcher(self._answer, self.cfg.expert, stream)
 
     async def answer(self, sample, adapter: str, max_new_tokens: int | None, vision_states: Any = None) -> str:
-        queued = self.cont.queued if self.cont is not None else self.batcher.queued
-        if queued >= self.cfg.max_queued:
-            raise _busy(queued, self.cfg.max_queued)
         if self.cont is None:
+            if self.batcher.queued >= self.cfg.max_queued:
+                raise _busy(self.batcher.queued, self.cfg.max_queued)
             return await self.batcher.submit((sample, adapter, max_new_tokens, vision_states))
         from cl_service.engine.continuous import QueueFull
 
