@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     from cl_service.data.shards import ShardDataset
     from cl_service.serve.client import Client
 
-    resolved = json.loads((results / "config.resolved.json").read_text())
+    from cl_service.resolved import read_resolved
+
+    resolved = read_resolved(results)
     ds = ShardDataset(resolved["dataset"])
     items = [s for t in resolved["tasks"] for s in ds.iter_samples(t, "test") if s.id in offline]
     if not items:

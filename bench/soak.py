@@ -40,11 +40,13 @@ from bench.serve_proc import ServeProcess, test_items  # noqa: E402
 
 def held_back_copy(results: Path, dest: Path) -> tuple[Path, str, Path]:
     """``results`` copied to ``dest`` without the last task's expert (kept aside): ``(run copy, task, expert)``."""
-    resolved = json.loads((results / "config.resolved.json").read_text())
+    from cl_service.resolved import RESOLVED, read_resolved
+
+    resolved = read_resolved(results)  # base and dataset as absolute paths: the copy lies elsewhere
     task = resolved["tasks"][-1]
     run = dest / results.name
     run.mkdir(parents=True)
-    shutil.copy2(results / "config.resolved.json", run)
+    (run / RESOLVED).write_text(json.dumps(resolved, indent=2))
     for sub in ("adapters", "routers"):
         if (results / sub).is_dir():
             shutil.copytree(results / sub, run / sub)
