@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.paths import portable  # noqa: E402
+
 from bench.serve_proc import ServeProcess, test_items  # noqa: E402
 
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(fig)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(fig, indent=2))
+        Path(a.json).write_text(json.dumps(portable(fig), indent=2))
     t = fig["totals"]
     return 1 if t["errors"] or t["mismatches"] or not fig["hot_add"]["live"] or not fig["hot_add"]["answered"] else 0
 
