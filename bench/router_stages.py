@@ -7,10 +7,12 @@ the experts cost next to nothing. After every stage, the share of each seen task
 to that task's expert, and where the others went:
 
     python -m bench.router_stages --config workloads/configs/acl_mini.yaml
-    python -m bench.router_stages --config workloads/configs/acl_mini.yaml router.train.max_steps=480
+    python -m bench.router_stages --config workloads/configs/acl_mini.yaml router.train.max_steps=240
 
-Routing does not depend on the experts, so these are the routing figures of the full run with the same router
-recipe on the same base (up to DDP's reduction order). CPU, 2 threads: ~10 min for acl-mini's 4 x 240 steps.
+Routing does not depend on the experts, so this is the run's router recipe on the same base; a run on 2 DDP
+workers draws other random streams (dropout, data order), and its routing can differ (acl-mini at 4 epochs per
+stage: every task 100% here, OCR 75% at the end of `make demo-acl`). CPU, 2 threads, acl-mini: 400 s at 240 router
+steps per stage, 580 s at 4 epochs per stage.
 Rows are appended to ``bench/results/cpu/router_stages.jsonl``.
 """
 
