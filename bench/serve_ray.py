@@ -254,7 +254,7 @@ def _log_tail(temp_dir: str, out: Path) -> None:
             text = f.read_text(errors="replace")
             if "Error" in text or "Traceback" in text or f.parent.name == "serve":
                 parts.append(f"===== {f.name}\n{text[-4000:]}")
-    out.write_text("\n".join(parts)[-2_000_000:])
+    out.write_text(portable("\n".join(parts)[-2_000_000:]))
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from cl_service.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR,
 from cl_service.adapters.moelora import MOELORA_CONFIG, is_moelora
 from cl_service.adapters.registry import (ADAPTER_META, AdapterError, AdapterInfo, AdapterRegistry, publish_dir,
                                           read_adapter)
+from cl_service.resolved import read_resolved
 
 FORMATS = ("peft", "merged")
 EXPORT_META = "clsvc_export.json"
@@ -138,7 +139,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, expert: str | Non
     cfg_file = run_dir / "config.resolved.json"
     if not cfg_file.is_file():
         raise AdapterError(f"{run_dir} is not a run results folder (no config.resolved.json)")
-    resolved = json.loads(cfg_file.read_text())
+    resolved = read_resolved(run_dir)  # base and dataset as paths this process opens
     if expert is not None:
         todo = [(find_adapter(run_dir, expert), Path(out))]
     else:

@@ -19,6 +19,7 @@ import grpc
 from cl_service.adapters.registry import ADAPTER_META, AdapterError, AdapterRegistry, read_adapter
 from cl_service.data.images import BadImage, validate_image
 from cl_service.data.schema import Sample
+from cl_service.resolved import read_resolved
 from cl_service.routers.prompt import Pool
 
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -70,7 +71,7 @@ class Catalog:
         cfg_file = run_dir / "config.resolved.json"
         if not cfg_file.is_file():
             raise AdapterError(f"{run_dir} is not a run results folder (no config.resolved.json)")
-        resolved = json.loads(cfg_file.read_text())
+        resolved = read_resolved(run_dir)  # base and dataset as paths this process opens
         tasks = tuple(resolved["tasks"])
         found = AdapterRegistry(run_dir / "adapters").scan()
         experts = []

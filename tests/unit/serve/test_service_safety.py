@@ -60,7 +60,7 @@ def _request(sample, images=None, **kw):
 # ---------------------------------------------------------------------------------------------- token budget
 def test_a_request_over_the_token_budget_fails_alone_and_its_batch_mates_are_answered(tiny_run, tiny_base,
                                                                                       dcl_shards):
-    """Issue 23: twelve images (over the model's max_length) sent with seven valid requests. The big one gets
+    """Twelve images (over the model's max_length) sent with seven valid requests. The big one gets
     INVALID_ARGUMENT before batching; the seven get the answers they get alone. Below validation, a row that
     raises inside the batched model call fails alone too."""
     from cl_service.engine.engine import Engine

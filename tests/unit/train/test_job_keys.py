@@ -21,7 +21,7 @@ def test_a_job_that_does_not_use_moelora_keeps_the_key_it_had_before_the_field_e
     monkeypatch.setattr(job_mod, "_base_fingerprint", lambda path: "bd")
     j = _job()
     d = to_dict(j)
-    del d["base_digest"]  # the base is hashed by content (since issue 23: every earlier key changed once)
+    del d["base_digest"]  # the base is hashed by content (hashing it by content changed every earlier key once)
     d["base_path"] = "bd"
     del d["moe_experts"]  # what key() hashed before moelora was added
     del d["base_dtype"], d["prompt_style"]  # ... before the base's dtype and prompt style were run settings
