@@ -160,7 +160,8 @@ class Ingress:
             self.reload()
 
     def __del__(self) -> None:
-        self.core.close()
+        if getattr(self, "core", None) is not None:
+            self.core.close()
 
     @staticmethod
     def _fail(ctx: Any, code: grpc.StatusCode, message: str, empty: Any) -> Any:

@@ -56,8 +56,12 @@ class ContinualLearningServicer(pb2_grpc.ContinualLearningServicer):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="clsvc-serve-loop", daemon=True)
         self._thread.start()
-        self.stages = TwoStages(self.cfg, engine, device)
-        self.core = ServeCore(self.cfg, self.stages, token_sha256(token))
+        try:
+            self.stages = TwoStages(self.cfg, engine, device)
+            self.core = ServeCore(self.cfg, self.stages, token_sha256(token))
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
 
     @property
     def token_sha256(self) -> str | None:
