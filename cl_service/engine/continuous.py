@@ -14,6 +14,9 @@ decode instead:
   together through the stacked multi-adapter path (:class:`~cl_service.engine.multilora.MultiLoRA`: each row
   its expert's LoRA and projector, CLIP states given by stage one reused), their keys/values copied into free
   slots, and their first token taken from the prefill. They decode from the next step on.
+- **Tokens as they come.** A request may pass ``on_token``: the worker calls it with each token id of that
+  row as soon as it is decoded (the prefill's first token, then one per step; EOS included), before the future
+  resolves, so a server can stream the answer. A callback that raises is logged and dropped, the row goes on.
 - **Leaving.** A row that emits EOS or reaches its ``max_new_tokens`` resolves its future at once and frees its
   slot (and its hold on the adapter, :meth:`Engine.hold_adapters`); the next waiting request takes it.
 - **Back-pressure.** At most ``max_queue`` requests wait to join; :meth:`submit` then raises
@@ -30,12 +33,13 @@ arena and graphs, not the engine's) and, on a GPU, its own high-priority CUDA st
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,6 +49,8 @@ from cl_service.engine.multilora import _Plan
 from cl_service.models.generate import _growing_cache
 
 __all__ = ["ContinuousBatcher", "QueueFull"]
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
@@ -60,6 +66,7 @@ class _Pending:
     ready: Any                     # a CUDA event the states' producer recorded, or None
     fut: Future
     t: float = field(default_factory=time.perf_counter)
+    on_token: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -70,6 +77,7 @@ class _Row:
     col: int                       # the cache column the next token's key/value go to
     pos: int                       # its position id
     tokens: list[int]
+    on_token: Callable[[int], None] | None = None
 
 
 class ContinuousBatcher:
@@ -137,17 +145,20 @@ class ContinuousBatcher:
         return len(self._rows)
 
     def submit(self, sample: Sample, adapter: str | None, max_new_tokens: int | None = None,
-               vision_states: torch.Tensor | None = None, timeout_s: float | None = None) -> Future:
+               vision_states: torch.Tensor | None = None, timeout_s: float | None = None,
+               on_token: Callable[[int], None] | None = None) -> Future:
         """Queue one request: its answer from base + ``adapter`` (a folder; None = the plain base), as a future.
 
         ``vision_states``: the sample's CLIP states ``[n_img, k, d]`` from stage one (CPU or this device), so the
-        prefill skips the CLIP pass. A full queue raises :class:`QueueFull` at once, or after waiting up to
-        ``timeout_s`` for room."""
+        prefill skips the CLIP pass. ``on_token(token_id)``: called from the worker thread with each token of this
+        row as it is decoded (EOS included), before the future resolves. A full queue raises :class:`QueueFull`
+        at once, or after waiting up to ``timeout_s`` for room."""
         ready = None
         if vision_states is not None and vision_states.is_cuda:  # stage one's stream may still be writing it
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(vision_states.device))
-        item = _Pending(sample, adapter, int(max_new_tokens or self.max_new_tokens), vision_states, ready, Future())
+        item = _Pending(sample, adapter, int(max_new_tokens or self.max_new_tokens), vision_states, ready, Future(),
+                        on_token=on_token)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cv:
             while len(self._queue) >= self.max_queue and not self._closed:
@@ -260,9 +271,10 @@ class ContinuousBatcher:
             eng.release_adapters(keys)
             raise
         for p, key, s, tok, n in zip(take, keys, free, first, n_real):
-            self._rows[s] = _Row(p.fut, key, p.max_new, col=L, pos=int(n), tokens=[tok])
+            self._rows[s] = _Row(p.fut, key, p.max_new, col=L, pos=int(n), tokens=[tok], on_token=p.on_token)
         self._remap(force=True)  # the new rows' adapter slots (their loads may have rebuilt the stacks)
         for s in free:
+            self._emit(self._rows[s])
             self._check_done(s)
         self.stats["prefills"] += 1
         self.stats["joined"] += len(take)
@@ -313,10 +325,22 @@ class ContinuousBatcher:
             r.tokens.append(nxt[s])
             r.col += 1
             r.pos += 1
+            self._emit(r)
             self._check_done(s)
         self.log.append(("step", t0, time.perf_counter(), rows))
 
     # ------------------------------------------------------------------ rows and buffers
+    @staticmethod
+    def _emit(r: _Row) -> None:
+        """The row's newest token to its ``on_token``; a callback that fails is dropped, not the decode."""
+        if r.on_token is None:
+            return
+        try:
+            r.on_token(r.tokens[-1])
+        except Exception:  # noqa: BLE001 - the caller's bug must not fail the rows decoding with it
+            log.exception("on_token callback failed; no more tokens are sent to it")
+            r.on_token = None
+
     def _check_done(self, s: int) -> None:
         r = self._rows[s]
         eos = self.mllm.eos_id

@@ -7,13 +7,14 @@ names, kept in an LRU cache, and reloaded when the folder's content changes (a r
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -262,12 +263,14 @@ class Engine:
 
     @torch.no_grad()
     def answer_mixed(self, samples: Sequence[Sample], adapters: Sequence[str | None],
-                     max_new_tokens: int | None = None, vision_states: torch.Tensor | None = None) -> list[str]:
+                     max_new_tokens: int | None = None, vision_states: torch.Tensor | None = None,
+                     on_token: Sequence[Callable[[int], None] | None] | None = None) -> list[str]:
         """Greedy answers where sample ``i`` uses adapter folder ``adapters[i]`` (None = the plain base).
 
         Rows of different adapters share each batched forward pass of the base
         (:class:`~cl_service.engine.multilora.MultiLoRA`); each row gets its adapter's LoRA and projector.
-        ``vision_states`` (:meth:`vision_states` of the same samples) skips the CLIP pass.
+        ``vision_states`` (:meth:`vision_states` of the same samples) skips the CLIP pass. ``on_token[i]``
+        (if not None) gets sample ``i``'s tokens as they are decoded (EOS included), e.g. to stream its answer.
         """
         if len(samples) != len(adapters):
             raise ValueError(f"{len(samples)} samples but {len(adapters)} adapters")
@@ -277,8 +280,10 @@ class Engine:
         out: list[str] = []
         with self._multi_use(adapters) as keys:
             for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
+                sink = None if on_token is None else functools.partial(_to_row, on_token, len(out))
                 with self.mllm.adapters_disabled(), self.multi.rows(ck):
-                    out += self.mllm.generate(chunk, n, len(chunk), image_features=feats, decoder=self._decoder())
+                    out += self.mllm.generate(chunk, n, len(chunk), image_features=feats, decoder=self._decoder(),
+                                              on_token=sink)
         return out
 
     def _decoder(self) -> GraphDecoder | None:
@@ -449,6 +454,12 @@ class Engine:
             for i, v in zip(todo, compute([samples[i] for i in todo])):
                 self.memo[keys[i]] = v
         return [self.memo[k] for k in keys]
+
+
+def _to_row(on_token: Sequence[Callable[[int], None] | None], at: int, r: int, t: int) -> None:
+    """Row ``r`` of a batch starting at sample ``at``: its token to that sample's ``on_token``, if any."""
+    if on_token[at + r] is not None:
+        on_token[at + r](t)
 
 
 def _meta_digest(key: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from cl_service.data.images import BadImage, validate_image
 from cl_service.data.schema import Sample
 from cl_service.resolved import read_resolved
 from cl_service.routers.prompt import Pool
+from cl_service.serve.config import LimitsCfg
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -158,12 +160,11 @@ def _stats(folder: Path) -> bytes:
     return ";".join(out).encode()
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_images: int = 16
-    max_new_tokens: int = 256
-    max_question_chars: int = 4096
+Limits = LimitsCfg  # the request limits a server checks (``ServeCfg.limits``)
+
+#: Images decoded by request validation in this process (:func:`parse_predict`): what a test counts to prove a
+#: refused call (a missing token, an oversized message) cost no decoding.
+DECODED = Counter()
 
 
 def _check_image(i: int, data: bytes, limits: Limits) -> bytes:
@@ -179,6 +180,7 @@ def _check_image(i: int, data: bytes, limits: Limits) -> bytes:
             w, h = im.size
         if w * h > MAX_IMAGE_PIXELS:
             raise RequestError(bad, f"images[{i}]: {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS}")
+        DECODED["images"] += 1
         return validate_image(bytes(data))
     except RequestError:
         raise
@@ -214,11 +216,12 @@ def parse_predict(request: Any, limits: Limits) -> tuple[Sample, int | None]:
     return sample, n
 
 
-def check_budget(mllm: Any, sample: Sample, max_new_tokens: int) -> None:
+def check_budget(mllm: Any, sample: Sample, max_new_tokens: int) -> int:
     """Refuse (``INVALID_ARGUMENT``) a request the model cannot take whole: its images' tokens (images x
     ``mllm.tokens_per_image``), the question's tokens and ``max_new_tokens`` answer tokens must fit the model's
     ``max_length``. Checked before a request joins a batch: over the budget, it would fail the whole batched
-    model call (or have its question cut silently). Tokenizes the question; decodes no image."""
+    model call (or have its question cut silently). Tokenizes the question; decodes no image. Returns the
+    prompt's length in tokens (image tokens and the chat template included: what the model reads)."""
     limit, k, n = int(mllm.cfg.max_length), int(mllm.tokens_per_image), len(sample.images)
     question = len(mllm.tokenizer(sample.question, add_special_tokens=False).input_ids)
     try:
@@ -236,13 +239,13 @@ def check_budget(mllm: Any, sample: Sample, max_new_tokens: int) -> None:
                            f"request too long for the model: {n} image(s) x {k} image tokens + {question} question "
                            f"tokens + {max_new_tokens} answer tokens = {need}, over its max_length of {limit}; "
                            f"send fewer images, a shorter question or a smaller max_new_tokens")
+    return prompt
 
 
-def budget_error(engine: Any, sample: Sample, max_new_tokens: int | None) -> RequestError | None:
+def admit(engine: Any, sample: Sample, max_new_tokens: int | None) -> RequestError | int:
     """:func:`check_budget` for a request of an :class:`~cl_service.engine.Engine` (None =
-    ``engine.max_new_tokens``): its error, or None when it fits."""
+    ``engine.max_new_tokens``): its error, or its prompt's length in tokens when it fits."""
     try:
-        check_budget(engine.mllm, sample, max_new_tokens or engine.max_new_tokens)
+        return check_budget(engine.mllm, sample, max_new_tokens or engine.max_new_tokens)
     except RequestError as e:
         return e
-    return None
