@@ -186,7 +186,7 @@ def test_clsvc_run_cut_by_a_stall_then_by_a_driver_kill_resumes_to_the_uninterru
     jobs = out / "ray" / "jobs"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, CLSVC_RAY_DASHBOARD="0",
                RAY_RUNTIME_ENV_HOOK="clsvc_faults.runtime_env", PYTHONPATH=os.pathsep.join([str(REPO), HERE]),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.pop(ENV, None)
     args = [sys.executable, "-m", "cl_service.cli", "run", f"out={out}", f"data.path={dcl_shards}",
             f"base.path={tiny_base}", "data.tasks=[RS]", "methods=[oracle]", "expert.train.max_steps=6",
