@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,10 @@ def test_an_evaluator_restarted_with_an_empty_mirror_gets_it_synced_again(ray_lo
             crashed.append(ev.mirrors[0])
             shutil.rmtree(ev.mirrors[0])  # what a node that never had the mirror holds
             ray_local.kill(ev.actors[0], no_restart=False)  # Ray restarts it (max_restarts=1)
+            deadline = time.monotonic() + 120  # restarted (its new life answers) before the units go out
+            while ray_local.get(ev.actors[0].ready.remote(), timeout=120)[2] == ev.lives[0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
 
     ev._sync_mirrors = sync_then_crash
     metrics = run_stream(cfg, _NoTraining(), log=logs.append, evaluator=ev)
