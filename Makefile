@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# CPU torch first and pinned: an unpinned torch pulls GBs of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[ray,dev,deepspeed]"
+	# tracking-mlflow: the MLflow tracker is tested against the real package (a run's FAILED/KILLED status)
+	$(PY) -m pip install -q -c constraints.txt -e ".[ray,dev,deepspeed,tracking-mlflow]"
 	@touch $@
 
 venv: $(STAMP)

@@ -182,23 +182,31 @@ class RayCfg:
     ``parallel_experts``, or evaluator actors need the group's resources between stages (then a group per stage,
     as with ``false``); sweeps always start a group per stage. Results are the same either way."""
     max_failures: int = 2
-    """Ray Train ``FailureConfig``: a killed worker restarts from the last checkpoint (per stage, also with
-    ``persistent_workers``)."""
+    """Worker group failures a stage survives (-1: any number): the group restarts and each unfinished job resumes
+    from its last resume point (Ray Train's ``FailureConfig``; with ``persistent_workers`` the driver counts them,
+    also those of a group that failed between stages)."""
     checkpoint_every: int = 50
-    """Steps between in-training checkpoints."""
+    """Steps between a job's resume points."""
     storage_path: str | None = None
-    """Ray Train storage (local folder, NFS mount, or s3://...): in-training checkpoints, and every finished
-    adapter on its way back to the driver's results folder; default: ``<out>/ray`` (one machine)."""
-    timeout_s: float = 3600.0
-    """Upper bound on every training run of a stage (one worker group, or each parallel expert's), and on each wait
-    for evaluator actors: a run that cannot be scheduled or hangs is cancelled with a ``TimeoutError``."""
+    """Storage every training worker reaches (local folder, NFS mount, or s3://...): each job's resume points and
+    its finished adapter on its way back to the driver's results folder, in a folder named after the job
+    (``jobs/<name>-<job key>-...``), so that a rerun finds them; default: ``<out>/ray`` (one machine)."""
+    stall_timeout_s: float = 1800.0
+    """Seconds without progress after which the driver gives up, with a ``TimeoutError``: on a training run whose
+    workers report nothing (no optimizer step, resume point or finished adapter; a worker group that cannot be
+    scheduled reports nothing either), which is cancelled with its workers; on an evaluator actor whose base runs
+    no forward pass (or that does not start, or take an adapter folder, within it). Not a bound on how long a job
+    or an evaluation may take. Finished adapters and the last resume point stay in ``storage_path``: the same
+    command run again resumes. Also how long a persistent worker group waits for its next stage before it ends
+    (the next stage then starts a new one)."""
     poll_interval_s: float = 0.5
     """How often Ray Train's controller polls its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default
     2 s): a finished worker group is noticed up to one interval late, at every stage."""
 
     def __post_init__(self) -> None:
         _cfgload.check_ranges(self, num_workers=(0, None), cpus_per_worker=(0, None, "open"), gpus_per_worker=(0, None, "open"),
-                               max_failures=(-1, None), checkpoint_every=(0, None), timeout_s=(0, None, "open"),
+                               max_failures=(-1, None), checkpoint_every=(0, None),
+                               stall_timeout_s=(0, None, "open"),
                                poll_interval_s=(0, None, "open"))
 
 

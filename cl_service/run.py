@@ -307,8 +307,8 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
             log(f"[stage {i + 1}/{T} {task}] accuracy on {task}: " + ", ".join(summary))
             if on_stage is not None:
                 on_stage({"stage": i, "task": task, "tasks": tasks, "records": recs})
-    except BaseException:
-        tracking.close()  # a failed or interrupted run still flushes its curves and ends its tracker run
+    except BaseException as e:
+        tracking.close(e)  # a failed or interrupted run still flushes its curves; its tracker run ends failed/killed
         raise
     finally:
         evaluator.close()

@@ -10,7 +10,6 @@ its checksummed ``adapter.json``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -99,7 +98,7 @@ def _rank_share(samples: list, rank: int, world: int) -> list:
 
 def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dict[str, Any] | None = None,
                   on_checkpoint: Callable[[int, float, Callable[[str], None]], None] | None = None,
-                  checkpoint_every: int = 0, fail_at_step: int = 0,
+                  checkpoint_every: int = 0, on_progress: Callable[[int], None] | None = None,
                   log: Callable[[str], None] | None = None,
                   on_done: Callable[[MLLM], None] | None = None, strategy: str = "ddp",
                   device: str | torch.device | None = None, dest: str | Path | None = None) -> TrainState:
@@ -110,7 +109,9 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
     None = the CPU); the base is loaded in ``job.base_dtype``. ``strategy``: ``ddp``
     (DistributedDataParallel when ``world_size > 1``) or ``deepspeed`` (ZeRO-2, :mod:`cl_service.train.zero`;
     needs an initialised process group). ``train_log.json`` in the published folder records the loss of
-    every step, the step times and the tokens of every step (so tokens/s inside the run)."""
+    every step, the step times and the tokens of every step (so tokens/s inside the run). ``on_progress(step)``
+    is called after every optimizer step (and its resume point, if one is due): a Ray worker reports progress
+    with it, so the driver can tell a long job from a stalled one."""
     if strategy not in ("ddp", "deepspeed"):
         raise ValueError(f"unknown strategy {strategy!r}; known: ddp, deepspeed")
     t0 = time.perf_counter()
@@ -180,16 +181,13 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         step_s.append(now - clock["t"])
         step_tokens.append(batches.tokens - clock["tokens"])
         clock["t"], clock["tokens"] = now, batches.tokens
-        if fail_at_step and st.step == fail_at_step:
-            # Test hook: die like a killed worker. The pause lets Ray Train's controller register the
-            # last reported checkpoint first (it polls workers), as it would for a kill at any later time.
-            time.sleep(3)
-            os._exit(17)
         if on_checkpoint and checkpoint_every and st.step % checkpoint_every == 0 and st.step < st.total_steps:
             on_checkpoint(st.step, st.losses[-1], lambda d: save_resume(d, mllm, st, rank, zero.get("engine")))
             clock["t"] = time.perf_counter()  # the checkpoint's write is not a training step
         if log and (st.step % 20 == 0 or st.step == st.total_steps):
             log(f"{job.name}: step {st.step}/{st.total_steps} loss {st.losses[-1]:.4f}")
+        if on_progress is not None:
+            on_progress(st.step)
 
     zero: dict[str, Any] = {}  # the DeepSpeed engine, once built (its optimizer goes into checkpoints)
     t_train = time.perf_counter()
