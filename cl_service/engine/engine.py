@@ -25,6 +25,7 @@ from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
 from cl_service.engine.cudagraphs import GraphDecoder
 from cl_service.engine.labels import route_labels
+from cl_service.engine.memo import Memo, content_digest
 from cl_service.engine.multilora import MultiLoRA
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.models.prompting import first_answer_tokens
@@ -88,7 +89,7 @@ class Engine:
         self._loaded: OrderedDict[str, tuple[str, str]] = OrderedDict()  # path -> (name, digest)
         self._used: set[str] = set()
         self._n = 0
-        self.memo: dict | None = None  # see enable_memo
+        self._memo = Memo()  # see enable_memo
         self._decoders: ThreadPoolExecutor | None = None
         self._moelora: dict[str, Any] = {}  # loaded MoE-LoRAs (see moelora_active)
         # the first token the base emits for each letter after its prompt (not a bare "▁" before it)
@@ -239,11 +240,11 @@ class Engine:
                 return self.answer_mixed(todo, [adapter] * len(todo), n)
             return self._run(adapter, lambda: self.mllm.generate(todo, n, self.batch_size))
 
-        if self.memo is None:
+        if self._memo.active() is None:
             return compute(list(samples))
         if adapter is not None:
             self._used.add(str(Path(adapter).resolve()))
-        return self._memoised(("answer", _content_digest(adapter), n), samples, compute)
+        return self._memo.map(("answer", content_digest(adapter), n), samples, compute)
 
     def vision_states(self, samples: Sequence[Sample]) -> torch.Tensor:
         """Base CLIP states of the samples' images ``[N_img, k, vision_hidden]``, computed once and
@@ -391,7 +392,7 @@ class Engine:
             with self.mllm.adapters_disabled():
                 return list(self.mllm.question_features(todo, self.batch_size).numpy())
 
-        return np.stack(self._memoised(("question_features",), samples, compute))
+        return np.stack(self._memo.map(("question_features",), samples, compute))
 
     @property
     def text_dim(self) -> int:
@@ -418,59 +419,31 @@ class Engine:
             with self.mllm.adapters_disabled():
                 return list(fn(todo, bs, vision_states).numpy())
 
-        if vision_states is not None or self.memo is None:
+        if vision_states is not None or self._memo.active() is None:
             return np.stack(compute(list(samples)))
-        return np.stack(self._memoised((kind,), samples, compute))
+        return np.stack(self._memo.map((kind,), samples, compute))
 
     # ------------------------------------------------------------------ memo
     def enable_memo(self) -> None:
-        """Memoise deterministic results — answers per (adapter content, sample, max_new_tokens) and base
-        features per sample — for the life of this engine. A stream evaluation asks the same expert
-        about the same test item at every stage (oracle, the routed methods, zero-shot); greedy decoding
-        makes the stored answer the one a fresh pass would give."""
-        if self.memo is None:
-            self.memo = {}
+        """Memoise deterministic results (answers per adapter content, sample and ``max_new_tokens``; base
+        features per sample) for the life of this engine (:mod:`cl_service.engine.memo`)."""
+        self._memo.enable()
 
-    @contextlib.contextmanager
     def memo_off(self):
-        """Compute everything afresh inside the block (e.g. to time routing honestly)."""
-        memo, self.memo = self.memo, None
-        try:
-            yield
-        finally:
-            self.memo = memo
+        """Compute everything afresh inside the block (e.g. to time routing honestly); this thread's calls only."""
+        return self._memo.off()
 
-    def _memoised(self, kind: tuple, samples: Sequence[Sample], compute) -> list:
-        if self.memo is None:
-            return list(compute(list(samples)))
-        keys = [kind + (_sample_digest(s),) for s in samples]
-        todo = [i for i, k in enumerate(keys) if k not in self.memo]
-        if todo:
-            for i, v in zip(todo, compute([samples[i] for i in todo])):
-                self.memo[keys[i]] = v
-        return [self.memo[k] for k in keys]
+    @property
+    def memo(self) -> dict | None:
+        """The memoised results (None: off)."""
+        return self._memo.store
+
+    @memo.setter
+    def memo(self, store: dict | None) -> None:
+        self._memo.store = store
 
 
 def _meta_digest(key: str) -> str | None:
     """sha256 of an adapter folder's ``adapter.json`` (None when it is missing): what says a cached copy is stale."""
     meta = Path(key) / ADAPTER_META
     return hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else None
-
-
-def _sample_digest(s: Sample) -> str:
-    h = hashlib.sha256()
-    for part in (s.id, s.question, *s.images):
-        b = part.encode() if isinstance(part, str) else part
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
-
-
-def _content_digest(adapter: str | None) -> str:
-    """The adapter's identity by content (its checksummed ``adapter.json``); "base" for no adapter."""
-    if adapter is None:
-        return "base"
-    meta = Path(adapter) / ADAPTER_META
-    if not meta.is_file():
-        read_adapter(adapter)  # raises the registry's clear error
-    return hashlib.sha256(meta.read_bytes()).hexdigest()
