@@ -236,7 +236,7 @@ class ContinuousBatcher:
             chunk, ck, feats = next(eng._mixed_chunks(samples, keys, states))
             if len(chunk) != len(take):
                 raise RuntimeError(f"engine batch_size {eng.batch_size} is below the join of {len(take)}")
-            with mllm.adapters_disabled(), eng.multi.rows(ck):
+            with eng.base_passes(), eng.multi.rows(ck):
                 batch = mllm.collate(chunk, train=False, pixels=not torch.is_tensor(feats))
                 mask = batch["attention_mask"].to(mllm.device)
                 L = mask.shape[1]
@@ -292,20 +292,21 @@ class ContinuousBatcher:
         g.ids[:, 0].copy_(dev[0])
         g.pos[:, 0].copy_(dev[1])
         g.col.copy_(dev[2])
-        if self.dec.capture and g.graph is None and self.dec.reason is None:
-            try:
-                self.dec._capture(g)
-            except Exception as e:  # noqa: BLE001 - stay correct: decode on eagerly
-                self.dec.reason = f"capture failed: {type(e).__name__}: {e}"[:400]
-                self.dec.capture = False
-        if g.graph is not None and self.dec.capture:
-            g.graph.replay()
-            self.dec.stats["replays"] += 1
-            logits = g.logits
-        else:
-            self.dec.stats["eager_steps"] += 1
-            logits = self.dec._forward(g)
-        nxt = logits[:Bb].argmax(-1).tolist()
+        with self.engine.base_passes():  # peft's adapters off, never next to a pass that switches them on
+            if self.dec.capture and g.graph is None and self.dec.reason is None:
+                try:
+                    self.dec._capture(g)
+                except Exception as e:  # noqa: BLE001 - stay correct: decode on eagerly
+                    self.dec.reason = f"capture failed: {type(e).__name__}: {e}"[:400]
+                    self.dec.capture = False
+            if g.graph is not None and self.dec.capture:
+                g.graph.replay()
+                self.dec.stats["replays"] += 1
+                logits = g.logits
+            else:
+                self.dec.stats["eager_steps"] += 1
+                logits = self.dec._forward(g)
+            nxt = logits[:Bb].argmax(-1).tolist()
         self.stats["steps"] += 1
         rows = len(self._rows)
         for s in list(self._rows):

@@ -24,6 +24,7 @@ from cl_service.adapters.moelora import is_moelora, moelora_active
 from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
 from cl_service.engine.cudagraphs import GraphDecoder
+from cl_service.engine.gate import PassGate
 from cl_service.engine.labels import route_labels
 from cl_service.engine.memo import Memo, content_digest
 from cl_service.engine.multilora import MultiLoRA
@@ -81,6 +82,9 @@ class Engine:
         # a running call is never the one dropped to make room.
         self._multi_lock = threading.RLock()
         self._pinned: Counter[str] = Counter()
+        # peft's active adapter and MoE-LoRA's hooks are switches every thread sees: passes that flip them run
+        # alone, the others (peft off, per-thread row plans) together (cl_service.engine.gate)
+        self.gate = PassGate(self.mllm.adapters_disabled)
         self.mllm.model.eval()
         self.batch_size = cfg.eval.batch_size if cfg is not None else 64
         self.max_new_tokens = cfg.eval.max_new_tokens if cfg is not None else 8
@@ -128,15 +132,17 @@ class Engine:
 
     def forget_missing(self) -> None:
         """Drop cached adapters (peft-loaded, stacked or parked in host memory) whose folder vanished or changed."""
-        for key, (name, digest) in list(self._loaded.items()):
-            if _meta_digest(key) != digest:
-                delete_adapter(self.mllm, name)
-                del self._loaded[key]
-        for held, drop in ((self._multi_loaded, self.multi.drop), (self._multi_parked, self.multi.forget)):
-            for key, digest in list(held.items()):
-                if _meta_digest(key) != digest:
-                    drop(key)
-                    del held[key]
+        stale = [key for key, (_, digest) in list(self._loaded.items()) if _meta_digest(key) != digest]
+        if stale:
+            with self.gate.exclusive():  # deleting a peft adapter changes modules other passes run through
+                for key in stale:
+                    delete_adapter(self.mllm, self._loaded.pop(key)[0])
+        with self._multi_lock:
+            for held, drop in ((self._multi_loaded, self.multi.drop), (self._multi_parked, self.multi.forget)):
+                for key, digest in list(held.items()):
+                    if _meta_digest(key) != digest:
+                        drop(key)
+                        del held[key]
 
     def _multi_key(self, path: str | None) -> str | None:
         """Load (or refresh) the adapter folder ``path`` into the stacked multi-adapter set; its key."""
@@ -219,11 +225,19 @@ class Engine:
         return ContinuousBatcher(self, **kw)
 
     def _run(self, path: str | None, fn):
+        """``fn()`` through peft with adapter folder ``path`` active (None: the plain base, a shared pass)."""
         if path is None:
-            with self.mllm.adapters_disabled():
+            with self.gate.shared():
                 return fn()
-        self._activate(path)
-        return fn()
+        with self.gate.exclusive():  # peft's active adapter is one for the whole model
+            self._activate(path)
+            return fn()
+
+    def base_passes(self):
+        """A block of passes through the plain base (peft's adapters off), per-row LoRA only through
+        :meth:`MultiLoRA.rows`: runs next to other such blocks in other threads, never next to a pass that
+        switches the whole model (a peft adapter, a MoE-LoRA; :mod:`cl_service.engine.gate`)."""
+        return self.gate.shared()
 
     # ------------------------------------------------------------------ inference
     def answer(self, samples: Sequence[Sample], adapter: str | None, max_new_tokens: int | None = None) -> list[str]:
@@ -234,7 +248,7 @@ class Engine:
 
         def compute(todo: list[Sample]) -> list[str]:
             if is_moelora(adapter):  # not a peft LoRA: its own token-gated experts, hooked in for the call
-                with moelora_active(self.mllm, adapter, self._moelora, verify=read_adapter):
+                with self.gate.exclusive(), moelora_active(self.mllm, adapter, self._moelora, verify=read_adapter):
                     return self.mllm.generate(todo, n, self.batch_size)
             if self.fused_lora:
                 return self.answer_mixed(todo, [adapter] * len(todo), n)
@@ -258,7 +272,7 @@ class Engine:
                 if self._decoders is None:
                     self._decoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="clsvc-img")
         pixels = torch.cat(list(self._decoders.map(decode, samples)) if len(samples) > 1 else [decode(samples[0])])
-        with torch.no_grad(), self.mllm.adapters_disabled():
+        with torch.no_grad(), self.base_passes():
             return self.mllm.vision_states(pixels)
 
     @torch.no_grad()
@@ -278,7 +292,7 @@ class Engine:
         out: list[str] = []
         with self._multi_use(adapters) as keys:
             for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
-                with self.mllm.adapters_disabled(), self.multi.rows(ck):
+                with self.base_passes(), self.multi.rows(ck):
                     out += self.mllm.generate(chunk, n, len(chunk), image_features=feats, decoder=self._decoder())
         return out
 
@@ -317,7 +331,7 @@ class Engine:
         out = []
         with self._multi_use(adapters) as keys:
             for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
-                with self.mllm.adapters_disabled(), self.multi.rows(ck):
+                with self.base_passes(), self.multi.rows(ck):
                     batch = self.mllm.collate(chunk, train=False, pixels=not torch.is_tensor(feats))
                     res = self.mllm.model(inputs_embeds=self.mllm.embed(batch, image_features=feats),
                                           attention_mask=batch["attention_mask"].to(self.mllm.device),
@@ -389,7 +403,7 @@ class Engine:
     def question_features(self, samples: Sequence[Sample]) -> np.ndarray:
         """Base-model routing features ``[B, H_text + H_vision]`` (the ridge router's input)."""
         def compute(todo: list[Sample]) -> list[np.ndarray]:
-            with self.mllm.adapters_disabled():
+            with self.base_passes():
                 return list(self.mllm.question_features(todo, self.batch_size).numpy())
 
         return np.stack(self._memo.map(("question_features",), samples, compute))
@@ -416,7 +430,7 @@ class Engine:
         bs = max(self.batch_size, len(samples)) if vision_states is not None else self.batch_size
 
         def compute(todo: list[Sample]) -> list[np.ndarray]:
-            with self.mllm.adapters_disabled():
+            with self.base_passes():
                 return list(fn(todo, bs, vision_states).numpy())
 
         if vision_states is not None or self._memo.active() is None:
