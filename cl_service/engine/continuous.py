@@ -16,6 +16,9 @@ decode instead:
   slots, and their first token taken from the prefill. They decode from the next step on.
 - **Leaving.** A row that emits EOS or reaches its ``max_new_tokens`` resolves its future at once and frees its
   slot (and its hold on the adapter, :meth:`Engine.hold_adapters`); the next waiting request takes it.
+- **Cold adapters.** A request whose adapter is neither on the device nor in host memory waits while a loader
+  thread reads and verifies its files into host memory (:mod:`cl_service.engine.prefetch`); the rows decoding
+  go on stepping meanwhile, and the request joins between two steps with a copy to the device.
 - **Back-pressure.** At most ``max_queue`` requests wait to join; :meth:`submit` then raises
   :class:`QueueFull` (a server answers ``RESOURCE_EXHAUSTED``), or waits up to its ``timeout_s`` for room.
   Nothing waits without bound.
@@ -52,6 +55,7 @@ import torch
 from cl_service.data.schema import Sample
 from cl_service.engine.cudagraphs import GraphDecoder, _Graph, batch_bucket, fill_onehot, length_bucket
 from cl_service.engine.multilora import _Plan
+from cl_service.engine.prefetch import Prefetch
 from cl_service.models.generate import _growing_cache
 
 __all__ = ["ContinuousBatcher", "KVCacheFull", "QueueFull", "ResourceExhausted"]
@@ -80,6 +84,7 @@ class _Pending:
     ready: Any                     # a CUDA event the states' producer recorded, or None
     fut: Future
     t: float = field(default_factory=time.perf_counter)
+    fetched: bool = False          # its adapter went through the loader thread once
 
 
 @dataclass
@@ -98,7 +103,8 @@ class ContinuousBatcher:
     Args:
         engine: the :class:`~cl_service.engine.Engine` whose base, stacked adapters and tokenizer answer.
         slots: rows decoding at once (the arena holds this many, rounded up to a batch bucket).
-        max_queue: requests that may wait to join; beyond it :meth:`submit` raises :class:`QueueFull`.
+        max_queue: requests that may wait to join (those whose adapter is loading included); beyond it
+            :meth:`submit` raises :class:`QueueFull`.
         max_prefill: most requests joining in one prefill (default: ``slots``); a smaller value shortens the
             pause a large join puts on the rows decoding.
         max_new_tokens: a request's answer length when it names none (default: the engine's).
@@ -129,13 +135,14 @@ class ContinuousBatcher:
             raise ValueError(f"continuous batching is not available for this base: {self.dec.reason}")
         self.cap = batch_bucket(self.slots, self.dec.buckets)
         #: "submitted", "prefills", "joined", "steps", "finished", "failed", "cancelled", "queue_full",
-        #: "kv_full", "arena_grown", "max_live"; every submitted request ends as exactly one of
+        #: "kv_full", "fetches", "arena_grown", "max_live"; every submitted request ends as exactly one of
         #: finished, failed, cancelled
         self.stats: Counter[str] = Counter()
         #: ``(kind, start, end, rows)`` of the last 2000 prefills ("prefill") and steps ("step"), perf_counter s
         self.log: deque[tuple[str, float, float, int]] = deque(maxlen=2000)
         self._queue: deque[_Pending] = deque()
         self._cv = threading.Condition()
+        self._cold = Prefetch(engine, self._cv, self._requeue, self._fail_fetch, self.stats, f"{name}-load")
         self._closed = False
         self._rows: dict[int, _Row] = {}            # slot -> row
         self._Lb = 0                                 # cache length of the arena (0: none yet)
@@ -153,7 +160,8 @@ class ContinuousBatcher:
     # ------------------------------------------------------------------ API
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Requests waiting to join (those whose adapter is loading included)."""
+        return len(self._queue) + self._cold.waiting
 
     @property
     def live(self) -> int:
@@ -174,11 +182,11 @@ class ContinuousBatcher:
         item = _Pending(sample, adapter, int(max_new_tokens or self.max_new_tokens), vision_states, ready, Future())
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cv:
-            while len(self._queue) >= self.max_queue and not self._closed:
+            while self.queued >= self.max_queue and not self._closed:
                 left = 0.0 if deadline is None else deadline - time.monotonic()
                 if left <= 0:
                     self.stats["queue_full"] += 1
-                    raise QueueFull(f"{len(self._queue)} requests already wait for stage two (max_queue="
+                    raise QueueFull(f"{self.queued} requests already wait for stage two (max_queue="
                                     f"{self.max_queue}); retry later")
                 self._cv.wait(left)
             if self._closed:
@@ -196,6 +204,7 @@ class ContinuousBatcher:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             raise TimeoutError(f"continuous batcher did not finish within {timeout_s:.0f} s")
+        self._cold.close()
 
     def __enter__(self) -> "ContinuousBatcher":
         return self
@@ -209,7 +218,7 @@ class ContinuousBatcher:
             while True:
                 with self._cv:
                     while not self._queue and not self._rows:
-                        if self._closed:
+                        if self._closed and not self._cold.waiting:
                             return
                         self._cv.wait()
                     if not self._rows and self.wait_s > 0:  # idle: the first request waits a little for company
@@ -222,6 +231,7 @@ class ContinuousBatcher:
                     take = [self._queue.popleft() for _ in range(n)]
                     if take:
                         self._cv.notify_all()  # room in the queue
+                take = [p for p in take if not self._cold.hold(p)]  # cold adapters: they join once read
                 take = [p for p in take if self._start(p)]  # callers that gave up: skipped
                 try:
                     if take:
@@ -237,6 +247,13 @@ class ContinuousBatcher:
             return True
         self.stats["cancelled"] += 1
         return False
+
+    def _requeue(self, items: list[_Pending]) -> None:
+        """Requests whose adapter the loader read: back in the queue, in arrival order (holding ``_cv``)."""
+        self._queue = deque(sorted([*items, *self._queue], key=lambda p: p.t))
+
+    def _fail_fetch(self, items: list[_Pending], e: BaseException) -> None:
+        self._fail([p for p in items if self._start(p)], e)
 
     @torch.no_grad()
     def _join(self, take: list[_Pending]) -> None:

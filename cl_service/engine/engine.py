@@ -75,7 +75,8 @@ class Engine:
         self._multi_parked: OrderedDict[str, str | None] = OrderedDict()  # in host memory: path -> digest
         self.max_host_adapters = max_host_adapters
         #: adapter loads into the stacked set: "disk" (read + verified), "host" (paged back in), "parked"
-        #: (left the device for host memory), "dropped"
+        #: (left the device for host memory), "dropped", "fetched" (read into host memory ahead of its use,
+        #: :meth:`fetch_adapter`)
         self.paging: Counter[str] = Counter()
         # The mixed paths may run in two threads at once (a router batch next to an expert batch,
         # cl_service.engine.pipeline): loading/dropping adapters is serialised, and an adapter in use by
@@ -168,6 +169,38 @@ class Engine:
         self._multi_loaded.move_to_end(key)
         self._used.add(key)
         return key
+
+    def adapter_on_hand(self, path: str | None) -> bool:
+        """Whether :meth:`hold_adapters` would take adapter folder ``path`` without reading its files: on the
+        device or in host memory with the same ``adapter.json`` (None, the base: always)."""
+        if path is None:
+            return True
+        key = str(Path(path).resolve())
+        digest = _meta_digest(key)
+        with self._multi_lock:
+            return any(key in held and held[key] == digest for held in (self._multi_loaded, self._multi_parked))
+
+    def fetch_adapter(self, path: str) -> None:
+        """Read and verify adapter folder ``path`` into host memory (pinned on a GPU machine), so that a later
+        :meth:`hold_adapters` only copies it to the device. The slow part (its files, their checksums) holds
+        no lock a running call waits on: a continuous batch's loader thread calls this while rows decode.
+        Nothing to do when the adapter is on hand (:meth:`adapter_on_hand`)."""
+        key = str(Path(path).resolve())
+        if self.adapter_on_hand(key):
+            return
+        if is_moelora(key):
+            raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
+        digest = _meta_digest(key)
+        read_adapter(key)  # complete and checksums match, or AdapterError
+        host = self.multi.fetch(key, key)
+        with self._multi_lock:
+            if key in self._multi_loaded or _meta_digest(key) != digest:  # loaded meanwhile, or rewritten
+                return
+            self.multi.add_parked(host)
+            self._multi_parked[key] = digest
+            self._multi_parked.move_to_end(key)
+            self.paging["disk"] += 1
+            self.paging["fetched"] += 1
 
     def _trim_multi(self, keep: set[str]) -> None:
         with self._multi_lock:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,6 +265,62 @@ def test_a_remap_that_raises_during_a_join_fails_that_join_alone(tiny_base, adap
     assert state["fired"] and state["live"] >= 1, "the fault must hit a join while a row decodes"
     assert cb.stats["failed"] == 1 and cb.stats["finished"] == 2
     _exactly_once(cb, [live, bad, nxt])
+
+
+def test_a_cold_adapter_loads_while_the_rows_decode(tiny_base, adapters, samples, monkeypatch, ref, tmp_path):
+    """Reading and verifying a cold adapter's files is slow (held here from the test side): the row decoding
+    keeps stepping and finishes meanwhile; the request joins once its files are read."""
+    import cl_service.engine.engine as engine_mod
+
+    cold = str(shutil.copytree(adapters["e3"], tmp_path / "cold"))
+    eng = Engine(tiny_base)
+    eng.answer_mixed(samples[:1], [adapters["e1"]], 1)  # on hand
+    reading, release, seen = threading.Event(), threading.Event(), {}
+    real = engine_mod.read_adapter
+
+    def slow_read(key):
+        if Path(key).name == "cold":
+            seen["live"] = cb.live
+            reading.set()
+            release.wait(30)
+        return real(key)
+
+    live_job, cold_job, again_job = (samples[0], adapters["e1"], 40), (samples[1], cold, 6), (samples[2], cold, 6)
+    want = [ref(*j) for j in (live_job, cold_job, again_job)]  # before the reads are slowed
+    monkeypatch.setattr(engine_mod, "read_adapter", slow_read)
+    with eng.continuous(slots=4, name="cb-cold") as cb:
+        live = cb.submit(*live_job)
+        _until(lambda: cb.stats["steps"] >= 1)
+        waiting = cb.submit(*cold_job)
+        assert reading.wait(30)
+        steps = cb.stats["steps"]
+        try:
+            assert live.result(timeout=20) == want[0]  # finished while the files were being read
+            assert cb.stats["steps"] > steps and not waiting.done() and cb.queued == 1
+        finally:
+            release.set()
+        assert waiting.result(timeout=60) == want[1]
+        again = cb.submit(*again_job)  # on hand now: no second read
+        assert again.result(timeout=60) == want[2]
+    assert seen["live"] == 1, "the read must start while a row decodes"
+    assert eng.paging["fetched"] == 1 and cb.stats["fetches"] == 1
+    _exactly_once(cb, [live, waiting, again])
+
+
+def test_an_adapter_that_fails_to_load_in_the_loader_fails_its_requests_alone(tiny_base, adapters, samples, ref,
+                                                                              tmp_path):
+    broken = shutil.copytree(adapters["e2"], tmp_path / "broken")
+    (broken / "adapter_model.safetensors").write_bytes(b"not the file its checksum names")
+    eng = Engine(tiny_base)
+    with eng.continuous(slots=4, name="cb-broken") as cb:
+        futs = [cb.submit(samples[0], str(broken), 5), cb.submit(samples[1], adapters["e1"], 5),
+                cb.submit(samples[2], str(broken), 5)]
+        for i in (0, 2):
+            with pytest.raises(Exception, match="checksum|sha256|differ"):
+                futs[i].result(timeout=60)
+        assert futs[1].result(timeout=60) == ref(samples[1], adapters["e1"], 5)
+    assert eng.paging["fetched"] == 1 and cb.stats["fetches"] >= 2  # e1 read once; the broken folder never loads
+    _exactly_once(cb, futs)
 
 
 def test_stress_many_callers_with_random_faults(tiny_base, adapters, samples, monkeypatch, ref):
