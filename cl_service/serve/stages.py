@@ -230,7 +230,7 @@ class AnswerStage:
             if self.batcher.queued >= self.cfg.max_queued:
                 raise busy(self.batcher.queued, self.cfg.max_queued)
             return await self.batcher.submit((sample, adapter, n, vision_states, tokens))
-        from cl_service.engine.continuous import QueueFull
+        from cl_service.engine.continuous import QueueFull, ResourceExhausted
 
         prompt = admit(self.engine, sample, n)
         if isinstance(prompt, RequestError):
@@ -241,7 +241,10 @@ class AnswerStage:
             fut = self.cont.submit(sample, adapter, n, vs, on_token=tokens)
         except QueueFull:
             raise busy(self.cont.queued, self.cfg.max_queued) from None
-        text = await asyncio.wrap_future(fut)
+        try:
+            text = await asyncio.wrap_future(fut)
+        except ResourceExhausted as e:  # no room for its keys/values now (KVCacheFull): the client may retry
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later") from None
         return Answer(text, prompt, tokens.n)
 
     def _answer(self, items: list[tuple]) -> list:

@@ -216,3 +216,41 @@ def test_clsvc_serve_local_answers_and_stops_cleanly(served, dcl_shards, offline
                           "cannot honour colocate=True, router.replicas=2")]:
         assert main(["serve", "--local", *args]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_a_request_the_kv_buffers_cannot_hold_gets_resource_exhausted(tiny_run, tiny_engine, dcl_shards):
+    """With ``continuous=true``, a request whose keys and values the batcher cannot make room for (the engine's
+    ``KVCacheFull``: device memory short) is refused with ``RESOURCE_EXHAUSTED`` (clients retry it later), not
+    ``INTERNAL``; the next request is answered."""
+    from concurrent.futures import Future
+
+    import grpc
+
+    from cl_service.engine import KVCacheFull
+    from cl_service.serve.client import Client
+    from cl_service.serve.service import ContinualLearningServicer, build_server
+
+    servicer = ContinualLearningServicer(tiny_run, tiny_engine, router_kind="knn", continuous=True, watch_s=0)
+    server, port = build_server(servicer, 0)
+    server.start()
+    cont = servicer.stages.expert.cont
+    real = cont.submit
+
+    def full_once(*a, **kw):
+        cont.submit = real  # the next request goes through
+        f: Future = Future()
+        f.set_exception(KVCacheFull("the key/value buffers cannot grow to hold this request (injected)"))
+        return f
+
+    cont.submit = full_once
+    try:
+        (_, s), *_ = _test_items(dcl_shards)
+        with Client(f"127.0.0.1:{port}", retries=0) as c:
+            with pytest.raises(grpc.RpcError) as ei:
+                c.predict(s.images, s.question, timeout=60)
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value
+            assert "key/value buffers" in ei.value.details() and "retry later" in ei.value.details()
+            assert c.predict(s.images, s.question, timeout=60).answer
+    finally:
+        server.stop(None)
+        servicer.close()
