@@ -51,6 +51,14 @@ def _until(cond, timeout_s=30.0):
         time.sleep(0.002)
 
 
+def _hold_steps(monkeypatch, cb) -> threading.Event:
+    """Decode steps wait (up to 30 s) until the returned event is set: on a loaded machine the rows decoding could
+    otherwise finish all their steps before the test's next request arrives, and the fault would not meet them."""
+    go, step = threading.Event(), cb.dec._forward
+    monkeypatch.setattr(cb.dec, "_forward", lambda g: (go.wait(30), step(g))[1])
+    return go
+
+
 def _exactly_once(cb, futs):
     """Every future settled, each counted once as finished, failed or cancelled; nothing left in the batcher, and
     every adapter hold given back."""
@@ -91,10 +99,7 @@ def test_a_failed_arena_growth_fails_only_the_request_that_needed_it(tiny_base, 
     with eng.continuous(slots=4, name="cb-grow") as cb:
         live = [cb.submit(*j) for j in live_jobs]
         _until(lambda: cb.stats["steps"] >= 2)
-        # Hold the decode steps until the long request is queued: on a loaded machine the live rows could
-        # otherwise finish all their steps before it arrives, and the growth would not happen under live rows.
-        queued, step = threading.Event(), cb.dec._forward
-        monkeypatch.setattr(cb.dec, "_forward", lambda g: (queued.wait(30), step(g))[1])
+        queued = _hold_steps(monkeypatch, cb)
         limit, refused = [cb.dec._arena.shape[-1]], []
         _arena_alloc_fails(monkeypatch, "cb-grow", limit, refused, live=lambda: cb.live)
         big = cb.submit(*big_job)
@@ -261,7 +266,9 @@ def test_a_remap_that_raises_during_a_join_fails_that_join_alone(tiny_base, adap
 
         monkeypatch.setattr(cb, "_join", joining)
         monkeypatch.setattr(cb, "_remap", failing_remap)
+        queued = _hold_steps(monkeypatch, cb)
         bad = cb.submit(*bad_job)
+        queued.set()
         with pytest.raises(Injected):
             bad.result(timeout=60)
         assert live.result(timeout=60) == ref(*live_job)
@@ -296,6 +303,8 @@ def test_a_cold_adapter_loads_while_the_rows_decode(tiny_base, adapters, samples
     with eng.continuous(slots=4, name="cb-cold") as cb:
         live = cb.submit(*live_job)
         _until(lambda: cb.stats["steps"] >= 1)
+        step = cb.dec._forward  # steps wait for the read to start: the row is still decoding when it does
+        monkeypatch.setattr(cb.dec, "_forward", lambda g: (reading.wait(30), step(g))[1])
         waiting = cb.submit(*cold_job)
         assert reading.wait(30)
         steps = cb.stats["steps"]
