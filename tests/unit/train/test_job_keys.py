@@ -25,12 +25,14 @@ def test_a_job_that_does_not_use_moelora_keeps_the_key_it_had_before_the_field_e
     d["base_path"] = "bd"
     del d["moe_experts"]  # what key() hashed before moelora was added
     del d["base_dtype"], d["prompt_style"]  # ... before the base's dtype and prompt style were run settings
+    del d["options"]  # ... before methods passed options to their jobs
     for k in ("lora_fp32_inputs", "fused_optimizer", "activation_checkpointing", "fused_kernels"):
         del d["train"][k]  # ... and before the GPU training options were
     d["train"]["autocast"] = "none"  # ... whose CPU value 'auto' stands for
     for part in d["parts"]:
         del part["augment"]  # ... and before router data could be augmented
         del part["swap_images"]  # ... or carry swapped images
+        del part["share"]  # ... or be sized as a share of the job's first part (replay.fraction)
     d.pop("out_dir")
     d.pop("name")
     d["dataset"], d["init_adapter"] = "fp", None
