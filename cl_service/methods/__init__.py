@@ -1,7 +1,7 @@
 """CL methods; importing this package registers them all in ``METHODS``, then the replay variant ``<name>_replay``
 of every method that trains sequentially (:mod:`cl_service.methods.replay`)."""
 
-from cl_service.methods.base import METHODS, Answer, Method, StageContext, unserved
+from cl_service.methods.base import METHODS, Answer, Method, StageContext, unserved, why_unserved
 from cl_service.methods import clmoe as _clmoe  # noqa: F401
 from cl_service.methods import joint as _joint  # noqa: F401
 from cl_service.methods import lora_ft as _lora_ft  # noqa: F401
@@ -14,4 +14,4 @@ from cl_service.methods.replay import register_replay_variants
 
 register_replay_variants(METHODS)  # after every method module: each sequential one gets its replay row
 
-__all__ = ["METHODS", "Answer", "Method", "StageContext", "unserved"]
+__all__ = ["METHODS", "Answer", "Method", "StageContext", "unserved", "why_unserved"]

@@ -91,6 +91,16 @@ class Method(Protocol):
 METHODS: Registry[type] = Registry("method")
 
 
+def why_unserved(names: list[str] | tuple[str, ...]) -> str:
+    """For a run of methods ``names`` that left ``clsvc serve`` nothing to serve: which of them have no serving
+    form and why, as a sentence to append to the refusal ("" when every one is served)."""
+    why = unserved(names)
+    if not why:
+        return ""
+    return "; clsvc serve serves per-task experts behind a router, and this run's " + "; ".join(
+        f"{name} is {reason}" for name, reason in why.items())
+
+
 def unserved(names: list[str] | tuple[str, ...]) -> dict[str, str]:
     """Of the registered methods ``names``, those ``clsvc serve`` does not serve, with the reason (``serving``);
     names no longer registered are reported as such."""
