@@ -42,6 +42,8 @@ def run(tmp_path_factory, tiny_base, dcl_shards):
 @pytest.mark.parametrize("method", METHODS.names())
 def test_method_contract(run, method):
     m = run["metrics"]["methods"][method]
+    cls = METHODS.get(method)
+    assert isinstance(cls.serving, (str, type(None))) and cls.__doc__  # says whether clsvc serve serves it; described
     assert len(m["matrix"]) == 2 and all(len(r) == 2 for r in m["matrix"])
     rows = [1] if method == "joint" else [0, 1]
     for i in rows:
