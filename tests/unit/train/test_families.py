@@ -168,6 +168,17 @@ def test_a_family_whose_parameters_the_model_does_not_hold_is_refused(tmp_path, 
     assert not (tmp_path / "s").exists()
 
 
+def test_job_data_offers_the_jobs_samples_in_order_and_seeded_subsets():
+    data = JobData(list(range(10)), lambda samples, train: {"ids": samples, "train": train}, batch_size=4)
+    assert [b["ids"] for b in data.batches()] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b["train"] for b in data.batches(train=False)] == [False] * 3
+    sub = data.subset(0.2, seed=3)
+    assert len(sub) == 2 and sub == sorted(sub) and sub == data.subset(0.2, seed=3) and len(data.subset(0.01)) == 1
+    with pytest.raises(ValueError, match="fraction=0 is out of range"):
+        data.subset(0)
+    assert torch.equal(running_mean(iter([torch.ones(2, 3), torch.zeros(1, 3)])), torch.full((3,), 2 / 3))
+
+
 def test_an_unknown_kind_names_the_known_families():
     with pytest.raises(KeyError, match="unknown adapter family .*'nope'; known: clmoe, expert, joint, moelora"):
         family("nope")
