@@ -79,6 +79,8 @@ def register_replay_variants(methods: Registry[type]) -> list[str]:
     for name in methods.names():
         cls = methods.get(name)
         if getattr(cls, "sequential", False) and not hasattr(cls, "replays") and name + SUFFIX not in methods:
-            methods.register(name + SUFFIX, replay_variant(cls))
+            variant = replay_variant(cls)
+            globals().setdefault(variant.__name__, variant)  # importable by name, so instances pickle like others
+            methods.register(name + SUFFIX, variant)
             added.append(name + SUFFIX)
     return added
