@@ -209,9 +209,9 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
                             train=TrainCfg(lr=1e-2, max_steps=3, batch_size=per_rank), description=name, seed=0, **kw)
 
         if stage == 0:
-            return [job("lora", "expert"), job("clmoe-0", "clmoe", moe_experts=2, options=paper)]
+            return [job("lora", "expert"), job("clmoe-0", "clmoe", moe_experts=4, options=paper)]
         return [job("olora", "olora", init_adapter=init[0].out_dir, orth_lambda=0.5),
-                job("clmoe-1", "clmoe", moe_experts=2, options=paper, init_adapter=init[1].out_dir)]
+                job("clmoe-1", "clmoe", moe_experts=4, options=paper, init_adapter=init[1].out_dir)]
 
     one0 = jobs(tmp_path / "one", 24, 0)
     mllm = load_mllm(tiny_base)
