@@ -8,6 +8,9 @@ different adapter names; :func:`set_active` picks the one a forward pass uses.
 
 Saved layout (flat, whatever the adapter name): ``adapter_config.json`` + ``adapter_model.safetensors``
 (peft's format; the projector copy is in the same file).
+
+:class:`LoRAFamily` is the adapter family (:mod:`cl_service.adapters.family`) of the jobs that train one: kinds
+``expert``, ``router``, ``joint`` and ``sequential``.
 """
 
 from __future__ import annotations
