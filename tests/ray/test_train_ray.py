@@ -190,7 +190,10 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
     full batch of all 24 samples (12 per rank): LoRA, O-LoRA grown from it (a penalty through the DDP-wrapped loss)
     and CL-MoE with the paper's mechanisms (a preparation pass on every rank, task gates, the momentum update on
     save) end with the same weights and files. The two tasks are chosen so the ranks' shares hold equally many
-    answer tokens: then the mean of the ranks' token-mean losses is the token-mean loss of the whole batch."""
+    answer tokens: then the mean of the ranks' token-mean losses is the token-mean loss of the whole batch. Equal up
+    to float rounding: the gradients are summed in another order, and AdamW's first steps, which normalise each
+    entry, carry the last bits of tiny entries into the weights (measured: up to 2.4e-5 on steps of 1e-2); a wrong
+    task gate or a missing momentum update moves weights by 1e-3 and more."""
     from safetensors.torch import load_file
 
     from cl_service.models.mllm import load_mllm
@@ -237,4 +240,7 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
             ta, tb = load_file(str(Path(a.out_dir) / f)), load_file(str(Path(b.out_dir) / f))
             assert ta.keys() == tb.keys()
             for k in ta:
-                assert torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-6), (a.name, f, k)
+                if f == "clmoe_task_gates.safetensors":  # counts of top-k choices: exactly the same
+                    assert torch.equal(ta[k], tb[k]), (a.name, k)
+                else:
+                    assert torch.allclose(ta[k], tb[k], rtol=1e-3, atol=1e-4), (a.name, f, k)
