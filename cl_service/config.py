@@ -5,7 +5,7 @@ YAML is loaded strictly (unknown keys are errors); ``key.sub=value`` overrides a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -101,11 +101,17 @@ class RouterCfg:
 
 @dataclass(frozen=True)
 class ReplayCfg:
+    """The replay variants ``<method>_replay`` of the sequential methods (``clsvc ls methods``): each stage's
+    training data plus a fixed, seeded choice of every earlier task's training samples."""
+
     samples_per_task: int = 20
-    """Replay buffer size per earlier task for ``lora_ft_replay``."""
+    """Replay samples per earlier task (0: none), unless ``fraction`` is set."""
+    fraction: float | None = None
+    """When set: per earlier task, this share of the new task's training-set size (after ``data.train_limit``; at
+    least one sample) instead of ``samples_per_task``."""
 
     def __post_init__(self) -> None:
-        _cfgload.check_ranges(self, samples_per_task=(0, None))
+        _cfgload.check_ranges(self, samples_per_task=(0, None), fraction=(0, None, "open"))
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,35 @@ class MoELoraCfg:
 
     def __post_init__(self) -> None:
         _cfgload.check_ranges(self, experts=(1, None))
+
+
+@dataclass(frozen=True)
+class ClMoECfg:
+    """``clmoe``: CL-MoE as the reference code runs it — a MoE-LoRA of ``experts`` experts per adapted Linear
+    (``expert.lora.rank`` split over them), warm-started task to task, trained with ``expert.train``. ``paper``
+    adds the paper's dual router and momentum update (not in the reference code)."""
+
+    experts: int = 5
+    """LoRA experts per adapted Linear (the reference: 5 of rank 32, ``expert.lora.rank=160``)."""
+    paper: bool = False
+    """Add the paper's instance- and task-level dual router and the momentum update of the experts between tasks."""
+    beta: float = 0.5
+    """``paper``: weight of the instance-level gate; the task-level gate gets ``1 - beta``."""
+    momentum: float = 0.7
+    """``paper``: after each task, an expert keeps this share of its previous weights (``1 - momentum`` for the
+    previous task's experts that the new task does not use)."""
+    top_k: int = 2
+    """``paper``: a task's experts are, per Linear, the ``top_k`` its tokens' gates use most."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, experts=(1, None), beta=(0, 1), momentum=(0, 1), top_k=(1, None))
+        if self.paper and self.top_k > self.experts:
+            raise ValueError(f"clmoe.top_k={self.top_k} exceeds clmoe.experts={self.experts}")
+        if not self.paper:
+            default = {f.name: f.default for f in fields(ClMoECfg)}
+            set_ = [k for k in ("beta", "momentum", "top_k") if getattr(self, k) != default[k]]
+            if set_:
+                raise ValueError(f"clmoe.{', clmoe.'.join(set_)}: used only with clmoe.paper=true")
 
 
 @dataclass(frozen=True)
@@ -229,6 +264,7 @@ class RunCfg:
     replay: ReplayCfg = field(default_factory=ReplayCfg)
     olora: OLoraCfg = field(default_factory=OLoraCfg)
     moelora: MoELoraCfg = field(default_factory=MoELoraCfg)
+    clmoe: ClMoECfg = field(default_factory=ClMoECfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     ray: RayCfg = field(default_factory=RayCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)

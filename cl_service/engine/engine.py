@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from transformers.utils import logging as _hf_logging
 
+from cl_service.adapters.family import answers_with_hooks, family_of
 from cl_service.adapters.lora import delete_adapter, load_adapter, set_active
-from cl_service.adapters.moelora import is_moelora, moelora_active
 from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
 from cl_service.engine.cudagraphs import GraphDecoder
@@ -97,7 +97,7 @@ class Engine:
         self._n = 0
         self._memo = Memo()  # see enable_memo
         self._decoders: ThreadPoolExecutor | None = None
-        self._moelora: dict[str, Any] = {}  # loaded MoE-LoRAs (see moelora_active)
+        self._hooked: dict[str, dict] = {}  # per adapter family answered through its hooks: its loaded adapters
         # the first token the base emits for each letter after its prompt (not a bare "▁" before it)
         self._letter_ids = first_answer_tokens(self.mllm, "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
         self._label_cache: dict[str, tuple[int, ...]] = {}  # multi-letter label -> its tokens (engine.labels)
@@ -161,8 +161,10 @@ class Engine:
                 self.paging["host"] += 1
             else:
                 self.multi.forget(key)
-                if is_moelora(key):
-                    raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
+                fam = family_of(key)
+                if answers_with_hooks(fam):
+                    raise ValueError(f"{fam.name} adapters are answered by Engine.answer, not in mixed batches: "
+                                     f"{key} is {fam.describe(key)}")
                 read_adapter(key)  # complete and checksums match, or AdapterError
                 self.multi.load(key, key)
                 self.paging["disk"] += 1
@@ -189,8 +191,10 @@ class Engine:
         key = str(Path(path).resolve())
         if self.adapter_on_hand(key):
             return
-        if is_moelora(key):
-            raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
+        fam = family_of(key)
+        if answers_with_hooks(fam):
+            raise ValueError(f"{fam.name} adapters are answered by Engine.answer, not in mixed batches: "
+                             f"{key} is {fam.describe(key)}")
         digest = _meta_digest(key)
         read_adapter(key)  # complete and checksums match, or AdapterError
         host = self.multi.fetch(key, key)
@@ -281,8 +285,9 @@ class Engine:
         n = max_new_tokens or self.max_new_tokens
 
         def compute(todo: list[Sample]) -> list[str]:
-            if is_moelora(adapter):  # not a peft LoRA: its own token-gated experts, hooked in for the call
-                with self.gate.exclusive(), moelora_active(self.mllm, adapter, self._moelora, verify=read_adapter):
+            fam = family_of(adapter) if adapter is not None else None
+            if fam is not None and answers_with_hooks(fam):  # not a peft LoRA: its family's hooks, for the call
+                with self.gate.exclusive(), fam.active(self.mllm, adapter, self._hooked.setdefault(fam.name, {}), read_adapter):
                     return self.mllm.generate(todo, n, self.batch_size)
             if self.fused_lora:
                 return self.answer_mixed(todo, [adapter] * len(todo), n)

@@ -87,7 +87,10 @@ class Catalog:
                 continue  # being written or corrupt: not published
             experts.append(ExpertEntry(info.id, info.task, info.description, info.version, info.path))
         if not experts:
-            raise AdapterError(f"run {run_dir} holds no complete expert adapter")
+            from cl_service.methods import why_unserved
+
+            raise AdapterError(f"run {run_dir} holds no complete expert adapter"
+                               + why_unserved(tuple(resolved.get("config", {}).get("methods", ()))))
         known = {e.task: e for e in experts}
         router_dir, pool, router_version = None, None, None
         for i in range(len(tasks) - 1, 0, -1):
