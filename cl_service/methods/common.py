@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Callable
 
 from cl_service.data.schema import Sample
 from cl_service.methods.base import Answer, StageContext
@@ -53,6 +55,17 @@ def expert_job(ctx: StageContext, task: str) -> TrainJob:
 
 def seen_pool(ctx: StageContext) -> Pool:
     return Pool(tuple(ctx.seen), tuple(ctx.descriptions[t] for t in ctx.seen))
+
+
+def timed_routes(ctx: StageContext, route: Callable[[list[Sample]], list[Any]], samples: list[Sample]) -> list[Any]:
+    """``route(samples)``, its time and request count added to the stage's router statistics (the report's time
+    per request of a routed method)."""
+    t0 = time.perf_counter()
+    routes = route(samples)
+    stats = ctx.extra.setdefault("router_stats", {"seconds": 0.0, "requests": 0})
+    stats["seconds"] += time.perf_counter() - t0
+    stats["requests"] += len(samples)
+    return routes
 
 
 def answer_by_expert(ctx: StageContext, samples: list[Sample], experts: list[str | None],

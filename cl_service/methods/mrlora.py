@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 from cl_service.methods.base import METHODS, Answer, StageContext
-from cl_service.methods.common import answer_by_expert, expert_job, seen_pool
+from cl_service.methods.common import answer_by_expert, expert_job, seen_pool, timed_routes
 from cl_service.routers.base import Route
 from cl_service.train.job import DataPart, TrainJob
 
@@ -24,18 +24,9 @@ def router_dir(ctx: StageContext, stage: int):
     return ctx.run_dir / "adapters" / "router" / f"stage-{stage}-{ctx.tasks[stage]}"
 
 
-def _timed_routes(ctx: StageContext, fn, samples) -> list[Route]:
-    t0 = time.perf_counter()
-    routes = fn(samples)
-    stats = ctx.extra.setdefault("router_stats", {"seconds": 0.0, "requests": 0})
-    stats["seconds"] += time.perf_counter() - t0
-    stats["requests"] += len(samples)
-    return routes
-
-
 def _two_stage(ctx: StageContext, route, samples) -> list[Answer]:
     """Route every sample (timed for the report), then answer with base + the chosen expert."""
-    routes = _timed_routes(ctx, lambda s: route(ctx, s), samples)
+    routes = timed_routes(ctx, lambda s: route(ctx, s), samples)
     return answer_by_expert(ctx, samples, [r.expert for r in routes], routes)
 
 
