@@ -28,6 +28,12 @@ stacked multi-LoRA batches of several adapters) — it defines no ``active`` —
 at ``path`` (frozen); ``cache`` is the engine's dict for that family's loaded adapters, ``verify(path)`` the
 registry's checksum check to call before a load. Such adapters are answered one adapter per call (not in mixed
 batches), and their ``describe(path)`` says what they are when a peft form is asked for (export, mixed batches).
+
+A family of soft prompts picked per request (ModalPrompt) defines instead ``choose(mllm, path, features, cache,
+verify) -> tasks`` (for each request's base routing features, :meth:`~cl_service.models.mllm.MLLM.routing_features`,
+the task whose prompts answer it) and ``prompt_rows(mllm, path, tasks, cache, verify)`` (``[B, P, H]``, inserted
+right after each request's BOS): the engine answers them with :meth:`~cl_service.engine.Engine.answer_prompted`,
+one adapter per call, and like the families with ``active`` they have no peft form (``describe``).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ TRAIN_ADAPTER = "job"
 #: Modules that register the built-in families (imported on the first lookup, so that importing the registry
 #: costs nothing). A new family adds its module here.
 BUILTIN = ("cl_service.adapters.lora", "cl_service.adapters.olora", "cl_service.adapters.moelora",
-           "cl_service.adapters.clmoe")
+           "cl_service.adapters.clmoe", "cl_service.adapters.modalprompt")
 
 FAMILIES: Registry[Any] = Registry("adapter family (job kind)")
 
@@ -146,6 +152,12 @@ def family_of(path: str | Path) -> Any:
 
 
 def answers_with_hooks(fam: Any) -> bool:
-    """Whether ``fam`` answers through its own ``active`` context (not the engine's peft LoRA paths)."""
-    return callable(getattr(fam, "active", None))
+    """Whether ``fam`` answers through its own code, an ``active`` context or soft prompts it picks per request
+    (:func:`picks_prompts`), not the engine's peft LoRA paths."""
+    return callable(getattr(fam, "active", None)) or picks_prompts(fam)
+
+
+def picks_prompts(fam: Any) -> bool:
+    """Whether ``fam`` answers by soft prompt rows it picks per request (``choose`` and ``prompt_rows``)."""
+    return callable(getattr(fam, "choose", None)) and callable(getattr(fam, "prompt_rows", None))
 

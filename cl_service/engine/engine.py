@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as _hf_logging
 
-from cl_service.adapters.family import answers_with_hooks, family_of
+from cl_service.adapters.family import answers_with_hooks, family_of, picks_prompts
 from cl_service.adapters.lora import delete_adapter, load_adapter, set_active
 from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
@@ -286,6 +286,8 @@ class Engine:
 
         def compute(todo: list[Sample]) -> list[str]:
             fam = family_of(adapter) if adapter is not None else None
+            if fam is not None and picks_prompts(fam):  # soft prompts picked per sample
+                return self.answer_prompted(todo, adapter, None, n)
             if fam is not None and answers_with_hooks(fam):  # not a peft LoRA: its family's hooks, for the call
                 with self.gate.exclusive(), fam.active(self.mllm, adapter, self._hooked.setdefault(fam.name, {}), read_adapter):
                     return self.mllm.generate(todo, n, self.batch_size)
@@ -298,6 +300,39 @@ class Engine:
         if adapter is not None:
             self._used.add(str(Path(adapter).resolve()))
         return self._memo.map(("answer", content_digest(adapter), n), samples, compute)
+
+    def choose_prompts(self, samples: Sequence[Sample], adapter: str,
+                       vision_states: torch.Tensor | None = None) -> list[str]:
+        """For an adapter of soft prompts picked per request (ModalPrompt, :func:`~cl_service.adapters.family.
+        picks_prompts`): the task whose prompts answer each sample, chosen by the adapter's family from the
+        sample's base routing features (:meth:`routing_features`; ``vision_states`` as there)."""
+        fam = self._prompt_family(adapter)
+        features = self.routing_features(samples, vision_states)
+        return fam.choose(self.mllm, adapter, features, self._hooked.setdefault(fam.name, {}), read_adapter)
+
+    def answer_prompted(self, samples: Sequence[Sample], adapter: str, tasks: Sequence[str] | None = None,
+                        max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers of the base with, right after sample ``i``'s BOS, the soft prompt rows that adapter
+        folder ``adapter`` holds for task ``tasks[i]`` (default: :meth:`choose_prompts`). Rows of one batch may
+        carry different tasks' prompts; the base itself is not switched, so these passes run next to others."""
+        fam = self._prompt_family(adapter)
+        if tasks is None:
+            tasks = self.choose_prompts(samples, adapter)
+        if len(tasks) != len(samples):
+            raise ValueError(f"{len(samples)} samples but {len(tasks)} prompt choices")
+        if not samples:
+            return []
+        with torch.no_grad(), self.base_passes():
+            rows = fam.prompt_rows(self.mllm, adapter, list(tasks), self._hooked.setdefault(fam.name, {}), read_adapter)
+            return self.mllm.generate(samples, max_new_tokens or self.max_new_tokens, self.batch_size,
+                                      prefix_rows=rows)
+
+    def _prompt_family(self, adapter: str) -> Any:
+        fam = family_of(adapter)
+        if not picks_prompts(fam):
+            raise ValueError(f"{adapter} is a {fam.name} adapter, not one of soft prompts picked per request")
+        self._used.add(str(Path(adapter).resolve()))
+        return fam
 
     def vision_states(self, samples: Sequence[Sample]) -> torch.Tensor:
         """Base CLIP states of the samples' images ``[N_img, k, vision_hidden]``, computed once and

@@ -36,7 +36,8 @@ class StepDecoder(Protocol):
 @torch.no_grad()
 def generate(mllm: "MLLM", samples: Sequence[Sample], max_new_tokens: int = 16, batch_size: int = 64,
              vision_states: torch.Tensor | None = None, image_features: "ImageFeatures | None" = None,
-             decoder: StepDecoder | None = None, on_token: Callable[[int, int], None] | None = None) -> list[str]:
+             decoder: StepDecoder | None = None, on_token: Callable[[int, int], None] | None = None,
+             prefix_rows: torch.Tensor | None = None) -> list[str]:
     """Greedy answers of ``mllm``, one string per sample: :meth:`MLLM.generate` (which documents the
     arguments). The model runs in eval mode and gets its training mode back."""
     was_training = mllm.model.training
@@ -45,23 +46,28 @@ def generate(mllm: "MLLM", samples: Sequence[Sample], max_new_tokens: int = 16, 
         out: list[str] = []
         if (vision_states is not None or torch.is_tensor(image_features)) and len(samples) > batch_size:
             raise ValueError("precomputed vision_states/image_features need batch_size >= len(samples)")
+        if prefix_rows is not None and prefix_rows.shape[0] != len(samples):
+            raise ValueError(f"prefix_rows has {prefix_rows.shape[0]} rows for {len(samples)} samples")
         for i in range(0, len(samples), batch_size):
             row = (lambda r, t, i=i: on_token(i + r, t)) if on_token is not None else None
+            rows = prefix_rows[i:i + batch_size] if prefix_rows is not None else None
             out += _generate(mllm, samples[i:i + batch_size], max_new_tokens, vision_states, image_features,
-                             decoder, row)
+                             decoder, row, rows)
         return out
     finally:
         mllm.model.train(was_training)
 
 
 def _generate(mllm: "MLLM", samples: Sequence[Sample], max_new_tokens: int, vision_states, image_features=None,
-              decoder: StepDecoder | None = None, on_token: Callable[[int, int], None] | None = None) -> list[str]:
+              decoder: StepDecoder | None = None, on_token: Callable[[int, int], None] | None = None,
+              rows: torch.Tensor | None = None) -> list[str]:
     """One batch: prefill, then one token per step until every row has its EOS or ``max_new_tokens``;
-    ``on_token(row, token)`` for each row's token of a step while the row is not done (its EOS included)."""
+    ``on_token(row, token)`` for each row's token of a step while the row is not done (its EOS included).
+    ``rows``: soft prompt rows per sample, inserted after BOS (:meth:`MLLM.inputs`)."""
     need_pixels = vision_states is None and not torch.is_tensor(image_features)
     batch = mllm.collate(samples, train=False, pixels=need_pixels)
-    mask = batch["attention_mask"].to(mllm.device)
-    pos = batch["position_ids"].to(mllm.device)
+    x = mllm.inputs(batch, vision_states, image_features, rows)  # the prompt as the decoder sees it
+    mask, pos = x["attention_mask"], x["position_ids"]
     use_cache = max_new_tokens > 1  # one token (the router's letter) needs no KV cache: ~27 GB at 7B x 64
     with (decoder.session(mask, max_new_tokens) if decoder is not None and use_cache
           else contextlib.nullcontext()) as fast:
@@ -69,8 +75,8 @@ def _generate(mllm: "MLLM", samples: Sequence[Sample], max_new_tokens: int, visi
             cache = fast.cache
         else:
             cache = _growing_cache(mask.shape[1] + max_new_tokens) if mllm.preallocate_kv and use_cache else None
-        res = mllm.model(inputs_embeds=mllm.embed(batch, vision_states, image_features), attention_mask=mask,
-                         position_ids=pos, use_cache=use_cache, logits_to_keep=1, past_key_values=cache)
+        res = mllm.model(inputs_embeds=x["inputs_embeds"], attention_mask=mask, position_ids=pos, use_cache=use_cache,
+                         logits_to_keep=1, past_key_values=cache)
         logits = res.logits[:, -1]
         B = len(samples)
         done = torch.zeros(B, dtype=torch.bool, device=mllm.device)

@@ -15,6 +15,13 @@ The CLIP states (:meth:`MLLM.vision_states`) can be computed once and passed aga
 adapters in between leave the vision tower alone (``LoraCfg.vision=False``); the projector, which every
 expert trains, is applied per pass. Position ids are always derived from the attention mask, so right
 padding (training) and left padding (generation) give the same positions to the same tokens.
+
+Extra embedding rows (soft prompts) can be inserted right after each sequence's BOS token
+(:func:`insert_after_bos`): rows ``[B, P, H]`` per batch from :attr:`MLLM.soft_prompt` while it is set (training a
+prompt family: :meth:`loss`, :meth:`forward`, :meth:`generate`), or per sample in a :meth:`generate` call
+(``prefix_rows``). The rows get attention, positions right after BOS (the tokens behind them move on by ``P``)
+and no label. Feature passes (:meth:`pooled_features`, :meth:`routing_features`, ...) never insert: they are the
+base's.
 """
 
 from __future__ import annotations
@@ -46,8 +53,8 @@ from cl_service.models.prompting import (ANSWER_CUE, ClsvcFormat, PromptFormat, 
                                         resolve_style, target_text)
 from cl_service.models.tokenizer import IMAGE_TOKEN
 
-__all__ = ["ANSWER_CUE", "IGNORE", "MLLM", "MODEL_CFG_FILE", "build_mllm", "llava_config", "load_mllm",
-           "prompt_text", "target_text"]
+__all__ = ["ANSWER_CUE", "IGNORE", "MLLM", "MODEL_CFG_FILE", "build_mllm", "insert_after_bos", "llava_config",
+           "load_mllm", "prompt_text", "target_text"]
 
 #: Projected image features ``[N_img, k, H]``, or a function ``pixel_values -> features``.
 ImageFeatures = "torch.Tensor | Callable[[torch.Tensor], torch.Tensor]"
@@ -104,6 +111,9 @@ class MLLM:
         self._disabled_cm = None
         #: generation keeps the KV cache in buffers sized for the whole answer (no copy of the cache per token)
         self.preallocate_kv = True
+        #: Soft prompt rows while set: ``batch -> [B, P, H]``, inserted right after each sequence's BOS by
+        #: :meth:`loss`, :meth:`forward` and :meth:`generate` (a prompt family sets it while it trains).
+        self.soft_prompt: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
         c = model.config
         self.image_token_id = int(c.image_token_index)
         self.image_size = int(c.vision_config.image_size)
@@ -247,16 +257,32 @@ class MLLM:
             raise ValueError(f"{int(slots.sum())} image tokens but {feats.shape[0]}×{feats.shape[1]} image features")
         return emb.masked_scatter(slots.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
 
+    def inputs(self, batch: dict[str, torch.Tensor], vision_states: torch.Tensor | None = None,
+               image_features: ImageFeatures | None = None, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """What the decoder gets for ``batch``: ``inputs_embeds`` (:meth:`embed`), ``attention_mask``,
+        ``position_ids`` and, when the batch has them, ``labels``, on the model's device; with ``rows``
+        (``[B, P, H]``), or else the :attr:`soft_prompt`'s rows for the batch, inserted after BOS
+        (:func:`insert_after_bos`: ``L + P`` positions)."""
+        out = {"inputs_embeds": self.embed(batch, vision_states, image_features),
+               "attention_mask": batch["attention_mask"].to(self.device),
+               "position_ids": batch["position_ids"].to(self.device)}
+        if "labels" in batch:
+            out["labels"] = batch["labels"].to(self.device)
+        if rows is None and self.soft_prompt is not None:
+            rows = self.soft_prompt(batch)
+        if rows is None:
+            return out
+        emb, mask, labels = insert_after_bos(out["inputs_embeds"], out["attention_mask"], rows,
+                                             batch["input_ids"].to(self.device), self.bos_id, out.get("labels"))
+        out.update(inputs_embeds=emb, attention_mask=mask, position_ids=_positions(mask))
+        if labels is not None:
+            out["labels"] = labels
+        return out
+
     def forward(self, batch: dict[str, torch.Tensor], vision_states: torch.Tensor | None = None, **kw):
-        """Full forward (``loss`` when ``labels`` are in the batch, ``logits`` ``[B, L, V]``)."""
-        labels = batch.get("labels")
-        return self.model(
-            inputs_embeds=self.embed(batch, vision_states),
-            attention_mask=batch["attention_mask"].to(self.device),
-            position_ids=batch["position_ids"].to(self.device),
-            labels=None if labels is None else labels.to(self.device),
-            **kw,
-        )
+        """Full forward (``loss`` when ``labels`` are in the batch, ``logits`` ``[B, L, V]``; ``L + P`` with a
+        :attr:`soft_prompt`)."""
+        return self.model(**self.inputs(batch, vision_states), **kw)
 
     __call__ = forward
 
@@ -268,10 +294,9 @@ class MLLM:
         mostly image and prompt tokens, so the full ``[B, L, V]`` logits (and their float32 copy) were
         ~8% of a tiny model's step and ~0.7 GB at 7B × batch 8, all for ignored positions.
         """
-        labels = batch["labels"].to(self.device)
-        h = self.model.model.language_model(
-            inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"].to(self.device),
-            position_ids=batch["position_ids"].to(self.device), use_cache=False).last_hidden_state
+        x = self.inputs(batch)
+        labels = x.pop("labels")
+        h = self.model.model.language_model(**x, use_cache=False).last_hidden_state
         target = labels[:, 1:]
         keep = target != IGNORE
         if not bool(keep.any()):
@@ -282,7 +307,8 @@ class MLLM:
     @torch.no_grad()
     def generate(self, samples: Sequence[Sample], max_new_tokens: int = 16, batch_size: int = 64,
                  vision_states: torch.Tensor | None = None, image_features: ImageFeatures | None = None,
-                 decoder: StepDecoder | None = None, on_token: Callable[[int, int], None] | None = None) -> list[str]:
+                 decoder: StepDecoder | None = None, on_token: Callable[[int, int], None] | None = None,
+                 prefix_rows: torch.Tensor | None = None) -> list[str]:
         """Greedy answers, one string per sample (special tokens dropped, stripped); the loop and its KV cache
         live in :mod:`cl_service.models.generate`.
 
@@ -293,8 +319,11 @@ class MLLM:
         forward (:class:`cl_service.engine.cudagraphs.GraphDecoder`: replayed CUDA graphs); it may
         decline a batch, which then decodes here as without it. ``on_token(i, token)``: called with sample
         ``i``'s tokens as they are decoded (EOS included, nothing after it), e.g. to stream an answer.
+        ``prefix_rows``: ``[len(samples), P, H]``, sample ``i``'s soft prompt rows inserted after its BOS (instead
+        of the :attr:`soft_prompt`'s).
         """
-        return _greedy(self, samples, max_new_tokens, batch_size, vision_states, image_features, decoder, on_token)
+        return _greedy(self, samples, max_new_tokens, batch_size, vision_states, image_features, decoder, on_token,
+                       prefix_rows)
 
     @torch.no_grad()
     def pooled_features(self, samples: Sequence[Sample], batch_size: int = 64,
@@ -403,6 +432,34 @@ class MLLM:
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def insert_after_bos(emb: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, bos_id: int | None,
+                     labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Embeddings ``emb`` ``[B, L, H]`` with row ``b`` of ``rows`` ``[B, P, H]`` inserted right after sequence
+    ``b``'s BOS token, its first attended position (``mask`` ``[B, L]``: right or left padding alike; ``ids``
+    ``[B, L]``: the tokens, to check that it is BOS). Returns ``(emb [B, L+P, H], mask [B, L+P], labels)``: the
+    inserted positions attended and, when ``labels`` ``[B, L]`` are given, ignored by the loss; padding stays
+    where it was. ``rows`` keep their gradient. ``ValueError`` when a sequence does not start with BOS."""
+    B, L, H = emb.shape
+    if rows.dim() != 3 or rows.shape[0] != B or rows.shape[2] != H:
+        raise ValueError(f"rows to insert must be [{B}, P, {H}], got {tuple(rows.shape)}")
+    P = rows.shape[1]
+    first = mask.to(torch.long).argmax(1)  # [B]: the first attended position
+    at = ids.gather(1, first[:, None])[:, 0]
+    if bos_id is None or bool((at != bos_id).any()) or not bool(mask.gather(1, first[:, None]).all()):
+        raise ValueError(f"soft prompt rows go right after BOS, but a sequence starts with token {at.tolist()} "
+                         f"(BOS is {bos_id})")
+    cols = torch.arange(L, device=emb.device)[None]
+    dest = cols + P * (cols > first[:, None])              # [B, L]: where each old position goes
+    ins = first[:, None] + 1 + torch.arange(P, device=emb.device)[None]  # [B, P]: the inserted positions
+    out = emb.new_zeros(B, L + P, H).scatter(1, dest[..., None].expand(B, L, H), emb)
+    out = out.scatter(1, ins[..., None].expand(B, P, H), rows.to(emb.dtype))
+    new_mask = mask.new_zeros(B, L + P).scatter(1, dest, mask).scatter(1, ins, 1)
+    new_labels = None
+    if labels is not None:
+        new_labels = labels.new_full((B, L + P), IGNORE).scatter(1, dest, labels)
+    return out, new_mask, new_labels
 
 
 def build_mllm(cfg: ModelCfg, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
