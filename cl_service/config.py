@@ -165,6 +165,23 @@ class ClMoECfg:
 
 
 @dataclass(frozen=True)
+class ModalPromptCfg:
+    """``modalprompt``: ModalPrompt — per task ``prompts`` soft prompt rows (inserted after BOS) and a transform MLP
+    whose output gives the task's prototype; the base stays frozen, no LoRA. Each request gets the prompts of the
+    task whose prototype its image and question features match best. Trained with ``modalprompt.train``."""
+
+    prompts: int = 20
+    """Prompt rows (token-embedding-wide vectors) per task (the reference: 20)."""
+    train: TrainCfg = field(default_factory=TrainCfg)
+    """How each task's prompt rows and transform train. The reference trains 10 epochs per task at lr 2e-4
+    (``modalprompt.train.lr=2e-4``; its 2025 snapshot put the prompts in the projector's learning-rate group,
+    so they trained at 2e-5)."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, prompts=(1, None))
+
+
+@dataclass(frozen=True)
 class EvalCfg:
     """How the (method, stage) evaluation units of a run are computed."""
 
@@ -265,6 +282,7 @@ class RunCfg:
     olora: OLoraCfg = field(default_factory=OLoraCfg)
     moelora: MoELoraCfg = field(default_factory=MoELoraCfg)
     clmoe: ClMoECfg = field(default_factory=ClMoECfg)
+    modalprompt: ModalPromptCfg = field(default_factory=ModalPromptCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     ray: RayCfg = field(default_factory=RayCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)

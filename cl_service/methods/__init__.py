@@ -5,6 +5,7 @@ from cl_service.methods.base import METHODS, Answer, Method, StageContext, unser
 from cl_service.methods import clmoe as _clmoe  # noqa: F401
 from cl_service.methods import joint as _joint  # noqa: F401
 from cl_service.methods import lora_ft as _lora_ft  # noqa: F401
+from cl_service.methods import modalprompt as _modalprompt  # noqa: F401
 from cl_service.methods import moelora as _moelora  # noqa: F401
 from cl_service.methods import mrlora as _mrlora  # noqa: F401
 from cl_service.methods import olora as _olora  # noqa: F401

@@ -21,7 +21,8 @@ def _cfg(out, tiny_base, dcl_shards, extra=()):
         f"out={out}", f"data.path={dcl_shards}", f"base.path={tiny_base}", "data.tasks=[RS,Med]",
         f"methods=[{','.join(METHODS.names())}]", "expert.train.max_steps=3", "expert.train.batch_size=4",
         "router.train.max_steps=3", "router.samples_per_task=4", "replay.samples_per_task=2",
-        "expert.lora.rank=4", "router.lora.rank=4", "clmoe.experts=2", "eval.max_new_tokens=3", "ray.num_workers=0",
+        "expert.lora.rank=4", "router.lora.rank=4", "clmoe.experts=2", "modalprompt.prompts=4",
+        "modalprompt.train.max_steps=3", "modalprompt.train.batch_size=4", "eval.max_new_tokens=3", "ray.num_workers=0",
         *extra])
 
 
@@ -62,7 +63,7 @@ def test_adapters_hold_only_adapter_weights_and_finite_losses(run):
 
     folders = [p.parent for p in (run["out"] / "adapters").rglob("adapter.json")]
     kinds = {json.loads((f / "adapter.json").read_text())["kind"] for f in folders}
-    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora", "clmoe"}
+    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora", "clmoe", "modalprompt"}
     for f in folders:
         log = json.loads((f / "train_log.json").read_text())
         assert log["steps"] == 3 and all(math.isfinite(x) for x in log["losses"])
@@ -71,6 +72,8 @@ def test_adapters_hold_only_adapter_weights_and_finite_losses(run):
         if (f / "moelora_config.json").is_file():  # experts and gates of decoder Linears only
             assert keys and all(".language_model." in k and k.rsplit(".", 1)[1] in ("A", "B", "gate")
                                 for k in keys), keys[:5]
+        elif (f / "modalprompt_config.json").is_file():  # every seen task's prompt rows and transform, no LoRA
+            assert keys and all(k.split(".")[0] in ("prompts", "transforms") for k in keys), keys[:5]
         else:
             assert keys and all(("lora_" in k) or ("multi_modal_projector" in k) for k in keys), keys[:5]
 
@@ -204,10 +207,10 @@ def test_identical_jobs_train_once(run):
         assert clone["files"]["adapter_model.safetensors"] == expert["files"]["adapter_model.safetensors"]
         assert clone["id"] != expert["id"] and clone["kind"] == "sequential"
         assert clone["cloned_from"] == expert["id"]
-    for name in ("moelora", "clmoe"):
+    for name in ("moelora", "clmoe", "modalprompt"):
         clone = read_adapter(ads / f"{name}_replay" / "stage-0-RS")
         assert clone["cloned_from"] == f"{name}:stage-0" and clone["kind"] == name
-    assert sum("published without training" in line for line in run["logs"]) == 6
+    assert sum("published without training" in line for line in run["logs"]) == 7
     # stage 1 differs (lora_ft continues from stage 0 on Med; the Med expert starts from the base)
     assert read_adapter(ads / "lora_ft" / "stage-1-Med")["files"]["adapter_model.safetensors"] != \
         read_adapter(ads / "experts" / "Med")["files"]["adapter_model.safetensors"]
