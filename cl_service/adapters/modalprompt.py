@@ -312,8 +312,8 @@ class ModalPromptFamily:
                 hit = (bank, bank.prototypes())
             if key is not None:
                 cache[key] = hit
-                while len(cache) > 4:
-                    cache.pop(next(iter(cache)))
+                for old in list(cache)[:-4]:  # a copy of the keys: other threads may load into the same dict
+                    cache.pop(old, None)
         return hit
 
     def choose(self, mllm: MLLM, path: str | Path, features: np.ndarray | torch.Tensor, cache: dict,
