@@ -37,6 +37,10 @@ def test_modalprompt_from_the_command_line(tmp_path, tiny_base, dcl_shards, caps
         preds = [json.loads(line) for f in (out / "predictions" / name).rglob("*.jsonl")
                  for line in f.read_text().splitlines()]
         assert preds and all(p["metadata"]["expert"] in ("RS", "Med") for p in preds)
+    report = (out / "report.md").read_text().splitlines()
+    for name in ("modalprompt", "modalprompt_replay"):  # its rows in the comparison, router and stage-time tables
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in report if line.startswith(f"| {name} ")]
+        assert sum(r[1] == "modalprompt" for r in rows) == 1 and len(rows) == 4, rows
     final = json.loads((out / "adapters" / "modalprompt_replay" / "stage-1-Med" / "modalprompt_config.json").read_text())
     assert final["tasks"] == ["RS", "Med"] and final["prompts"] == 2
 
