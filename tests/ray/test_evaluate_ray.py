@@ -15,7 +15,7 @@ from cl_service.run import LocalTrainer, run_stream
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
-METHODS = "mrlora,mrlora_knn,oracle,zero_shot,lora_ft"
+METHODS = "mrlora,mrlora_knn,oracle,zero_shot,lora_ft,modalprompt"
 
 
 def _cfg(out, tiny_base, dcl_shards, extra=()):
@@ -23,7 +23,7 @@ def _cfg(out, tiny_base, dcl_shards, extra=()):
         f"out={out}", f"data.path={dcl_shards}", f"base.path={tiny_base}", "data.tasks=[RS,Med]",
         f"methods=[{METHODS}]", "expert.train.max_steps=3", "expert.train.batch_size=4",
         "router.train.max_steps=3", "router.samples_per_task=4", "expert.lora.rank=4", "router.lora.rank=4",
-        "eval.max_new_tokens=3", "ray.num_workers=0", *extra])
+        "modalprompt.prompts=4", "modalprompt.train.max_steps=3", "modalprompt.train.batch_size=4", "eval.max_new_tokens=3", "ray.num_workers=0", *extra])
 
 
 def _predictions(out: Path) -> dict[str, list[dict]]:
@@ -139,7 +139,7 @@ def test_the_ray_path_of_clsvc_run_evaluates_on_actors(ray_local, local, tmp_pat
     monkeypatch.setattr("cl_service.models.mllm.load_mllm", no_base_here)
     out = tmp_path / "clsvc-run"
     _copy_adapters(local["out"], out)
-    methods = ["oracle", "lora_ft"]
+    methods = ["oracle", "lora_ft", "modalprompt"]
     cfg = _cfg(out, tiny_base, dcl_shards,
                ["ray.num_workers=1", "eval.num_workers=1", f"methods=[{','.join(methods)}]"])
     logs: list[str] = []
