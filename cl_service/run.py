@@ -196,7 +196,7 @@ def plan_stream(cfg: RunCfg) -> list[dict[str, Any]]:
 
         spec = BENCHMARKS.get(cfg.data.benchmark)
         stream, descriptions, ds = spec.task_names, {t.name: t.description for t in spec.tasks}, None
-    tasks = [t for t in stream if not cfg.data.tasks or t in cfg.data.tasks]
+    tasks = cfg.data.stream(stream)
     base = str(Path(cfg.base.path).resolve() if cfg.base.path else store_base_path(cfg.base.profile))
     methods = {name: METHODS.get(name)() for name in cfg.methods}
     try:
@@ -252,9 +252,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
     evaluator = evaluator or LocalEvaluator(engine_factory)
     data_path = prepare_dataset(cfg, out, log)
     ds = ShardDataset(data_path)
-    tasks = [t for t in ds.tasks if not cfg.data.tasks or t in cfg.data.tasks]
-    if cfg.data.tasks and len(tasks) != len(cfg.data.tasks):
-        raise ValueError(f"data.tasks {list(cfg.data.tasks)} not all in the dataset's stream {ds.tasks}")
+    tasks = cfg.data.stream(ds.tasks)  # data.tasks and data.order checked against the dataset, before any work
     base_path = str(Path(cfg.base.path or ensure_base(cfg.base.profile, log=log)).resolve())
     # The base and the data by content, here in the driver: job keys and stage records carry them.
     base_dig, data_dig = base_digest(base_path), dataset_digest(data_path)
