@@ -229,12 +229,33 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
                evaluator: Evaluator | None = None) -> dict[str, Any]:
     """Run ``cfg.methods`` over the stream; returns the metrics dict also written to ``metrics.json``.
 
+    ``trainer``, ``evaluator`` and ``engine_factory``: as :func:`iter_stream`, which this drives to the end.
+    ``on_stage`` (optional) is called with each stage's event — the hook a sweep uses to report per-stage metrics
+    (and where a scheduler may stop the run: an exception raised there ends the run as any error does).
+    """
+    stages = iter_stream(cfg, trainer, log, engine_factory, evaluator)
+    try:
+        while True:
+            try:
+                event = next(stages)
+            except StopIteration as done:
+                return done.value
+            if on_stage is not None:
+                on_stage(event)
+    finally:
+        stages.close()  # an on_stage that raised: the stream's own cleanup (tracking, evaluator) runs now
+
+
+def iter_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, engine_factory=None,
+                evaluator: Evaluator | None = None) -> Iterator[dict[str, Any]]:
+    """:func:`run_stream` one stage at a time: a generator that yields after each stage's evaluation and returns
+    (``StopIteration.value``) the metrics dict also written to ``metrics.json``. Several streams advanced in
+    turn run in lockstep in one process (a sweep trial's seeds); closing it early ends the run as an error does.
+
     ``trainer`` trains each stage's adapters (default :class:`LocalTrainer`); ``evaluator`` computes the
     (method, stage) evaluation units (default :class:`~cl_service.eval.stage.LocalEvaluator` over
-    ``engine_factory(base_path, cfg)``, or the default engine). ``on_stage`` (optional) is called after each
-    stage's evaluation with ``{"stage", "task", "tasks", "records": {method: stage record (row,
-    router_accuracy, train_s, eval_s, ...)}}`` — the hook a sweep uses to report per-stage metrics (and where
-    a scheduler may stop the run).
+    ``engine_factory(base_path, cfg)``, or the default engine). Each stage yields ``{"stage", "task", "tasks",
+    "records": {method: stage record (row, router_accuracy, train_s, eval_s, ...)}}``.
     """
     from cl_service.models.store import ensure_base
 
@@ -299,8 +320,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
                 if rec["row"][i] is not None:
                     summary.append(f"{name} {rec['row'][i]:.1f}")
             log(f"[stage {i + 1}/{T} {task}] accuracy on {task}: " + ", ".join(summary))
-            if on_stage is not None:
-                on_stage({"stage": i, "task": task, "tasks": tasks, "records": recs})
+            yield {"stage": i, "task": task, "tasks": tasks, "records": recs}
     except BaseException:
         tracking.close()  # a failed or interrupted run still flushes its curves and ends its tracker run
         raise
