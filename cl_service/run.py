@@ -23,6 +23,7 @@ from cl_service._table import format_table
 from cl_service.adapters.registry import is_complete
 from cl_service.config import RunCfg
 from cl_service.data.shards import ShardDataset, ShardWriter, atomic_write_text, dataset_location
+from cl_service.eval.confusion import stage_confusion
 from cl_service.eval.metrics import compute_cl_metrics
 from cl_service.eval.report import write_metrics, write_report
 from cl_service.data.origin import check_origin
@@ -341,6 +342,7 @@ def iter_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, e
             entry["router_accuracy"] = rec["router_accuracy"]
             entry["router_ms_per_request"] = 1000 * rec["router_seconds"] / max(1, rec["router_requests"])
             entry["router_fallbacks"] = rec["fallbacks"]
+            entry["confusion"] = [stage_confusion(out, name, i, tasks) for i in range(T)]  # from the predictions
         metrics["methods"][name] = entry
     write_metrics(out, metrics)
     tracking.final(metrics)
