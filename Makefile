@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 DEMO_DATA ?= $(CLSVC_HOME)/data/dcl-mini
 
-.PHONY: demo demo-acl demo-data test test-unit test-ray venv clean
+.PHONY: demo demo-acl demo-data study test test-unit test-ray venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ demo: $(STAMP)
 
 demo-acl: $(STAMP)
 	CONFIG=workloads/configs/acl_mini.yaml OUT=runs/acl-mini bash cluster/local_demo.sh
+
+# A study of the demo's run: 3 task orders x 2 seeds of mrlora, mrlora_knn, lora_ft and oracle, submitted with
+# `ray job submit` like the demo; each expert is trained once per seed for the 3 orders. Rerunning resumes cell by cell.
+STUDY_OUT ?= runs/study-dcl-mini
+study: $(STAMP)
+	DEMO_JOB="workloads/run_study.py --config workloads/configs/study_dcl_mini.yaml --orders 3 --seeds 2 --out $(STUDY_OUT)" \
+	  REPORT=0 DEMO_TIMEOUT=$${DEMO_TIMEOUT:-10800} bash cluster/local_demo.sh
+	sed -n '/^## Metrics/,/^Intervals/p' $(STUDY_OUT)/report.md
+	@echo "report: $(STUDY_OUT)/report.md"
 
 demo-data: $(STAMP)
 	$(VENV)/bin/clsvc data synth --benchmark dcl-mini --out $(DEMO_DATA) --overwrite
