@@ -107,9 +107,9 @@ def describe(s: Setup, p: dict[str, Any]) -> list[str]:
         pc = p["per_cell"][c.id]
         lines.append(f"  {c.id:8s} {' -> '.join(c.order)}  seed {c.seed}  [{state}]  jobs {pc['jobs']}: trains "
                      f"{pc['trains']}, shares {pc['shares']}")
-    lines.append(f"jobs: {p['jobs']} in all cells; {p['trainings']} to train ({p['already_trained']} already "
-                 f"trained), {p['shared']} shared ({p['from_cache']} trained once for several cells, "
-                 f"{p['copies']} copies of an identical job in the same cell)")
+    lines.append(f"jobs: {p['jobs']} in all cells; {p['trainings']} distinct trainings ({p['already_trained']} "
+                 f"done, {p['to_train']} to train), {p['shared']} shared ({p['from_cache']} repeats of a job another "
+                 f"cell trains, {p['copies']} copies of an identical job in the same cell)")
     for sj in p["shared_jobs"]:
         lines.append(f"  shared: {sj['job']} (seed {sj['seed']}) in cells {', '.join(sj['cells'])}")
     return lines

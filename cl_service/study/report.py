@@ -169,7 +169,7 @@ def render(result: dict[str, Any], plots: Sequence[Path]) -> str:
                                                              zip(result["order_ids"], result["order_list"])],
                                          markdown=True), ""]
     crow = [[c["id"], c["order_id"], c["seed"], *[c["metrics"].get(m, {}).get("MFT") for m in methods],
-             c.get("wall_s"), f"[{c['run']}]({c['run']}/report.md)"] for c in cells]
+             c.get("wall_s"), f"`{c['run']}`"] for c in cells]
     md += ["## Cells", "", "MFT per method in each cell; each cell is a whole CL run (its own report.md).", "",
            format_table(["cell", "order", "seed", *[f"{m} MFT" for m in methods], "wall s", "run"], crow,
                         markdown=True), ""]

@@ -61,3 +61,15 @@ def test_a_study_folder_refuses_another_study(tmp_path, dcl_shards, tiny_base):
                    orders, (0,))
     with pytest.raises(StudyMismatch, match="order 1 was"):
         check_spec(tmp_path, base, [("RS", "Med"), ("RS", "Med")], (0,))
+
+
+def test_cells_at_once_come_from_the_resources():
+    from cl_service.on_ray.study import concurrency
+
+    two = load_run_cfg(None, ["ray.num_workers=2", "ray.cpus_per_worker=1"])
+    assert concurrency(two, {"CPU": 2.0}) == 1 and concurrency(two, {"CPU": 9.0}) == 4
+    assert concurrency(two, {"CPU": 9.0}, cap=3) == 3 and concurrency(two, {"CPU": 1.0}) == 1  # never zero
+    inproc = load_run_cfg(None, ["ray.num_workers=0", "ray.cpus_per_worker=1"])
+    assert concurrency(inproc, {"CPU": 2.0}) == 2  # a cell training in its own process holds a CPU
+    gpu = load_run_cfg(None, ["ray.num_workers=2", "ray.use_gpu=true", "ray.cpus_per_worker=1"])
+    assert concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # GPUs bound it
