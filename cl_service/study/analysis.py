@@ -6,8 +6,11 @@ whether the study ran in one go or was resumed, and it can be rebuilt any time.
 - Per method and metric: the mean over cells with a 95% interval — a t interval across cells when there are at
   least 3, else the percentile bootstrap over the test items inside the cells (:mod:`cl_service.study.stats`).
 - Paired comparisons of every two methods on the same cells and items: the mean difference with its interval (the
-  same rule, on per-cell differences or per-item differences) and the p-value of a sign-flip permutation test
-  over cells x items.
+  same rule, on per-cell differences or per-item differences), the item bootstrap interval of the difference (what
+  the test items alone make uncertain), and the p-value of a sign-flip permutation test over cells x items. The
+  t interval asks whether the difference holds across orders and seeds; the item interval and the test whether it
+  holds on these cells' items: a difference that changes with the order can be clear on the items of every cell
+  and still have a t interval across cells that spans 0.
 - Order effects: each task's final accuracy by the position it was learned at; each metric's spread across orders.
 - Routing: the confusion matrices of the routed methods summed over cells, per stage; the accuracy matrix by
   position (stage i, i-th learned task j) as mean and standard deviation over cells.
@@ -25,7 +28,7 @@ import numpy as np
 
 from cl_service.study.items import METRICS, RunItems, item_values, load_run_items, value_of
 from cl_service.study.plan import Cell, cell_dir
-from cl_service.study.stats import LEVEL, interval, sign_flip_test
+from cl_service.study.stats import LEVEL, bootstrap_interval, interval, sign_flip_test
 
 _TOL = 1e-6
 
@@ -90,8 +93,11 @@ def compare(a: dict[str, RunItems], b: dict[str, RunItems], level: float = LEVEL
                 d[t] = {q: va[c][t][q] - vb[c][t][q] for q in va[c][t]}
                 units += [x / (len(d[t]) * len(cids)) for x in d[t].values()]
             diffs.append(d)
-        iv = interval([value_of(d) for d in diffs], _blocks(diffs), level)
-        out[metric] = {**iv.to_dict(), "p_value": sign_flip_test(np.array(units)), "units": len(units)}
+        blocks = _blocks(diffs)
+        iv = interval([value_of(d) for d in diffs], blocks, level)
+        items = bootstrap_interval(blocks, level)  # the test items' share of the uncertainty, whatever the cells
+        out[metric] = {**iv.to_dict(), "items": {"low": items.low, "high": items.high, "method": items.method},
+                       "p_value": sign_flip_test(np.array(units)), "units": len(units)}
     return out
 
 

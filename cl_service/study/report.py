@@ -30,6 +30,11 @@ def _ci(d: dict[str, Any] | None) -> str:
     return f"{d['mean']:.2f} [{d['low']:.2f}, {d['high']:.2f}]"
 
 
+def _p(p: float) -> str:
+    """A Monte Carlo p-value; below 0.001 only the bound (10,000 flips resolve no further)."""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _savefig(fig: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -136,12 +141,15 @@ def render(result: dict[str, Any], plots: Sequence[Path]) -> str:
     comps = result["comparisons"]
     if comps:
         md += ["## Paired comparisons: A - B on the same cells and items", "",
-               "The difference of the means with its 95% interval (same rule as above, on the cells' differences or "
-               "the items' differences), and the two-sided p-value of a sign-flip permutation test over cells x "
-               f"items (10,000 random flips of each item's difference between A and B).", "",
-               format_table(["A", "B", "metric", "A - B [95% interval]", "p", "cells x items"],
-                            [[c["a"], c["b"], _LABEL[c["metric"]], _ci(c), f"{c['p_value']:.4f}", c["units"]]
-                             for c in comps], markdown=True), ""]
+               "The difference of the means with its 95% interval by the rule above (across cells: does it hold "
+               "whatever the order and seed?), the percentile bootstrap interval over the test items (the items' "
+               "share of the uncertainty in these cells), and the two-sided p-value of a sign-flip permutation test "
+               "over cells x items (10,000 random flips of each item's difference between A and B: are A and B "
+               "exchangeable on these cells' items?). A difference that varies with the order can be clear on the "
+               "items (small p) while its interval across cells spans 0.", "",
+               format_table(["A", "B", "metric", "A - B [95% interval]", "items [95%]", "p", "cells x items"],
+                            [[c["a"], c["b"], _LABEL[c["metric"]], _ci(c), _ci({"mean": c["mean"], **c["items"]})
+                              .split(" ", 1)[-1], _p(c["p_value"]), c["units"]] for c in comps], markdown=True), ""]
     md += ["## Order effects", "", "### Final accuracy by the position the task was learned at", "",
            "Mean over the cells that learned the task at that position (n cells); positions 1..T.", ""]
     for m in methods:

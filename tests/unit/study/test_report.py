@@ -129,7 +129,10 @@ def test_hand_checkable_numbers_tables_and_plots(study):
     flat = re.sub(" +", " ", md)
     assert f"| x      | 83.33 [{x['MFT']['low']:.2f}, {x['MFT']['high']:.2f}]" in md
     assert "| y      | 25.00 [25.00, 25.00]" in md
-    assert f"| x | y | MFT | 58.33 [{c['low']:.2f}, {c['high']:.2f}] | {c['p_value']:.4f} | 12" in flat
+    it = c["items"]
+    assert it["method"].startswith("percentile bootstrap over test items") and it["low"] <= c["mean"] <= it["high"]
+    assert (f"| x | y | MFT | 58.33 [{c['low']:.2f}, {c['high']:.2f}] | [{it['low']:.2f}, {it['high']:.2f}] | "
+            f"{c['p_value']:.3f} | 12") in flat
     assert "| A | 75.0 (n=2) | 100.0 (n=1) |" in flat
     assert "| B | 6 | 16.67 | 83.33 |" in flat  # the confusion row of B: 1 of 6 to A, 5 to B
     assert "Training jobs: 12 in all cells, 8 distinct trainings, 4 shared" in md
