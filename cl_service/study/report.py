@@ -89,8 +89,8 @@ def plot_matrices(out: Path, result: dict[str, Any]) -> list[Path]:
         sd = np.array([[np.nan if v is None else v for v in r] for r in mats["sd"]], dtype=float)
         t = mean.shape[0]
         fig, axes = plt.subplots(1, 2, figsize=(2.0 + 1.6 * t, 0.9 + 0.7 * t))
-        for ax, a, title, vmax in ((axes[0], mean, "mean (%)", 100), (axes[1], sd, "sd over cells (points)",
-                                                                       max(1.0, float(np.nanmax(sd)) if np.isfinite(sd).any() else 1.0))):
+        sd_max = max(1.0, float(np.nanmax(sd))) if np.isfinite(sd).any() else 1.0
+        for ax, a, title, vmax in ((axes[0], mean, "mean (%)", 100), (axes[1], sd, "sd over cells (points)", sd_max)):
             im = ax.imshow(a, vmin=0, vmax=vmax, cmap="viridis")
             ax.set_xticks(range(t), [f"task {j + 1}" for j in range(t)], fontsize=7)
             ax.set_yticks(range(t), [f"after {i + 1}" for i in range(t)], fontsize=7)

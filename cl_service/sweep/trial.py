@@ -169,8 +169,9 @@ def run_trial(spec: TrialSpec, base: dict[str, Any], sweep_dir: str | Path, trai
         ra = entry.get("router_accuracy") or {}
         per_seed[str(s)] = {"MFT": entry.get("MFT"), "MFN": entry.get("MFN"), "BWT": entry.get("BWT"),
                             "MAA": entry.get("MAA"), "router_acc": sum(ra.values()) / len(ra) if ra else None}
+    first = cfgs[spec.seeds[0]]
     ivs = intervals_over_seeds({s: seed_dir(sweep_dir, spec.id, s) for s in spec.seeds}, method,
-                               str(cfgs[spec.seeds[0]].data.path or seed_dir(sweep_dir, spec.id, spec.seeds[0]) / "data"))
+                               str(first.data.path or Path(first.out) / "data"))
     rec = {"id": spec.id, "state": "done", "method": method, "stages": len(progress), "seeds": list(spec.seeds)}
     for k in ("MFT", "MFN", "BWT", "MAA", "router_acc"):
         vals = [p[k] for p in per_seed.values() if p[k] is not None]
