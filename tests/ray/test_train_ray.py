@@ -234,7 +234,7 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
     assert len(tokens) == 24 and sum(tokens[0::2]) == sum(tokens[1::2]), tokens  # the ranks' shares (runner)
     two0 = jobs(tmp_path / "two", 12, 0)
     two1 = jobs(tmp_path / "two", 12, 1, two0)
-    trainer = RayTrainer(RayCfg(num_workers=2, cpus_per_worker=1, checkpoint_every=0, timeout_s=300),
+    trainer = RayTrainer(RayCfg(num_workers=2, cpus_per_worker=1, checkpoint_every=0, stall_timeout_s=300),
                          str(tmp_path / "storage"), persistent=True)
     try:
         trainer.fit(two0)
