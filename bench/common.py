@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.paths import portable
 from cl_service.data.schema import Sample
 from cl_service.models.config import PROFILES, ModelCfg
 from cl_service.models.mllm import MLLM, build_mllm
@@ -150,11 +151,12 @@ def gpu_info() -> dict[str, Any]:
 def write_json(path: str | Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str))
+    path.write_text(json.dumps(portable(data), indent=2, default=str))
 
 
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
     """Print one result row and append it to the JSON-lines file ``path`` (a probe's results, as measured)."""
+    row = portable(row)
     print(json.dumps(row), flush=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

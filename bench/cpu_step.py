@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.paths import portable  # noqa: E402
+
 
 def _setup(base: str, data: str, batch: int, threads: int, dropout: float, rank: int = 0, world: int = 1):
     from cl_service.adapters.lora import LoraCfg, attach_lora
@@ -102,7 +104,7 @@ def main() -> None:
     for k, v in res.items():
         print(f"{k:34s} {v:.3f} s/step" if v is not None else f"{k:34s} failed")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        Path(args.out).write_text(json.dumps(portable(res), indent=2))
 
 
 if __name__ == "__main__":

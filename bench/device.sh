@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels (.whl: slimmed Ray 2.60 + deps, DeepSpeed 0.19.8), check the
-# GPU fast paths against the plain ones (tests/gpu), then run one benchmark suite; results under $OUT.
+# On a GPU machine without network, from the checkout's root: install the wheels of bench/wheels.sh (.whl: slimmed
+# Ray 2.60 + deps, DeepSpeed 0.19.8) once, check the GPU fast paths against the plain ones (tests/gpu), then run one
+# benchmark suite; results under $OUT (default bench/results/local). Test logs keep pytest's summary line of every
+# test (-rfEsxXp) and the whole output, so a log says which test passed, failed or was skipped.
 #   bash bench/device.sh train    # H100: matmul rate + every single-GPU training variant (~5 min)
 #   bash bench/device.sh serve    # H100: two-stage serving (~4 min)
 #   bash bench/device.sh x2       # 2 GPUs: 1 GPU vs DDP vs two experts at once
@@ -34,20 +36,20 @@ for m in ("transformers", "peft", "ray", "deepspeed", "aiohttp", "packaging", "p
 PY
 case "${1:-train}" in
   train)
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    timeout 120 python3 -m pytest -q -rfEsxXp -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.txt"
     timeout 440 python3 -m bench.train --suite h100 --timeout 140 --out "$OUT/train_h100.json" ${TRAIN_ARGS:-} ;;
   serve)
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    timeout 100 python3 -m pytest -q -rfEsxXp -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.txt"
     timeout 480 python3 -m bench.serve --out "$OUT/serve.json" ${SERVE_ARGS:-} ;;
   serve_ray)
     timeout ${SERVE_RAY_TIMEOUT:-560} python3 -m bench.serve_ray --out "$OUT/serve_ray.json" ${SERVE_ARGS:-} ;;
   real)  # the product path on one GPU: clsvc run + clsvc serve at LLaVA-1.5-7B shape (~8 min)
     timeout ${REAL_TIMEOUT:-570} python3 -m bench.real_run --out "$OUT/real_run.json" --run-timeout 420 ${REAL_ARGS:-} ;;
   gpu_tests)  # tests/gpu (the fast paths and the 2-task stream on the GPU) + the training anchor
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+    timeout 300 python3 -m pytest -q -rfEsxXp -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.txt"
     timeout 250 python3 -m bench.train --suite h100 --only ray,inproc --timeout 110 --out "$OUT/train_anchor.json" ;;
   tests)  # tests/gpu only: the fast paths, CUDA-graph decoding, ZeRO, the 2-task stream on the GPU
-    timeout ${TESTS_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider --durations=12 tests/gpu 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt" ;;
+    timeout ${TESTS_TIMEOUT:-400} python3 -m pytest -q -rfEsxXp -p no:cacheprovider --durations=12 tests/gpu 2>&1 | tee "$OUT/gpu_tests.txt" ;;
   scale)  # the knn router vs the MLLM router, 64 experts vs 9, paging through host memory (bench/serve_scale.py)
     timeout ${SCALE_TIMEOUT:-560} python3 -m bench.serve_scale --out "$OUT/serve_scale.json" ${SCALE_ARGS:-} ;;
   x2)

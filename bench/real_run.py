@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.paths import portable  # noqa: E402
+
 METHODS = "mrlora,mrlora_knn,lora_ft,oracle,zero_shot"
 
 
@@ -96,7 +98,7 @@ def write_base(path: Path, seed: int = 0) -> dict[str, Any]:
 def write_data(path: Path, train: int, test: int, size: int = 336, question_words: int = 0) -> dict[str, Any]:
     """dcl-mini with every image re-rendered at ``size`` px (bicubic), as Arrow shards; with ``question_words``
     each question is lengthened to about that many words by a context sentence built from its own words
-    (the issue's training shape is 576 image + 128 text tokens per item)."""
+    (the benchmark's training shape is 576 image + 128 text tokens per item)."""
     from PIL import Image
 
     from cl_service.data.shards import ShardWriter
@@ -172,18 +174,26 @@ def _run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str]) 
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             rc = -9
+    log.write_text(portable(log.read_text(errors="replace")))  # committed with the results: no path of this machine
     return rc, time.perf_counter() - t0
 
 
 def run_figures(run: Path, wall: float) -> dict[str, Any]:
-    """Figures of a finished run folder: per job (train_log.json), per stage and in total (stage records)."""
+    """Figures of a finished run folder: per job (train_log.json), per stage and in total (stage records).
+
+    An adapter published as a copy of an identical job (``cloned_from`` in its ``adapter.json``: ``lora_ft``'s
+    first stage is the first expert) carries that job's ``train_log.json``; it is listed with ``cloned_from`` but
+    counted once, in the job that trained it."""
     jobs = []
     for f in sorted((run / "adapters").rglob("train_log.json")):
         j = json.loads(f.read_text())
+        meta = f.parent / "adapter.json"
+        cloned = json.loads(meta.read_text()).get("cloned_from") if meta.is_file() else None
         jobs.append({k: j.get(k) for k in ("job", "steps", "tokens_per_s", "load_seconds", "train_seconds", "seconds",
                                            "peak_gpu_gib", "device", "dtype")}
                     | {"tokens": sum(j.get("step_tokens") or []),
-                       "tokens_per_step": round(sum(j.get("step_tokens") or [0]) / max(1, len(j.get("step_tokens") or [])))})
+                       "tokens_per_step": round(sum(j.get("step_tokens") or [0]) / max(1, len(j.get("step_tokens") or [])))}
+                    | ({"cloned_from": cloned} if cloned else {}))
     stages: dict[int, dict[str, Any]] = {}
     answered, eval_s = 0, 0.0
     for f in sorted((run / "stages").rglob("*.json")):
@@ -195,15 +205,20 @@ def run_figures(run: Path, wall: float) -> dict[str, Any]:
         st["answers"] += n
         answered += n
         eval_s += r["eval_s"]
-    train_steps_s = sum(j["train_seconds"] or 0 for j in jobs)
-    trained_tokens = sum(j["tokens"] for j in jobs)
-    return {"jobs": jobs, "stages": stages,
-            "train_tokens_per_s_overall": round(trained_tokens / train_steps_s, 1) if train_steps_s else None,
-            "train_tokens_per_s_jobs_median": sorted(j["tokens_per_s"] for j in jobs if j["tokens_per_s"])[len(jobs) // 2]
-            if jobs else None,
-            "train_steps_s": round(train_steps_s, 1), "eval_s": round(eval_s, 1), "answers": answered,
+    totals = job_totals(jobs)
+    return {"jobs": jobs, "stages": stages, **totals, "eval_s": round(eval_s, 1), "answers": answered,
             "eval_answers_per_s": round(answered / eval_s, 1) if eval_s else None,
-            "share_in_steps_and_eval": round((train_steps_s + eval_s) / wall, 3) if wall else None}
+            "share_in_steps_and_eval": round((totals["train_steps_s"] + eval_s) / wall, 3) if wall else None}
+
+
+def job_totals(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Training figures over the jobs that trained: a copy (``cloned_from``) is the job it copies, counted once."""
+    trained = [j for j in jobs if "cloned_from" not in j]
+    steps_s = sum(j["train_seconds"] or 0 for j in trained)
+    rates = sorted(j["tokens_per_s"] for j in trained if j["tokens_per_s"])
+    return {"train_tokens_per_s_overall": round(sum(j["tokens"] for j in trained) / steps_s, 1) if steps_s else None,
+            "train_tokens_per_s_jobs_median": rates[len(rates) // 2] if rates else None,
+            "train_steps_s": round(steps_s, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"args": vars(a)}
 
     def save() -> None:
-        out.write_text(json.dumps(res, indent=2))
+        out.write_text(json.dumps(portable(res), indent=2))
 
     t = time.perf_counter()
     if a.smoke:

@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.paths import portable  # noqa: E402
+
 from bench.serve_proc import ServeProcess, test_items  # noqa: E402
 
 
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(fig, indent=2))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(fig, indent=2))
+        Path(a.json).write_text(json.dumps(portable(fig), indent=2))
     bad = [r for r in fig["rounds"] if r["retrying"]["failed"] or r["retrying"]["mismatches"] or r["raw"]["mismatches"]]
     return 1 if bad else 0
 

@@ -24,6 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.paths import portable  # noqa: E402
+
 
 def offline_answers(results: Path, method: str) -> tuple[str, dict[str, dict]]:
     """The last stage's offline predictions of ``method``: ``(stage folder name, {question_id: record})``."""
@@ -74,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from cl_service.data.shards import ShardDataset
     from cl_service.serve.client import Client
 
-    resolved = json.loads((results / "config.resolved.json").read_text())
+    from cl_service.resolved import read_resolved
+
+    resolved = read_resolved(results)
     ds = ShardDataset(resolved["dataset"])
     items = [s for t in resolved["tasks"] for s in ds.iter_samples(t, "test") if s.id in offline]
     if not items:
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in (errors[:5] + mismatches[:5]):
         print("  " + line, file=sys.stderr)
     if a.json:
-        Path(a.json).write_text(json.dumps(fig, indent=2))
+        Path(a.json).write_text(json.dumps(portable(fig), indent=2))
     return 1 if errors or mismatches or not lat else 0
 
 

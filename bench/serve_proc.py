@@ -8,7 +8,6 @@ run's app is also called ``clsvc``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -31,7 +30,9 @@ def test_items(results: Path) -> list[Any]:
     """The run's test samples of every task, in stream order (``Sample`` objects: ``.images``, ``.question``)."""
     from cl_service.data.shards import ShardDataset
 
-    resolved = json.loads((results / "config.resolved.json").read_text())
+    from cl_service.resolved import read_resolved
+
+    resolved = read_resolved(results)
     ds = ShardDataset(resolved["dataset"])
     return [s for t in resolved["tasks"] for s in ds.iter_samples(t, "test")]
 

@@ -22,6 +22,7 @@ import argparse
 import gc
 import json
 import os
+import secrets
 import shutil
 import statistics
 import sys
@@ -39,6 +40,7 @@ for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLE
     os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
+TOKEN = secrets.token_urlsafe(24)  # Serve's gRPC proxy binds all interfaces: never served open
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -105,7 +107,7 @@ class Load:
     def __init__(self, address: str, app: str, reqs: list, channels: int = 16, timeout: float = 300.0) -> None:
         from cl_service.serve.client import Client
 
-        self.clients = [Client(address, application=app) for _ in range(channels)]
+        self.clients = [Client(address, token=TOKEN, application=app) for _ in range(channels)]
         self.clients[0].wait_ready(60)
         self.reqs, self.timeout = reqs, timeout
 
@@ -254,7 +256,7 @@ def _log_tail(temp_dir: str, out: Path) -> None:
             text = f.read_text(errors="replace")
             if "Error" in text or "Traceback" in text or f.parent.name == "serve":
                 parts.append(f"===== {f.name}\n{text[-4000:]}")
-    out.write_text("\n".join(parts)[-2_000_000:])
+    out.write_text(portable("\n".join(parts)[-2_000_000:]))
 
 
 def main() -> None:
@@ -324,7 +326,7 @@ def main() -> None:
 
     def measure(kind: str, cfg: Any, r: dict[str, Any]) -> None:
         t1 = time.perf_counter()
-        clserve.start(cfg, timeout_s=args.deploy_timeout)
+        clserve.start(cfg, TOKEN, timeout_s=args.deploy_timeout)
         r["deploy_s"] = time.perf_counter() - t1
         print(f"[{kind}] app RUNNING in {r['deploy_s']:.0f} s", flush=True)
         load = Load(f"127.0.0.1:{cfg.grpc_port}", cfg.app_name, reqs)

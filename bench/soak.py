@@ -35,16 +35,20 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.paths import portable  # noqa: E402
+
 from bench.serve_proc import ServeProcess, test_items  # noqa: E402
 
 
 def held_back_copy(results: Path, dest: Path) -> tuple[Path, str, Path]:
     """``results`` copied to ``dest`` without the last task's expert (kept aside): ``(run copy, task, expert)``."""
-    resolved = json.loads((results / "config.resolved.json").read_text())
+    from cl_service.resolved import RESOLVED, read_resolved
+
+    resolved = read_resolved(results)  # base and dataset as absolute paths: the copy lies elsewhere
     task = resolved["tasks"][-1]
     run = dest / results.name
     run.mkdir(parents=True)
-    shutil.copy2(results / "config.resolved.json", run)
+    (run / RESOLVED).write_text(json.dumps(resolved, indent=2))
     for sub in ("adapters", "routers"):
         if (results / sub).is_dir():
             shutil.copytree(results / sub, run / sub)
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(fig)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(fig, indent=2))
+        Path(a.json).write_text(json.dumps(portable(fig), indent=2))
     t = fig["totals"]
     return 1 if t["errors"] or t["mismatches"] or not fig["hot_add"]["live"] or not fig["hot_add"]["answered"] else 0
 

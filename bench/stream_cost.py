@@ -1,4 +1,4 @@
-"""Cost as the stream grows (issue 24, part 6): routing, evaluation and adapter memory for 5..50 tasks on the CPU.
+"""Cost as the stream grows: routing, evaluation and adapter memory for 5..50 tasks on the CPU.
 
 For each stream length N (the procedural ``proc-N`` streams, :mod:`cl_service.data.synth.proc`), on the tiny base:
 
@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.paths import portable
+
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 ROUTED = {"mrlora": "mllm", "mrlora_proto": "prototype", "mrlora_ridge": "ridge", "mrlora_knn": "knn"}
 TEST_PER_TASK = {5: 20, 10: 16, 20: 10, 50: 6}
@@ -41,7 +43,7 @@ TEST_PER_TASK = {5: 20, 10: 16, 20: 10, 50: 6}
 def _router_steps(n: int) -> int:
     """MLLM router training steps (batch 8), retrained from the base as ``router.mode=retrain`` does: 120 (what
     dcl_mini.yaml used when these curves were measured; it now continues its router for 80), more for long pools, far short of the paper's ~40 epochs (9.6 epochs of 5 x 20 samples at N = 5, 1.9 at
-    N = 50), within the time budget (200 steps at N = 5 routed no better: 72% against 79%)."""
+    N = 50), to keep the bench near 10 minutes on 2 cores (200 steps at N = 5 routed no better: 72% against 79%)."""
     return {5: 120, 10: 120, 20: 160}.get(n, 240)
 
 
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     res["total_s"] = round(time.perf_counter() - t_all, 1)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    out.write_text(json.dumps(portable(res), indent=2))
     plot(res, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} in {res['total_s']:.0f} s")
     return 0

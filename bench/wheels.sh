@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Build .whl/ (git-ignored via .git/info/exclude), the wheels bench/device.sh installs on the GPU machine,
-# which has no Ray or DeepSpeed and no network: Ray 2.60 slimmed under the 64 MiB carry limit (jars,
-# rllib, llm and *.js.map removed; RECORD rewritten), its small dependencies, DeepSpeed 0.19.8 without ops.
-# About 61 MB (grpcio + tools: the Serve benchmark generates the cl.v1 stubs there). Then: run(command="bash bench/device.sh train", carry=[".whl"]).
+# Build .whl/ (git-ignored via .git/info/exclude), the wheels bench/device.sh installs on a GPU machine that
+# has torch but no Ray or DeepSpeed and no network: Ray 2.60 slimmed to what the benches use (jars, rllib, llm
+# and *.js.map removed; RECORD rewritten), its small dependencies, DeepSpeed 0.19.8 without ops. About 61 MB
+# (grpcio + tools: the Serve benchmark generates the cl.v1 stubs there). Then copy the checkout with .whl/ to
+# the GPU machine and run there, from its root: bash bench/device.sh train   (or serve, serve_ray, real, ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.whl/' >> .git/info/exclude; }

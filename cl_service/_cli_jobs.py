@@ -71,36 +71,52 @@ def cmd_serve(a: argparse.Namespace) -> int:
     argv += ["--http-port", str(a.http_port)] if a.http_port is not None else []
     argv += ["--detach"] if a.detach else []
     argv += ["--insecure"] if a.insecure else []
-    if a.host or a.tls_cert or a.tls_key:
-        raise CLIError("--host, --tls-cert and --tls-key need --local: Serve's gRPC proxy binds all interfaces, "
-                       "without TLS (README: Serving)")
+    if a.host or a.tls_cert or a.tls_key or a.device or a.max_batch is not None:
+        raise CLIError("--host, --tls-cert, --tls-key, --device and --max-batch need --local: Serve's gRPC proxy "
+                       "binds all interfaces, without TLS; on Ray set router./expert.max_batch_size and num_gpus "
+                       "(README: Serving)")
     from cl_service.on_ray.serve import serve_main
 
     return serve_main(argv + list(a.overrides), log=lambda m: print(m, flush=True))
 
 
 def _serve_local(a: argparse.Namespace) -> int:
-    """The same gRPC API in this process, without Ray, on 127.0.0.1 (batched, stages overlapped)."""
-    if not a.results:
-        raise CLIError("--local needs --results (the run's results folder)")
-    if a.config or a.overrides or a.detach:
-        raise CLIError("--local takes --results, --port, --http-port, --device and --max-batch only "
-                       "(no Ray Serve config)")
+    """The same API in this process, without Ray (batched, stages overlapped, any router kind)."""
+    from cl_service.serve.config import load_serve_cfg, ray_only_settings
+
+    if a.detach:
+        raise CLIError("--detach needs Ray (a --local server ends with this process)")
+    extra = [f"results={Path(a.results).resolve()}"] if a.results else []
+    extra += ["insecure=true"] if a.insecure else []
+    if a.max_batch is not None:
+        extra += [f"router.max_batch_size={a.max_batch}", f"expert.max_batch_size={a.max_batch}"]
+    cfg = load_serve_cfg(a.config, list(a.overrides) + extra)
+    if not a.results and not a.config:
+        raise CLIError("--local needs --results (the run's results folder) or a --config naming it")
+    ray_only = ray_only_settings(cfg)
+    if ray_only:
+        raise CLIError(f"--local serves in one process without Ray and cannot honour {', '.join(ray_only)} "
+                       "(deployment layout and resources); drop them, or serve on Ray")
+    if not Path(cfg.results).is_absolute():
+        from cl_service.serve.config import changed
+
+        cfg = changed(cfg, results=str(Path(cfg.results).resolve()))
     import signal
     import threading
 
     from cl_service.serve.service import local_server
 
-    servicer, server, port = local_server(a.results, a.port, a.host, insecure=a.insecure, tls_cert=a.tls_cert,
-                                          tls_key=a.tls_key, device=a.device, max_batch=a.max_batch)
+    servicer, server, port = local_server(cfg, a.port, a.host, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                                          device=a.device)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server.start()
-    print(f"serving {a.results} on {a.host or '127.0.0.1'}:{port} (gRPC cl.v1{', TLS' if a.tls_cert else ''}, "
-          "no Ray; Ctrl-C stops)", flush=True)
+    print(f"serving {cfg.results} on {a.host or '127.0.0.1'}:{port} (gRPC cl.v1{', TLS' if a.tls_cert else ''}, "
+          f"router {cfg.router_kind}{', continuous batching' if cfg.continuous else ''}, no Ray; Ctrl-C stops)",
+          flush=True)
     from cl_service.serve.http_server import serve_http_cli
 
-    http = serve_http_cli(servicer, a.http_port) if a.http_port is not None else None
+    http = serve_http_cli(servicer, a.http_port, a.host or "127.0.0.1") if a.http_port is not None else None
     try:
         while not stop.wait(0.5):
             pass

@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a run's experts and router over gRPC (Ray Serve, local Ray on loopback)",
                        description="Same options as workloads/serve_experts.py. Uses RAY_ADDRESS if set, else starts "
                                    "a local Ray on 127.0.0.1. Serve's gRPC proxy listens on all interfaces of the "
-                                   "port; set CLSVC_TOKEN to require a shared token. Ctrl-C stops it.")
+                                   "port: CLSVC_TOKEN (a shared token) is required unless --insecure. With --local: "
+                                   "the same API in this process, without Ray, with the same serve config (any "
+                                   "router_kind, continuous=true; not the Ray deployment keys). Ctrl-C stops it.")
     s.add_argument("--results", default=None, help="the run's results folder (e.g. runs/dcl-mini)")
     s.add_argument("--port", type=int, default=None, help="gRPC port (default 9000)")
     s.add_argument("--config", default=None, help="ServeCfg YAML (workloads/configs/serve_dcl_mini.yaml)")
@@ -188,14 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 8000, always on); --local: off unless given (0 = any free port)")
     s.add_argument("--detach", action="store_true", help="with RAY_ADDRESS: deploy and return")
     s.add_argument("--local", action="store_true",
-                   help="serve in this process without Ray (on --host; $CLSVC_TOKEN required when set)")
+                   help="serve in this process without Ray (on --host; $CLSVC_TOKEN required of clients when set)")
     s.add_argument("--host", default=None, help="--local: interface to bind (default 127.0.0.1)")
     s.add_argument("--insecure", action="store_true",
-                   help="allow serving beyond loopback without a token (Ray Serve's proxy always binds all interfaces)")
+                   help="allow serving beyond loopback without a token (Ray Serve's proxy always binds all "
+                        "interfaces); the config key insecure=true")
     s.add_argument("--tls-cert", default=None, help="--local: serve TLS with this PEM certificate (chain)")
     s.add_argument("--tls-key", default=None, help="--local: the PEM private key of --tls-cert")
     s.add_argument("--device", default=None, help="--local: where the model goes (e.g. cuda); default CPU")
-    s.add_argument("--max-batch", type=int, default=16, help="--local: requests per routing/answering batch")
+    s.add_argument("--max-batch", type=int, default=None,
+                   help="--local: requests per routing/answering batch (router. and expert.max_batch_size)")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=j.cmd_serve)
 

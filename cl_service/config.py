@@ -5,7 +5,7 @@ YAML is loaded strictly (unknown keys are errors); ``key.sub=value`` overrides a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -123,11 +123,17 @@ class RouterCfg:
 
 @dataclass(frozen=True)
 class ReplayCfg:
+    """The replay variants ``<method>_replay`` of the sequential methods (``clsvc ls methods``): each stage's
+    training data plus a fixed, seeded choice of every earlier task's training samples."""
+
     samples_per_task: int = 20
-    """Replay buffer size per earlier task for ``lora_ft_replay``."""
+    """Replay samples per earlier task (0: none), unless ``fraction`` is set."""
+    fraction: float | None = None
+    """When set: per earlier task, this share of the new task's training-set size (after ``data.train_limit``; at
+    least one sample) instead of ``samples_per_task``."""
 
     def __post_init__(self) -> None:
-        _cfgload.check_ranges(self, samples_per_task=(0, None))
+        _cfgload.check_ranges(self, samples_per_task=(0, None), fraction=(0, None, "open"))
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,35 @@ class MoELoraCfg:
 
     def __post_init__(self) -> None:
         _cfgload.check_ranges(self, experts=(1, None))
+
+
+@dataclass(frozen=True)
+class ClMoECfg:
+    """``clmoe``: CL-MoE as the reference code runs it — a MoE-LoRA of ``experts`` experts per adapted Linear
+    (``expert.lora.rank`` split over them), warm-started task to task, trained with ``expert.train``. ``paper``
+    adds the paper's dual router and momentum update (not in the reference code)."""
+
+    experts: int = 5
+    """LoRA experts per adapted Linear (the reference: 5 of rank 32, ``expert.lora.rank=160``)."""
+    paper: bool = False
+    """Add the paper's instance- and task-level dual router and the momentum update of the experts between tasks."""
+    beta: float = 0.5
+    """``paper``: weight of the instance-level gate; the task-level gate gets ``1 - beta``."""
+    momentum: float = 0.7
+    """``paper``: after each task, an expert keeps this share of its previous weights (``1 - momentum`` for the
+    previous task's experts that the new task does not use)."""
+    top_k: int = 2
+    """``paper``: a task's experts are, per Linear, the ``top_k`` its tokens' gates use most."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, experts=(1, None), beta=(0, 1), momentum=(0, 1), top_k=(1, None))
+        if self.paper and self.top_k > self.experts:
+            raise ValueError(f"clmoe.top_k={self.top_k} exceeds clmoe.experts={self.experts}")
+        if not self.paper:
+            default = {f.name: f.default for f in fields(ClMoECfg)}
+            set_ = [k for k in ("beta", "momentum", "top_k") if getattr(self, k) != default[k]]
+            if set_:
+                raise ValueError(f"clmoe.{', clmoe.'.join(set_)}: used only with clmoe.paper=true")
 
 
 @dataclass(frozen=True)
@@ -204,23 +239,31 @@ class RayCfg:
     ``parallel_experts``, or evaluator actors need the group's resources between stages (then a group per stage,
     as with ``false``); sweeps always start a group per stage. Results are the same either way."""
     max_failures: int = 2
-    """Ray Train ``FailureConfig``: a killed worker restarts from the last checkpoint (per stage, also with
-    ``persistent_workers``)."""
+    """Worker group failures a stage survives (-1: any number): the group restarts and each unfinished job resumes
+    from its last resume point (Ray Train's ``FailureConfig``; with ``persistent_workers`` the driver counts them,
+    also those of a group that failed between stages)."""
     checkpoint_every: int = 50
-    """Steps between in-training checkpoints."""
+    """Steps between a job's resume points."""
     storage_path: str | None = None
-    """Ray Train storage (local folder, NFS mount, or s3://...): in-training checkpoints, and every finished
-    adapter on its way back to the driver's results folder; default: ``<out>/ray`` (one machine)."""
-    timeout_s: float = 3600.0
-    """Upper bound on every training run of a stage (one worker group, or each parallel expert's), and on each wait
-    for evaluator actors: a run that cannot be scheduled or hangs is cancelled with a ``TimeoutError``."""
+    """Storage every training worker reaches (local folder, NFS mount, or s3://...): each job's resume points and
+    its finished adapter on its way back to the driver's results folder, in a folder named after the job
+    (``jobs/<name>-<job key>-...``), so that a rerun finds them; default: ``<out>/ray`` (one machine)."""
+    stall_timeout_s: float = 1800.0
+    """Seconds without progress after which the driver gives up, with a ``TimeoutError``: on a training run whose
+    workers report nothing (no optimizer step, resume point or finished adapter; a worker group that cannot be
+    scheduled reports nothing either), which is cancelled with its workers; on an evaluator actor whose base runs
+    no forward pass (or that does not start, or take an adapter folder, within it). Not a bound on how long a job
+    or an evaluation may take. Finished adapters and the last resume point stay in ``storage_path``: the same
+    command run again resumes. Also how long a persistent worker group waits for its next stage before it ends
+    (the next stage then starts a new one)."""
     poll_interval_s: float = 0.5
     """How often Ray Train's controller polls its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default
     2 s): a finished worker group is noticed up to one interval late, at every stage."""
 
     def __post_init__(self) -> None:
         _cfgload.check_ranges(self, num_workers=(0, None), cpus_per_worker=(0, None, "open"), gpus_per_worker=(0, None, "open"),
-                               max_failures=(-1, None), checkpoint_every=(0, None), timeout_s=(0, None, "open"),
+                               max_failures=(-1, None), checkpoint_every=(0, None),
+                               stall_timeout_s=(0, None, "open"),
                                poll_interval_s=(0, None, "open"))
 
 
@@ -243,6 +286,7 @@ class RunCfg:
     replay: ReplayCfg = field(default_factory=ReplayCfg)
     olora: OLoraCfg = field(default_factory=OLoraCfg)
     moelora: MoELoraCfg = field(default_factory=MoELoraCfg)
+    clmoe: ClMoECfg = field(default_factory=ClMoECfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     ray: RayCfg = field(default_factory=RayCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)

@@ -28,6 +28,7 @@ from cl_service.eval.metrics import compute_cl_metrics
 from cl_service.eval.report import write_metrics, write_report
 from cl_service.data.origin import check_origin
 from cl_service.digest import base_digest, dataset_digest
+from cl_service.resolved import portable_path
 from cl_service.eval.stage import (EvalSetup, LocalEvaluator, StageResult, changed_inputs, load_stage_record,
                                    stage_record_path, unit_inputs, write_stage)
 from cl_service.methods import METHODS
@@ -278,7 +279,10 @@ def iter_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, e
     base_path = str(Path(cfg.base.path or ensure_base(cfg.base.profile, log=log)).resolve())
     # The base and the data by content, here in the driver: job keys and stage records carry them.
     base_dig, data_dig = base_digest(base_path), dataset_digest(data_path)
-    resolved = {"config": to_dict(cfg), "versions": _versions(), "dataset": str(data_path), "base": base_path,
+    # Paths as cl_service.resolved writes them (relative to `out`, to $CLSVC_HOME, or as the user gave them): the
+    # folder is copied and committed, and names no path of this machine.
+    resolved = {"config": to_dict(cfg), "versions": _versions(),
+                "dataset": portable_path(data_path, out, cfg.data.path), "base": portable_path(base_path, out, cfg.base.path),
                 "base_dtype": base_dtype, "base_digest": base_dig, "data_digest": data_dig,
                 "tasks": tasks, "seed": cfg.seed}
     atomic_write_text(out / "config.resolved.json", json.dumps(resolved, indent=2))
@@ -322,8 +326,8 @@ def iter_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, e
                     summary.append(f"{name} {rec['row'][i]:.1f}")
             log(f"[stage {i + 1}/{T} {task}] accuracy on {task}: " + ", ".join(summary))
             yield {"stage": i, "task": task, "tasks": tasks, "records": recs}
-    except BaseException:
-        tracking.close()  # a failed or interrupted run still flushes its curves and ends its tracker run
+    except BaseException as e:
+        tracking.close(e)  # a failed or interrupted run still flushes its curves; its tracker run ends failed/killed
         raise
     finally:
         evaluator.close()

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 CONFIG=${CONFIG:-workloads/configs/dcl_mini.yaml}
 OUT=${OUT:-runs/dcl-mini}
-# The five methods plus mrlora_proto and mrlora_knn, so the report puts the MLLM router and two
+# The benchmark's five methods plus mrlora_proto and mrlora_knn, so the report puts the MLLM router and two
 # training-free ones (prototype: class means; knn: nearest neighbour) side by side.
 METHODS=${METHODS:-mrlora,mrlora_proto,mrlora_knn,lora_ft,lora_ft_replay,oracle,zero_shot}
 EXTRA=${EXTRA:-}   # extra key=value overrides of the run config

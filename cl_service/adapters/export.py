@@ -15,9 +15,10 @@ peft. Merged in float32 (a 7B base needs ~28 GB of host memory for it) and saved
 the base (else the checkpoint's own); its answers equal the engine's up to float rounding (``x·(W + ΔW)``
 against ``x·W + x·ΔW``; in a 16-bit dtype also the rounding of ``W + ΔW`` to it).
 
-MoE-LoRA adapters (``moelora``) are neither: their update depends on every token through a softmax gate, which
-no plain LoRA expresses and no fixed weight holds. Their folder describes them (``moelora_config.json``:
-method, experts, rank, alpha, targets) and only cl-service loads them.
+Adapters of a family answered through its own hooks (:mod:`cl_service.adapters.family`: MoE-LoRA, CL-MoE) are
+neither: a MoE-LoRA's update depends on every token through a softmax gate, which no plain LoRA expresses and no
+fixed weight holds. Their folder describes them (``moelora_config.json``: method, experts, rank, alpha, targets)
+and only cl-service loads them; the export is refused with the family's description.
 
 Each export carries ``clsvc_export.json``: the source adapter (id, kind, task, checksums), the base, the prompt
 style its answers were produced with, and what is exact. Exports are written to a staging folder and renamed
@@ -34,9 +35,10 @@ from typing import Any
 
 from cl_service._atomic import atomic_write_text, replace_dir
 from cl_service.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTOR, load_adapter
-from cl_service.adapters.moelora import MOELORA_CONFIG, is_moelora
+from cl_service.adapters.family import answers_with_hooks, family_of
 from cl_service.adapters.registry import (ADAPTER_META, AdapterError, AdapterInfo, AdapterRegistry, publish_dir,
                                           read_adapter)
+from cl_service.resolved import read_resolved
 
 FORMATS = ("peft", "merged")
 EXPORT_META = "clsvc_export.json"
@@ -48,18 +50,16 @@ def export_adapter(adapter: str | Path, base: str | Path, fmt: str, out: str | P
     """Export the adapter folder ``adapter`` (checksums verified) trained on the base checkpoint ``base`` as
     ``fmt`` (``peft`` | ``merged``) into the new folder ``out``. ``dtype``: the dtype the run loaded the base in
     (merged weights are saved in it; None = the checkpoint's own). ``info``: extra fields for ``clsvc_export.json``.
-    Raises ``ValueError`` for an unknown format or a MoE-LoRA, :class:`AdapterError` for a broken adapter."""
+    Raises ``ValueError`` for an unknown format or an adapter that is no peft LoRA, :class:`AdapterError` for a
+    broken adapter."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     adapter, base, out = Path(adapter), Path(base), Path(out)
     meta = read_adapter(adapter)
-    if is_moelora(adapter):
-        spec = json.loads((adapter / MOELORA_CONFIG).read_text())
-        raise ValueError(
-            f"adapter {meta.get('id', adapter)} is a MoE-LoRA ({spec.get('experts')} token-gated LoRA experts per "
-            f"Linear, total rank {spec.get('rank')}): its update depends on each token through a softmax gate, so it "
-            f"is not a plain peft LoRA and does not merge into fixed weights; no --format {fmt} export exists for it "
-            f"(its folder, described by {MOELORA_CONFIG}, loads in cl-service only)")
+    fam = family_of(adapter)
+    if answers_with_hooks(fam):
+        raise ValueError(f"adapter {meta.get('id', adapter)} is {fam.describe(adapter)}; no --format {fmt} export "
+                         f"exists for it")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     record = {"format": fmt, "adapter": {k: meta.get(k) for k in ("id", "kind", "task", "version", "files")},
@@ -138,7 +138,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, expert: str | Non
     cfg_file = run_dir / "config.resolved.json"
     if not cfg_file.is_file():
         raise AdapterError(f"{run_dir} is not a run results folder (no config.resolved.json)")
-    resolved = json.loads(cfg_file.read_text())
+    resolved = read_resolved(run_dir)  # base and dataset as paths this process opens
     if expert is not None:
         todo = [(find_adapter(run_dir, expert), Path(out))]
     else:

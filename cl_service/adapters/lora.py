@@ -8,6 +8,9 @@ different adapter names; :func:`set_active` picks the one a forward pass uses.
 
 Saved layout (flat, whatever the adapter name): ``adapter_config.json`` + ``adapter_model.safetensors``
 (peft's format; the projector copy is in the same file).
+
+:class:`LoRAFamily` is the adapter family (:mod:`cl_service.adapters.family`) of the jobs that train one: kinds
+``expert``, ``router``, ``joint`` and ``sequential``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import save_file
 
-from cl_service.models.mllm import MLLM
 from cl_service._cfgload import check_ranges
+from cl_service.adapters.family import FAMILIES, TRAIN_ADAPTER, Attached
+from cl_service.models.mllm import MLLM
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -221,3 +225,28 @@ def set_input_casting(mllm: MLLM, enabled: bool) -> None:
     for module in mllm.model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = enabled
+
+
+class LoRAFamily:
+    """A peft LoRA (+ the adapter's projector copy): fresh from the job's seed, or continuing ``job.init_adapter``
+    (a sequential stage, a continued router). Jobs of kind ``expert``, ``router``, ``joint`` and ``sequential``.
+    Answered through the engine's peft paths; stripped off afterwards, so the plain base serves the next job."""
+
+    name = "lora"
+    reuses_base = True
+
+    def attach(self, job, mllm: MLLM, prepared) -> Attached:
+        if job.init_adapter:
+            return Attached(load_adapter(mllm, job.init_adapter, TRAIN_ADAPTER, trainable=True))
+        return Attached(attach_lora(mllm, job.lora, TRAIN_ADAPTER, seed=job.seed))
+
+    def save(self, job, mllm: MLLM, folder: Path, attached: Attached) -> None:
+        save_adapter(mllm, folder, TRAIN_ADAPTER)
+
+    def release(self, mllm: MLLM) -> None:
+        remove_lora(mllm)
+
+
+LORA = LoRAFamily()
+for _kind in ("expert", "router", "joint", "sequential"):
+    FAMILIES.register(_kind, LORA)

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from cl_service.adapters.family import FAMILIES, Attached
 from cl_service.adapters.lora import ADAPTER_WEIGHTS, _TEXT, LoraCfg
 from cl_service.models.mllm import MLLM
 
@@ -72,10 +73,19 @@ class _MoELinear(torch.nn.Module):
         self.gate = torch.nn.Parameter((torch.rand(E, d_in, generator=gen) * 2 - 1) * bound)
         self.scale = spec.alpha / spec.rank  # the whole LoRA's scale (rank split over the experts)
         self.dropout = torch.nn.Dropout(spec.dropout)
+        # A fixed expert weighting mixed into the gate (CL-MoE's task-level gate): beta * gate + (1 - beta) * prior.
+        self.register_buffer("prior", None, persistent=False)
+        self.beta = 1.0
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """The token gate ``softmax(gate @ x)`` of inputs ``x`` ``[..., in]``: ``[..., E]``."""
+        return torch.softmax(x.to(self.gate.dtype) @ self.gate.T, dim=-1)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.A.dtype)
-        g = torch.softmax(x @ self.gate.T, dim=-1)                       # [..., E]
+        g = self.gates(x)                                                # [..., E]
+        if self.prior is not None:
+            g = self.beta * g + (1 - self.beta) * self.prior.to(g.dtype)
         h = torch.einsum("...i,eri->...er", self.dropout(x), self.A)     # [..., E, r]
         y = torch.einsum("...er,eor->...eo", h * g.unsqueeze(-1), self.B)  # [..., E, out]
         return self.scale * y.sum(-2)
@@ -110,9 +120,36 @@ class MoELoRA(torch.nn.Module):
             h.remove()
         self._hooks = []
 
+    def linears(self) -> Iterator[tuple[str, torch.nn.Linear, _MoELinear]]:
+        """``(module path, base Linear, its experts and gate)`` of every adapted Linear."""
+        for name, lin in self._targets.items():
+            yield name, lin, self.layers[name.replace(".", "__")]
+
+    def mix(self, priors: dict[str, torch.Tensor] | None, beta: float = 1.0) -> None:
+        """Mix a fixed expert weighting into every gate: ``beta * softmax(gate @ x) + (1 - beta) * priors[path]``
+        (``priors``: module path -> ``[E]``); None: the plain token gate."""
+        for name, _, moe in self.linears():
+            moe.prior = None if priors is None else priors[name].to(device=moe.gate.device, dtype=torch.float32)
+            moe.beta = 1.0 if priors is None else float(beta)
+
     def state(self) -> dict[str, torch.Tensor]:
+        """``<module path>.{A,B,gate}`` -> a CPU copy of each tensor (the saved layout)."""
         return {f"{name}.{p}": getattr(self.layers[name.replace('.', '__')], p).detach().contiguous().cpu()
                 for name in self._targets for p in ("A", "B", "gate")}
+
+    def load_state(self, saved: dict[str, torch.Tensor], source: str = "the given tensors") -> None:
+        """Copy tensors of :meth:`state`'s layout in place; every tensor must be there, of the model's shapes."""
+        mine = self.state()
+        if set(saved) != set(mine):
+            diff = sorted(set(saved) ^ set(mine))
+            raise ValueError(f"{source}: MoE-LoRA tensors do not match this model ({len(diff)} differ, e.g. {diff[0]})")
+        with torch.no_grad():
+            for key, t in saved.items():
+                name, _, p = key.rpartition(".")
+                target = getattr(self.layers[name.replace(".", "__")], p)
+                if target.shape != t.shape:
+                    raise ValueError(f"{source}: {key} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
+                target.copy_(t)
 
 
 def _target_linears(mllm: MLLM, targets: tuple[str, ...]) -> Iterator[tuple[str, torch.nn.Linear]]:
@@ -158,7 +195,8 @@ def detach_moelora(mllm: MLLM) -> None:
         delattr(mllm.model, ATTR)
 
 
-def save_moelora(mllm: MLLM, path: str | Path) -> Path:
+def save_moelora(mllm: MLLM, path: str | Path, method: str = "moelora") -> Path:
+    """Write the model's MoE-LoRA (weights + ``moelora_config.json`` naming ``method``) into ``path``."""
     moe = getattr(mllm.model, ATTR, None)
     if moe is None:
         raise KeyError("the model holds no MoE-LoRA to save")
@@ -166,7 +204,7 @@ def save_moelora(mllm: MLLM, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     save_file(moe.state(), str(path / ADAPTER_WEIGHTS), metadata={"format": "pt", "kind": "moelora"})
     # Self-describing, like peft's adapter_config.json: what it is, and that no plain-LoRA tool loads it.
-    described = {"method": "moelora", **asdict(moe.spec), "expert_rank": moe.spec.expert_rank, "peft_compatible": False,
+    described = {"method": method, **asdict(moe.spec), "expert_rank": moe.spec.expert_rank, "peft_compatible": False,
                  "update": "per token x: (alpha/rank) * sum_e softmax(gate @ x)_e * B_e @ A_e @ x",
                  "tensors": "<Linear path>.A [experts, expert_rank, in], .B [experts, out, expert_rank], .gate [experts, in]"}
     (path / MOELORA_CONFIG).write_text(json.dumps(described, indent=2))
@@ -188,26 +226,16 @@ def read_spec(path: str | Path) -> MoELoRASpec:
 
 
 def _load_weights(moe: MoELoRA, path: str | Path) -> None:
-    saved = load_file(str(Path(path) / ADAPTER_WEIGHTS))
-    mine = moe.state()
-    if set(saved) != set(mine):
-        diff = sorted(set(saved) ^ set(mine))
-        raise ValueError(f"{path}: MoE-LoRA tensors do not match this model ({len(diff)} differ, e.g. {diff[0]})")
-    with torch.no_grad():
-        for key, t in saved.items():
-            name, _, p = key.rpartition(".")
-            target = getattr(moe.layers[name.replace(".", "__")], p)
-            if target.shape != t.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
-            target.copy_(t)
+    moe.load_state(load_file(str(Path(path) / ADAPTER_WEIGHTS)), str(path))
 
 
 @contextlib.contextmanager
 def moelora_active(mllm: MLLM, path: str | Path, cache: dict | None = None,
-                   verify: Callable[[Path], object] | None = None):
+                   verify: Callable[[Path], object] | None = None, setup: Callable[[MoELoRA, Path], None] | None = None):
     """Inside the block, forward passes run base + the saved MoE-LoRA at ``path`` (frozen; peft adapters
     disabled). ``cache``: keeps the last few loaded MoE-LoRAs for reuse. ``verify(path)``: called before a
-    load (not on a cache hit), e.g. the adapter registry's checksum check."""
+    load (not on a cache hit), e.g. the adapter registry's checksum check. ``setup(moe, path)``: called once per
+    load, after the weights (e.g. to :meth:`MoELoRA.mix` in a saved task-level gate)."""
     path = Path(path).resolve()
     weights = path / ADAPTER_WEIGHTS
     key = f"{path}@{weights.stat().st_mtime_ns}" if weights.is_file() else None  # republished: load afresh
@@ -217,6 +245,8 @@ def moelora_active(mllm: MLLM, path: str | Path, cache: dict | None = None,
             verify(path)  # e.g. the registry's clear error for a missing or half-written adapter
         moe = MoELoRA(mllm, read_spec(path))
         _load_weights(moe, path)
+        if setup is not None:
+            setup(moe, path)
         moe.to(device=mllm.device).eval()
         for p in moe.parameters():
             p.requires_grad_(False)
@@ -230,3 +260,39 @@ def moelora_active(mllm: MLLM, path: str | Path, cache: dict | None = None,
             yield moe
         finally:
             moe.detach()
+
+
+def describe(path: str | Path) -> str:
+    """What the MoE-LoRA at ``path`` is, and why no plain peft LoRA or merged weight holds it."""
+    try:
+        spec = json.loads((Path(path) / MOELORA_CONFIG).read_text())
+    except (OSError, ValueError):
+        spec = {}
+    return (f"a MoE-LoRA ({spec.get('experts')} token-gated LoRA experts per Linear, total rank {spec.get('rank')}): "
+            f"its update depends on each token through a softmax gate, so it is not a plain peft LoRA and does not "
+            f"merge into fixed weights (its folder, described by {MOELORA_CONFIG}, loads in cl-service only)")
+
+
+class MoELoRAFamily:
+    """Jobs of kind ``moelora``: a MoE-LoRA of ``job.moe_experts`` experts per Linear, fresh from the job's seed or
+    continuing ``job.init_adapter``; all experts and gates train. Answered through its own hooks."""
+
+    name = "moelora"
+    reuses_base = False  # its hooks and registered module stay on the model: the next job loads a fresh base
+
+    def attach(self, job, mllm: MLLM, prepared) -> Attached:
+        return Attached(attach_moelora(mllm, MoELoRASpec.of(job.lora, job.moe_experts), seed=job.seed,
+                                       init=job.init_adapter))
+
+    def save(self, job, mllm: MLLM, folder: Path, attached: Attached) -> None:
+        save_moelora(mllm, folder)
+
+    def active(self, mllm: MLLM, path: str | Path, cache: dict, verify: Callable[[Path], object] | None):
+        return moelora_active(mllm, path, cache, verify)
+
+    def describe(self, path: str | Path) -> str:
+        return describe(path)
+
+
+MOELORA = MoELoRAFamily()
+FAMILIES.register("moelora", MOELORA)

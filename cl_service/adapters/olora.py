@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from cl_service.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraCfg, attach_lora
+from cl_service.adapters.family import FAMILIES, TRAIN_ADAPTER, Attached
+from cl_service.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA, LoraCfg, attach_lora
 from cl_service.models.mllm import MLLM
 
 
@@ -83,3 +84,29 @@ def _zero_grad_cols(k: int):
         g[:, :k] = 0
         return g
     return hook
+
+
+class OLoRAFamily:
+    """Jobs of kind ``olora``: ``job.init_adapter``'s LoRA grown by one block (:func:`grow_lora`), trained with
+    ``job.orth_lambda`` times the orthogonality penalty. Saved and answered as a plain peft LoRA."""
+
+    name = "olora"
+    reuses_base = True
+
+    def attach(self, job, mllm: MLLM, prepared) -> Attached:
+        if not job.init_adapter:  # the first task's block: a plain LoRA
+            return LORA.attach(job, mllm, prepared)
+        if job.train.weight_decay:
+            raise ValueError("olora needs weight_decay=0 (decay would move the frozen blocks of earlier tasks)")
+        params, orth = grow_lora(mllm, job.init_adapter, job.lora, TRAIN_ADAPTER, seed=job.seed)
+        weight = job.orth_lambda
+        return Attached(params, penalty=lambda: weight * orth())
+
+    def save(self, job, mllm: MLLM, folder: Path, attached: Attached) -> None:
+        LORA.save(job, mllm, folder, attached)
+
+    def release(self, mllm: MLLM) -> None:
+        LORA.release(mllm)
+
+
+FAMILIES.register("olora", OLoRAFamily())

@@ -1,7 +1,7 @@
 """Batched multi-LoRA inference shared by evaluation and serving."""
 
-from cl_service.engine.continuous import ContinuousBatcher, QueueFull
+from cl_service.engine.continuous import ContinuousBatcher, KVCacheFull, QueueFull, ResourceExhausted
 from cl_service.engine.engine import Engine
 from cl_service.engine.pipeline import Pipeline
 
-__all__ = ["ContinuousBatcher", "Engine", "Pipeline", "QueueFull"]
+__all__ = ["ContinuousBatcher", "Engine", "KVCacheFull", "Pipeline", "QueueFull", "ResourceExhausted"]

@@ -265,28 +265,60 @@ class GraphDecoder:
     def _views(self, Bb: int, Lb: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer, the ``[Bb, H_kv, Lb, D]`` key and value views of the static buffers (grown as needed,
         which drops every graph; None when the memory is not there)."""
-        lm = self._lm
-        cfg = lm.config
-        H = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        D = lm.layers[0].self_attn.head_dim
-        need = Bb * H * Lb * D
+        need = self._numel(Bb, Lb)
         if self._arena is None or self._arena.shape[-1] < need:
             if self._arena is not None and self._arena.is_cuda:
                 torch.cuda.synchronize(self._arena.device)  # other streams may have read it; then free it
             self._graphs.clear()
             self._arena = None
-            shape = (len(lm.layers), 2, need)
-            try:
-                self._arena = torch.zeros(shape, dtype=self.mllm.dtype, device=self.mllm.device)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                try:
-                    self._arena = torch.zeros(shape, dtype=self.mllm.dtype, device=self.mllm.device)
-                except torch.OutOfMemoryError:
-                    return None
+            self._arena = self._alloc(need)
+            if self._arena is None:
+                return None
             self.stats["arena_grown"] += 1
-        a = self._arena
-        return [(a[i, 0, :need].view(Bb, H, Lb, D), a[i, 1, :need].view(Bb, H, Lb, D)) for i in range(a.shape[0])]
+        return self._split(self._arena, Bb, Lb)
+
+    def grown(self, Bb: int, Lb: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """A new arena and its ``[Bb, H_kv, Lb, D]`` views, while the current arena and its graphs stay as they
+        are (None when there is no memory for both at once). The caller copies what it keeps, then
+        :meth:`adopt` switches to it."""
+        arena = self._alloc(self._numel(Bb, Lb))
+        return None if arena is None else (arena, self._split(arena, Bb, Lb))
+
+    def adopt(self, arena: torch.Tensor) -> None:
+        """Decode from ``arena`` (from :meth:`grown`) on; the graphs of the old one are dropped."""
+        with self._lock:
+            if self._arena is not None and self._arena.is_cuda:
+                torch.cuda.synchronize(self._arena.device)  # other streams may have read it; then free it
+            self._graphs.clear()
+            self._arena = arena
+            self.stats["arena_grown"] += 1
+
+    def _numel(self, Bb: int, Lb: int) -> int:
+        H, D = self._heads()
+        return Bb * H * Lb * D
+
+    def _heads(self) -> tuple[int, int]:
+        """(key/value heads, head dim) of the decoder."""
+        lm = self._lm
+        return getattr(lm.config, "num_key_value_heads", None) or lm.config.num_attention_heads, \
+            lm.layers[0].self_attn.head_dim
+
+    def _alloc(self, numel: int) -> torch.Tensor | None:
+        """Zeroed ``[layers, 2, numel]`` (finite: see the module doc), or None when the memory is not there."""
+        shape = (len(self._lm.layers), 2, numel)
+        try:
+            return torch.zeros(shape, dtype=self.mllm.dtype, device=self.mllm.device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            try:
+                return torch.zeros(shape, dtype=self.mllm.dtype, device=self.mllm.device)
+            except torch.OutOfMemoryError:
+                return None
+
+    def _split(self, a: torch.Tensor, Bb: int, Lb: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        H, D = self._heads()
+        n = Bb * H * Lb * D
+        return [(a[i, 0, :n].view(Bb, H, Lb, D), a[i, 1, :n].view(Bb, H, Lb, D)) for i in range(a.shape[0])]
 
     def _load(self, g: _Graph, mask: torch.Tensor, lora: _Plan | None) -> None:
         """Write a new batch's prompt mask and row slots into the static inputs (padding rows: column 0, base)."""

@@ -7,24 +7,27 @@ names, kept in an LRU cache, and reloaded when the folder's content changes (a r
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from transformers.utils import logging as _hf_logging
 
+from cl_service.adapters.family import answers_with_hooks, family_of
 from cl_service.adapters.lora import delete_adapter, load_adapter, set_active
-from cl_service.adapters.moelora import is_moelora, moelora_active
 from cl_service.adapters.registry import ADAPTER_META, read_adapter
 from cl_service.data.schema import Sample
 from cl_service.engine.cudagraphs import GraphDecoder
+from cl_service.engine.gate import PassGate
 from cl_service.engine.labels import route_labels
+from cl_service.engine.memo import Memo, content_digest
 from cl_service.engine.multilora import MultiLoRA
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.models.prompting import first_answer_tokens
@@ -73,13 +76,17 @@ class Engine:
         self._multi_parked: OrderedDict[str, str | None] = OrderedDict()  # in host memory: path -> digest
         self.max_host_adapters = max_host_adapters
         #: adapter loads into the stacked set: "disk" (read + verified), "host" (paged back in), "parked"
-        #: (left the device for host memory), "dropped"
+        #: (left the device for host memory), "dropped", "fetched" (read into host memory ahead of its use,
+        #: :meth:`fetch_adapter`)
         self.paging: Counter[str] = Counter()
         # The mixed paths may run in two threads at once (a router batch next to an expert batch,
         # cl_service.engine.pipeline): loading/dropping adapters is serialised, and an adapter in use by
         # a running call is never the one dropped to make room.
         self._multi_lock = threading.RLock()
         self._pinned: Counter[str] = Counter()
+        # peft's active adapter and MoE-LoRA's hooks are switches every thread sees: passes that flip them run
+        # alone, the others (peft off, per-thread row plans) together (cl_service.engine.gate)
+        self.gate = PassGate(self.mllm.adapters_disabled)
         self.mllm.model.eval()
         self.batch_size = cfg.eval.batch_size if cfg is not None else 64
         self.max_new_tokens = cfg.eval.max_new_tokens if cfg is not None else 8
@@ -88,9 +95,9 @@ class Engine:
         self._loaded: OrderedDict[str, tuple[str, str]] = OrderedDict()  # path -> (name, digest)
         self._used: set[str] = set()
         self._n = 0
-        self.memo: dict | None = None  # see enable_memo
+        self._memo = Memo()  # see enable_memo
         self._decoders: ThreadPoolExecutor | None = None
-        self._moelora: dict[str, Any] = {}  # loaded MoE-LoRAs (see moelora_active)
+        self._hooked: dict[str, dict] = {}  # per adapter family answered through its hooks: its loaded adapters
         # the first token the base emits for each letter after its prompt (not a bare "▁" before it)
         self._letter_ids = first_answer_tokens(self.mllm, "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
         self._label_cache: dict[str, tuple[int, ...]] = {}  # multi-letter label -> its tokens (engine.labels)
@@ -127,15 +134,17 @@ class Engine:
 
     def forget_missing(self) -> None:
         """Drop cached adapters (peft-loaded, stacked or parked in host memory) whose folder vanished or changed."""
-        for key, (name, digest) in list(self._loaded.items()):
-            if _meta_digest(key) != digest:
-                delete_adapter(self.mllm, name)
-                del self._loaded[key]
-        for held, drop in ((self._multi_loaded, self.multi.drop), (self._multi_parked, self.multi.forget)):
-            for key, digest in list(held.items()):
-                if _meta_digest(key) != digest:
-                    drop(key)
-                    del held[key]
+        stale = [key for key, (_, digest) in list(self._loaded.items()) if _meta_digest(key) != digest]
+        if stale:
+            with self.gate.exclusive():  # deleting a peft adapter changes modules other passes run through
+                for key in stale:
+                    delete_adapter(self.mllm, self._loaded.pop(key)[0])
+        with self._multi_lock:
+            for held, drop in ((self._multi_loaded, self.multi.drop), (self._multi_parked, self.multi.forget)):
+                for key, digest in list(held.items()):
+                    if _meta_digest(key) != digest:
+                        drop(key)
+                        del held[key]
 
     def _multi_key(self, path: str | None) -> str | None:
         """Load (or refresh) the adapter folder ``path`` into the stacked multi-adapter set; its key."""
@@ -152,8 +161,10 @@ class Engine:
                 self.paging["host"] += 1
             else:
                 self.multi.forget(key)
-                if is_moelora(key):
-                    raise ValueError("MoE-LoRA adapters are answered by Engine.answer, not in mixed batches")
+                fam = family_of(key)
+                if answers_with_hooks(fam):
+                    raise ValueError(f"{fam.name} adapters are answered by Engine.answer, not in mixed batches: "
+                                     f"{key} is {fam.describe(key)}")
                 read_adapter(key)  # complete and checksums match, or AdapterError
                 self.multi.load(key, key)
                 self.paging["disk"] += 1
@@ -161,6 +172,40 @@ class Engine:
         self._multi_loaded.move_to_end(key)
         self._used.add(key)
         return key
+
+    def adapter_on_hand(self, path: str | None) -> bool:
+        """Whether :meth:`hold_adapters` would take adapter folder ``path`` without reading its files: on the
+        device or in host memory with the same ``adapter.json`` (None, the base: always)."""
+        if path is None:
+            return True
+        key = str(Path(path).resolve())
+        digest = _meta_digest(key)
+        with self._multi_lock:
+            return any(key in held and held[key] == digest for held in (self._multi_loaded, self._multi_parked))
+
+    def fetch_adapter(self, path: str) -> None:
+        """Read and verify adapter folder ``path`` into host memory (pinned on a GPU machine), so that a later
+        :meth:`hold_adapters` only copies it to the device. The slow part (its files, their checksums) holds
+        no lock a running call waits on: a continuous batch's loader thread calls this while rows decode.
+        Nothing to do when the adapter is on hand (:meth:`adapter_on_hand`)."""
+        key = str(Path(path).resolve())
+        if self.adapter_on_hand(key):
+            return
+        fam = family_of(key)
+        if answers_with_hooks(fam):
+            raise ValueError(f"{fam.name} adapters are answered by Engine.answer, not in mixed batches: "
+                             f"{key} is {fam.describe(key)}")
+        digest = _meta_digest(key)
+        read_adapter(key)  # complete and checksums match, or AdapterError
+        host = self.multi.fetch(key, key)
+        with self._multi_lock:
+            if key in self._multi_loaded or _meta_digest(key) != digest:  # loaded meanwhile, or rewritten
+                return
+            self.multi.add_parked(host)
+            self._multi_parked[key] = digest
+            self._multi_parked.move_to_end(key)
+            self.paging["disk"] += 1
+            self.paging["fetched"] += 1
 
     def _trim_multi(self, keep: set[str]) -> None:
         with self._multi_lock:
@@ -218,11 +263,19 @@ class Engine:
         return ContinuousBatcher(self, **kw)
 
     def _run(self, path: str | None, fn):
+        """``fn()`` through peft with adapter folder ``path`` active (None: the plain base, a shared pass)."""
         if path is None:
-            with self.mllm.adapters_disabled():
+            with self.gate.shared():
                 return fn()
-        self._activate(path)
-        return fn()
+        with self.gate.exclusive():  # peft's active adapter is one for the whole model
+            self._activate(path)
+            return fn()
+
+    def base_passes(self):
+        """A block of passes through the plain base (peft's adapters off), per-row LoRA only through
+        :meth:`MultiLoRA.rows`: runs next to other such blocks in other threads, never next to a pass that
+        switches the whole model (a peft adapter, a MoE-LoRA; :mod:`cl_service.engine.gate`)."""
+        return self.gate.shared()
 
     # ------------------------------------------------------------------ inference
     def answer(self, samples: Sequence[Sample], adapter: str | None, max_new_tokens: int | None = None) -> list[str]:
@@ -232,18 +285,19 @@ class Engine:
         n = max_new_tokens or self.max_new_tokens
 
         def compute(todo: list[Sample]) -> list[str]:
-            if is_moelora(adapter):  # not a peft LoRA: its own token-gated experts, hooked in for the call
-                with moelora_active(self.mllm, adapter, self._moelora, verify=read_adapter):
+            fam = family_of(adapter) if adapter is not None else None
+            if fam is not None and answers_with_hooks(fam):  # not a peft LoRA: its family's hooks, for the call
+                with self.gate.exclusive(), fam.active(self.mllm, adapter, self._hooked.setdefault(fam.name, {}), read_adapter):
                     return self.mllm.generate(todo, n, self.batch_size)
             if self.fused_lora:
                 return self.answer_mixed(todo, [adapter] * len(todo), n)
             return self._run(adapter, lambda: self.mllm.generate(todo, n, self.batch_size))
 
-        if self.memo is None:
+        if self._memo.active() is None:
             return compute(list(samples))
         if adapter is not None:
             self._used.add(str(Path(adapter).resolve()))
-        return self._memoised(("answer", _content_digest(adapter), n), samples, compute)
+        return self._memo.map(("answer", content_digest(adapter), n), samples, compute)
 
     def vision_states(self, samples: Sequence[Sample]) -> torch.Tensor:
         """Base CLIP states of the samples' images ``[N_img, k, vision_hidden]``, computed once and
@@ -257,17 +311,19 @@ class Engine:
                 if self._decoders is None:
                     self._decoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="clsvc-img")
         pixels = torch.cat(list(self._decoders.map(decode, samples)) if len(samples) > 1 else [decode(samples[0])])
-        with torch.no_grad(), self.mllm.adapters_disabled():
+        with torch.no_grad(), self.base_passes():
             return self.mllm.vision_states(pixels)
 
     @torch.no_grad()
     def answer_mixed(self, samples: Sequence[Sample], adapters: Sequence[str | None],
-                     max_new_tokens: int | None = None, vision_states: torch.Tensor | None = None) -> list[str]:
+                     max_new_tokens: int | None = None, vision_states: torch.Tensor | None = None,
+                     on_token: Sequence[Callable[[int], None] | None] | None = None) -> list[str]:
         """Greedy answers where sample ``i`` uses adapter folder ``adapters[i]`` (None = the plain base).
 
         Rows of different adapters share each batched forward pass of the base
         (:class:`~cl_service.engine.multilora.MultiLoRA`); each row gets its adapter's LoRA and projector.
-        ``vision_states`` (:meth:`vision_states` of the same samples) skips the CLIP pass.
+        ``vision_states`` (:meth:`vision_states` of the same samples) skips the CLIP pass. ``on_token[i]``
+        (if not None) gets sample ``i``'s tokens as they are decoded (EOS included), e.g. to stream its answer.
         """
         if len(samples) != len(adapters):
             raise ValueError(f"{len(samples)} samples but {len(adapters)} adapters")
@@ -277,8 +333,10 @@ class Engine:
         out: list[str] = []
         with self._multi_use(adapters) as keys:
             for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
-                with self.mllm.adapters_disabled(), self.multi.rows(ck):
-                    out += self.mllm.generate(chunk, n, len(chunk), image_features=feats, decoder=self._decoder())
+                sink = None if on_token is None else functools.partial(_to_row, on_token, len(out))
+                with self.base_passes(), self.multi.rows(ck):
+                    out += self.mllm.generate(chunk, n, len(chunk), image_features=feats, decoder=self._decoder(),
+                                              on_token=sink)
         return out
 
     def _decoder(self) -> GraphDecoder | None:
@@ -316,7 +374,7 @@ class Engine:
         out = []
         with self._multi_use(adapters) as keys:
             for chunk, ck, feats in self._mixed_chunks(samples, keys, vision_states):
-                with self.mllm.adapters_disabled(), self.multi.rows(ck):
+                with self.base_passes(), self.multi.rows(ck):
                     batch = self.mllm.collate(chunk, train=False, pixels=not torch.is_tensor(feats))
                     res = self.mllm.model(inputs_embeds=self.mllm.embed(batch, image_features=feats),
                                           attention_mask=batch["attention_mask"].to(self.mllm.device),
@@ -388,10 +446,10 @@ class Engine:
     def question_features(self, samples: Sequence[Sample]) -> np.ndarray:
         """Base-model routing features ``[B, H_text + H_vision]`` (the ridge router's input)."""
         def compute(todo: list[Sample]) -> list[np.ndarray]:
-            with self.mllm.adapters_disabled():
+            with self.base_passes():
                 return list(self.mllm.question_features(todo, self.batch_size).numpy())
 
-        return np.stack(self._memoised(("question_features",), samples, compute))
+        return np.stack(self._memo.map(("question_features",), samples, compute))
 
     @property
     def text_dim(self) -> int:
@@ -415,62 +473,40 @@ class Engine:
         bs = max(self.batch_size, len(samples)) if vision_states is not None else self.batch_size
 
         def compute(todo: list[Sample]) -> list[np.ndarray]:
-            with self.mllm.adapters_disabled():
+            with self.base_passes():
                 return list(fn(todo, bs, vision_states).numpy())
 
-        if vision_states is not None or self.memo is None:
+        if vision_states is not None or self._memo.active() is None:
             return np.stack(compute(list(samples)))
-        return np.stack(self._memoised((kind,), samples, compute))
+        return np.stack(self._memo.map((kind,), samples, compute))
 
     # ------------------------------------------------------------------ memo
     def enable_memo(self) -> None:
-        """Memoise deterministic results — answers per (adapter content, sample, max_new_tokens) and base
-        features per sample — for the life of this engine. A stream evaluation asks the same expert
-        about the same test item at every stage (oracle, the routed methods, zero-shot); greedy decoding
-        makes the stored answer the one a fresh pass would give."""
-        if self.memo is None:
-            self.memo = {}
+        """Memoise deterministic results (answers per adapter content, sample and ``max_new_tokens``; base
+        features per sample) for the life of this engine (:mod:`cl_service.engine.memo`)."""
+        self._memo.enable()
 
-    @contextlib.contextmanager
     def memo_off(self):
-        """Compute everything afresh inside the block (e.g. to time routing honestly)."""
-        memo, self.memo = self.memo, None
-        try:
-            yield
-        finally:
-            self.memo = memo
+        """Compute everything afresh inside the block (e.g. to time routing honestly); this thread's calls only."""
+        return self._memo.off()
 
-    def _memoised(self, kind: tuple, samples: Sequence[Sample], compute) -> list:
-        if self.memo is None:
-            return list(compute(list(samples)))
-        keys = [kind + (_sample_digest(s),) for s in samples]
-        todo = [i for i, k in enumerate(keys) if k not in self.memo]
-        if todo:
-            for i, v in zip(todo, compute([samples[i] for i in todo])):
-                self.memo[keys[i]] = v
-        return [self.memo[k] for k in keys]
+    @property
+    def memo(self) -> dict | None:
+        """The memoised results (None: off)."""
+        return self._memo.store
+
+    @memo.setter
+    def memo(self, store: dict | None) -> None:
+        self._memo.store = store
+
+
+def _to_row(on_token: Sequence[Callable[[int], None] | None], at: int, r: int, t: int) -> None:
+    """Row ``r`` of a batch starting at sample ``at``: its token to that sample's ``on_token``, if any."""
+    if on_token[at + r] is not None:
+        on_token[at + r](t)
 
 
 def _meta_digest(key: str) -> str | None:
     """sha256 of an adapter folder's ``adapter.json`` (None when it is missing): what says a cached copy is stale."""
     meta = Path(key) / ADAPTER_META
     return hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else None
-
-
-def _sample_digest(s: Sample) -> str:
-    h = hashlib.sha256()
-    for part in (s.id, s.question, *s.images):
-        b = part.encode() if isinstance(part, str) else part
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
-
-
-def _content_digest(adapter: str | None) -> str:
-    """The adapter's identity by content (its checksummed ``adapter.json``); "base" for no adapter."""
-    if adapter is None:
-        return "base"
-    meta = Path(adapter) / ADAPTER_META
-    if not meta.is_file():
-        read_adapter(adapter)  # raises the registry's clear error
-    return hashlib.sha256(meta.read_bytes()).hexdigest()

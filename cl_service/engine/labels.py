@@ -92,7 +92,7 @@ def label_scores(eng: "Engine", items: list[Sample], router: str, pool: Pool, fu
     if fused:
         with eng._multi_use([router] * len(samples)) as keys:
             for i, (chunk, ck, feats) in enumerate(eng._mixed_chunks(samples, keys, None)):
-                with m.adapters_disabled(), eng.multi.rows(ck):
+                with eng.base_passes(), eng.multi.rows(ck):
                     logits += list(run(chunk, at[i * bs:i * bs + len(chunk)], feats))
     else:
         logits = eng._run(router, lambda: [x for i in range(0, len(samples), bs)

@@ -159,18 +159,38 @@ class MultiLoRA:
         """Read the adapter in ``folder`` (peft layout) into a new slot named ``key``."""
         if key in self._adapters:
             raise ValueError(f"adapter {key!r} already loaded")
-        lora, projector, rank = read_lora(folder, self.mllm.dtype, self.mllm.device)
+        a = self._read(key, folder, self.mllm.device)
+        with self._lock:
+            self._adapters[key] = a
+            self._built = None
+
+    def fetch(self, key: str, folder: str | Path) -> _Adapter:
+        """The adapter in ``folder`` read into host memory (pinned when the base is on a GPU), not yet in the
+        set: :meth:`add_parked` puts it where :meth:`unpark` brings it onto the device from. Touches nothing
+        shared, so it may run in a thread of its own while passes run."""
+        a = self._read(key, folder, torch.device("cpu"))
+        return _moved(a, torch.device("cpu"), pin=self.mllm.device.type == "cuda")
+
+    def add_parked(self, a: _Adapter) -> None:
+        """A host copy from :meth:`fetch`, as if parked."""
+        self._parked[a.key] = a
+
+    def _read(self, key: str, folder: str | Path, device: torch.device) -> _Adapter:
+        lora, projector, rank = read_lora(folder, self.mllm.dtype, device)
         module = None
         if projector:
             # Its own module (not functional_call on the base one, which swaps the base module's
             # parameters during the call and so races with a pass in another thread).
-            module = copy.deepcopy(self._base_projector())
+            base = self._base_projector()
+            # copied straight onto ``device`` (a host copy made in a loader thread touches no device memory)
+            memo = {id(t): (torch.nn.Parameter(t.detach().to(device, copy=True), t.requires_grad)
+                            if isinstance(t, torch.nn.Parameter) else t.detach().to(device, copy=True))
+                    for t in [*base.parameters(), *base.buffers()]}
+            module = copy.deepcopy(base, memo)
             missing, unexpected = module.load_state_dict(projector, strict=False, assign=True)
             if unexpected:
                 raise ValueError(f"{folder}: projector tensors {unexpected} do not fit the base's projector")
-        with self._lock:
-            self._adapters[key] = _Adapter(key, lora, projector, rank, module)
-            self._built = None
+        return _Adapter(key, lora, projector, rank, module)
 
     def drop(self, key: str) -> None:
         with self._lock:

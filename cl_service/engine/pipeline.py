@@ -17,10 +17,12 @@ returns a ``Future`` per request instead (rows handed to a
 :class:`~cl_service.engine.continuous.ContinuousBatcher`) resolves each caller when its own row is answered,
 and takes the next routed batch at once.
 
-The stages must be safe to run in two threads at once. :class:`~cl_service.engine.engine.Engine`'s mixed
-paths are (``route_mllm`` with ``vision_states``, ``answer_mixed``, ``features``): their per-row adapter
-plans are thread-local (:meth:`~cl_service.engine.multilora.MultiLoRA.rows`) and adapter loading is
-serialised. peft's own adapter switching is not: do not attach peft adapters to a model a pipeline uses.
+The stages must be safe to run in two threads at once. :class:`~cl_service.engine.engine.Engine`'s calls
+are: the mixed paths (``route_mllm`` with ``vision_states``, ``answer_mixed``, ``features``) keep their per-row
+adapter plans thread-local (:meth:`~cl_service.engine.multilora.MultiLoRA.rows`) and run side by side, adapter
+loading is serialised, and a pass that switches the whole model (a peft adapter: ``route_mllm`` without
+``vision_states`` and without ``fused_lora``; a MoE-LoRA) runs alone (:mod:`cl_service.engine.gate`), so the
+other stage waits for it rather than overlapping.
 """
 
 from __future__ import annotations

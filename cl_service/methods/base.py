@@ -55,7 +55,13 @@ class StageContext:
 
 class Method(Protocol):
     name: str
+    """The registry name; a method names its jobs and adapter folders by ``self.name`` (its replay variant runs
+    the same class under ``<name>_replay``)."""
     routed: bool
+    """Whether it routes each request to an expert (the report's router accuracy)."""
+    serving: str | None
+    """None when ``clsvc serve`` serves the method's answers (its per-task experts, behind the run's router);
+    otherwise the reason it does not, which ``clsvc serve`` gives when a run holds nothing it can serve."""
 
     def jobs(self, ctx: StageContext) -> list[Any]:
         """Training jobs (:class:`cl_service.train.job.TrainJob`) this stage needs; may be empty."""
@@ -69,6 +75,11 @@ class Method(Protocol):
         """Whether this stage's row of the accuracy matrix is evaluated (``joint`` only at the end)."""
         ...
 
+    # Optional: ``sequential = True`` (class attribute): the method trains in stream order on each new task's data
+    # (one adapter per stage, or per-task parts trained in order); the methods package then registers its replay
+    # variant ``<name>_replay`` (cl_service.methods.replay). Methods whose per-task experts are isolated (mrlora*,
+    # oracle) do not declare it.
+    #
     # Optional: ``unchanged(ctx, task) -> bool``, True when the method's answers on ``task`` at ``ctx.stage`` are
     # by construction those of stage ``ctx.stage - 1`` (the same adapters answer the same items: ``oracle`` on
     # every task but the new one, ``zero_shot`` on all). The evaluator then carries those entries over instead
@@ -78,3 +89,25 @@ class Method(Protocol):
 
 
 METHODS: Registry[type] = Registry("method")
+
+
+def why_unserved(names: list[str] | tuple[str, ...]) -> str:
+    """For a run of methods ``names`` that left ``clsvc serve`` nothing to serve: which of them have no serving
+    form and why, as a sentence to append to the refusal ("" when every one is served)."""
+    why = unserved(names)
+    if not why:
+        return ""
+    return "; clsvc serve serves per-task experts behind a router, and this run's " + "; ".join(
+        f"{name} is {reason}" for name, reason in why.items())
+
+
+def unserved(names: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Of the registered methods ``names``, those ``clsvc serve`` does not serve, with the reason (``serving``);
+    names no longer registered are reported as such."""
+    out = {}
+    for n in names:
+        if n not in METHODS:
+            out[n] = "not a method of this version of cl-service"
+        elif getattr(METHODS.get(n), "serving", None) is not None:
+            out[n] = METHODS.get(n).serving
+    return out

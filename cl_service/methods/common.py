@@ -17,9 +17,29 @@ def expert_dir(ctx: StageContext, task: str) -> Path:
 
 
 def stage_dir(ctx: StageContext, method: str, stage: int) -> Path:
-    """Where a method that keeps one adapter per stage (``lora_ft``, ``olora``, ``moelora``) publishes stage
-    ``stage``'s adapter."""
+    """Where a method that keeps one adapter per stage (``lora_ft``, ``olora``, ``moelora``, ``clmoe``) publishes
+    stage ``stage``'s adapter."""
     return ctx.run_dir / "adapters" / method / f"stage-{stage}-{ctx.tasks[stage]}"
+
+
+def stage_job(ctx: StageContext, method: str, kind: str, **fields) -> TrainJob:
+    """Stage ``ctx.stage``'s job of a method that keeps one adapter per stage (``lora_ft``, ``olora``, ``moelora``,
+    ``clmoe``): trained on the new task with ``expert.lora`` / ``expert.train``, continuing the previous stage's
+    adapter, of adapter family ``kind``. Named and placed by ``method``, the method's ``self.name``, so that its
+    replay variant (:mod:`cl_service.methods.replay`) gets jobs and folders of its own. ``fields``: further
+    :class:`TrainJob` fields (``options``, ``init_adapter=None`` to start afresh, ...)."""
+    cfg = ctx.cfg
+    fields.setdefault("init_adapter", str(stage_dir(ctx, method, ctx.stage - 1)) if ctx.stage > 0 else None)
+    return TrainJob(name=f"{method}/stage-{ctx.stage}", kind=kind, task=ctx.task,
+                    out_dir=str(stage_dir(ctx, method, ctx.stage)), base_path=ctx.extra["base_path"],
+                    dataset=ctx.extra["dataset"], parts=(DataPart(task=ctx.task, limit=cfg.data.train_limit, seed=cfg.seed),),
+                    lora=cfg.expert.lora, train=cfg.expert.train, description=f"{method} after {ctx.task}",
+                    seed=cfg.seed, **fields)
+
+
+def answer_with_stage(ctx: StageContext, method: str, samples: list[Sample]) -> list[Answer]:
+    """Every sample answered by ``method``'s adapter of the current stage (:func:`stage_job`'s)."""
+    return [Answer(t) for t in ctx.engine.answer(samples, str(stage_dir(ctx, method, ctx.stage)))]
 
 
 def expert_job(ctx: StageContext, task: str) -> TrainJob:

@@ -11,8 +11,11 @@ from cl_service.train.job import DataPart, TrainJob
 
 @METHODS.register("joint")
 class Joint:
+    """The multi-task upper bound: one LoRA trained on every task at once, evaluated at the end."""
+
     name = "joint"
     routed = False
+    serving = "one multi-task LoRA, with no per-task experts or router for clsvc serve to route to"
 
     def _dir(self, ctx: StageContext):
         return ctx.run_dir / "adapters" / "joint" / "all"

@@ -6,29 +6,26 @@ identity is used at training or test time. Its projector is the base's (frozen).
 
 from __future__ import annotations
 
+from cl_service.adapters.moelora import MoELoRASpec
 from cl_service.methods.base import METHODS, Answer, StageContext
-from cl_service.methods.common import stage_dir
-from cl_service.train.job import DataPart, TrainJob
+from cl_service.methods.common import answer_with_stage, stage_job
 
 
 @METHODS.register("moelora")
 class MoELoRAMethod:
+    """MoE-LoRA: token-gated LoRA experts per Linear, trained sequentially (MoELoRA)."""
+
     name = "moelora"
     routed = False
+    sequential = True
+    serving = "one MoE-LoRA for every task, with no per-task experts or router for clsvc serve to route to"
 
     def jobs(self, ctx: StageContext) -> list:
-        cfg = ctx.cfg
-        return [TrainJob(name=f"moelora/stage-{ctx.stage}", kind="moelora", task=ctx.task,
-                         out_dir=str(stage_dir(ctx, "moelora", ctx.stage)), base_path=ctx.extra["base_path"],
-                         dataset=ctx.extra["dataset"],
-                         parts=(DataPart(task=ctx.task, limit=cfg.data.train_limit, seed=cfg.seed),),
-                         lora=cfg.expert.lora, train=cfg.expert.train,
-                         init_adapter=str(stage_dir(ctx, "moelora", ctx.stage - 1)) if ctx.stage > 0 else None,
-                         description=f"moelora after {ctx.task}", seed=cfg.seed,
-                         moe_experts=cfg.moelora.experts)]
+        MoELoRASpec.of(ctx.cfg.expert.lora, ctx.cfg.moelora.experts)  # a bad rank split fails here, not in a worker
+        return [stage_job(ctx, self.name, "moelora", moe_experts=ctx.cfg.moelora.experts)]
 
     def evaluates(self, ctx: StageContext) -> bool:
         return True
 
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
-        return [Answer(t) for t in ctx.engine.answer(samples, str(stage_dir(ctx, "moelora", ctx.stage)))]
+        return answer_with_stage(ctx, self.name, samples)

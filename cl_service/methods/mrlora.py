@@ -41,8 +41,11 @@ def _two_stage(ctx: StageContext, route, samples) -> list[Answer]:
 
 @METHODS.register("mrlora")
 class MRLoRA:
+    """MR-LoRA: one LoRA expert per task behind the MLLM router."""
+
     name = "mrlora"
     routed = True
+    serving = None  # clsvc serve: its experts behind the latest MLLM router
     router_kind = "mllm"
 
     def jobs(self, ctx: StageContext) -> list:
@@ -89,6 +92,7 @@ class _FeatureRouted:
     name = ""
     routed = True
     router_kind = ""
+    serving = None  # clsvc serve router_kind=<kind>: its experts behind the saved feature router
 
     def jobs(self, ctx: StageContext) -> list:
         return [expert_job(ctx, ctx.task)]

@@ -8,29 +8,25 @@ weights, so the run trains it once). The block rank is ``expert.lora.rank``; the
 from __future__ import annotations
 
 from cl_service.methods.base import METHODS, Answer, StageContext
-from cl_service.methods.common import stage_dir
-from cl_service.train.job import DataPart, TrainJob
+from cl_service.methods.common import answer_with_stage, stage_job
 
 
 @METHODS.register("olora")
 class OLoRA:
+    """O-LoRA: a LoRA grown by one block per task, kept orthogonal to the earlier blocks."""
+
     name = "olora"
     routed = False
+    sequential = True
+    serving = "one growing LoRA for every task, with no per-task experts or router for clsvc serve to route to"
 
     def jobs(self, ctx: StageContext) -> list:
-        cfg = ctx.cfg
-        first = ctx.stage == 0
-        return [TrainJob(name=f"olora/stage-{ctx.stage}", kind="sequential" if first else "olora", task=ctx.task,
-                         out_dir=str(stage_dir(ctx, "olora", ctx.stage)), base_path=ctx.extra["base_path"],
-                         dataset=ctx.extra["dataset"],
-                         parts=(DataPart(task=ctx.task, limit=cfg.data.train_limit, seed=cfg.seed),),
-                         lora=cfg.expert.lora, train=cfg.expert.train,
-                         init_adapter=None if first else str(stage_dir(ctx, "olora", ctx.stage - 1)),
-                         description=f"olora after {ctx.task}", seed=cfg.seed,
-                         orth_lambda=0.0 if first else cfg.olora.lambda_orth)]
+        if ctx.stage == 0:
+            return [stage_job(ctx, self.name, "sequential")]
+        return [stage_job(ctx, self.name, "olora", orth_lambda=ctx.cfg.olora.lambda_orth)]
 
     def evaluates(self, ctx: StageContext) -> bool:
         return True
 
     def predict(self, ctx: StageContext, samples) -> list[Answer]:
-        return [Answer(t) for t in ctx.engine.answer(samples, str(stage_dir(ctx, "olora", ctx.stage)))]
+        return answer_with_stage(ctx, self.name, samples)

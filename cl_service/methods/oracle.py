@@ -8,8 +8,11 @@ from cl_service.methods.common import answer_by_expert, expert_job
 
 @METHODS.register("oracle")
 class Oracle:
+    """Every task answered by its own expert (perfect routing)."""
+
     name = "oracle"
     routed = False
+    serving = None  # its per-task experts are what clsvc serve serves (``predict --expert`` names one)
 
     def jobs(self, ctx: StageContext) -> list:
         return [expert_job(ctx, ctx.task)]

@@ -7,8 +7,11 @@ from cl_service.methods.base import METHODS, Answer, StageContext
 
 @METHODS.register("zero_shot")
 class ZeroShot:
+    """The frozen base as is, no training."""
+
     name = "zero_shot"
     routed = False
+    serving = "the plain base: the run trained nothing for clsvc serve to serve"
 
     def jobs(self, ctx: StageContext) -> list:
         return []

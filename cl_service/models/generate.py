@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -36,7 +36,7 @@ class StepDecoder(Protocol):
 @torch.no_grad()
 def generate(mllm: "MLLM", samples: Sequence[Sample], max_new_tokens: int = 16, batch_size: int = 64,
              vision_states: torch.Tensor | None = None, image_features: "ImageFeatures | None" = None,
-             decoder: StepDecoder | None = None) -> list[str]:
+             decoder: StepDecoder | None = None, on_token: Callable[[int, int], None] | None = None) -> list[str]:
     """Greedy answers of ``mllm``, one string per sample: :meth:`MLLM.generate` (which documents the
     arguments). The model runs in eval mode and gets its training mode back."""
     was_training = mllm.model.training
@@ -46,16 +46,18 @@ def generate(mllm: "MLLM", samples: Sequence[Sample], max_new_tokens: int = 16, 
         if (vision_states is not None or torch.is_tensor(image_features)) and len(samples) > batch_size:
             raise ValueError("precomputed vision_states/image_features need batch_size >= len(samples)")
         for i in range(0, len(samples), batch_size):
+            row = (lambda r, t, i=i: on_token(i + r, t)) if on_token is not None else None
             out += _generate(mllm, samples[i:i + batch_size], max_new_tokens, vision_states, image_features,
-                             decoder)
+                             decoder, row)
         return out
     finally:
         mllm.model.train(was_training)
 
 
 def _generate(mllm: "MLLM", samples: Sequence[Sample], max_new_tokens: int, vision_states, image_features=None,
-              decoder: StepDecoder | None = None) -> list[str]:
-    """One batch: prefill, then one token per step until every row has its EOS or ``max_new_tokens``."""
+              decoder: StepDecoder | None = None, on_token: Callable[[int, int], None] | None = None) -> list[str]:
+    """One batch: prefill, then one token per step until every row has its EOS or ``max_new_tokens``;
+    ``on_token(row, token)`` for each row's token of a step while the row is not done (its EOS included)."""
     need_pixels = vision_states is None and not torch.is_tensor(image_features)
     batch = mllm.collate(samples, train=False, pixels=need_pixels)
     mask = batch["attention_mask"].to(mllm.device)
@@ -77,6 +79,10 @@ def _generate(mllm: "MLLM", samples: Sequence[Sample], max_new_tokens: int, visi
             nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, mllm.pad_id), nxt)
             tokens.append(nxt)
+            if on_token is not None:  # one host sync per step, only when someone listens
+                for r, (t, finished) in enumerate(zip(nxt.tolist(), done.tolist())):
+                    if not finished:
+                        on_token(r, t)
             done |= nxt == mllm.eos_id
             if bool(done.all()) or step == max_new_tokens - 1:
                 break

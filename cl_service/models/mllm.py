@@ -282,7 +282,7 @@ class MLLM:
     @torch.no_grad()
     def generate(self, samples: Sequence[Sample], max_new_tokens: int = 16, batch_size: int = 64,
                  vision_states: torch.Tensor | None = None, image_features: ImageFeatures | None = None,
-                 decoder: StepDecoder | None = None) -> list[str]:
+                 decoder: StepDecoder | None = None, on_token: Callable[[int, int], None] | None = None) -> list[str]:
         """Greedy answers, one string per sample (special tokens dropped, stripped); the loop and its KV cache
         live in :mod:`cl_service.models.generate`.
 
@@ -291,9 +291,10 @@ class MLLM:
         (see :meth:`embed`) replaces CLIP and projector; a tensor of either needs
         ``batch_size >= len(samples)``. ``decoder``: runs the decode steps instead of the model's own
         forward (:class:`cl_service.engine.cudagraphs.GraphDecoder`: replayed CUDA graphs); it may
-        decline a batch, which then decodes here as without it.
+        decline a batch, which then decodes here as without it. ``on_token(i, token)``: called with sample
+        ``i``'s tokens as they are decoded (EOS included, nothing after it), e.g. to stream an answer.
         """
-        return _greedy(self, samples, max_new_tokens, batch_size, vision_states, image_features, decoder)
+        return _greedy(self, samples, max_new_tokens, batch_size, vision_states, image_features, decoder, on_token)
 
     @torch.no_grad()
     def pooled_features(self, samples: Sequence[Sample], batch_size: int = 64,

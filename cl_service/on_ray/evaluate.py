@@ -17,6 +17,12 @@ sends each mirroring actor the adapter folders it lacks or holds with another ``
 folder at a time through the object store (:mod:`cl_service.adapters.transfer`), and drops the ones the run no
 longer has. Actors never write the results folder: the feature routers they fit come back with the unit
 (:attr:`StageResult.folders`) and the driver writes them.
+
+Faults: Ray restarts a crashed actor once (``max_restarts=1``), perhaps on another node, with an empty mirror.
+Every unit names the life of the actor it was sent to, and an actor refuses a unit meant for an earlier life
+(:class:`Restarted`); the driver then asks the actor where it is now, syncs its mirror again and sends the unit
+again. The driver waits as long as the actors make progress (each forward pass of an actor's base reports it,
+:mod:`cl_service.on_ray._stall`), up to ``ray.stall_timeout_s`` of silence.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -33,7 +40,15 @@ import ray
 
 from cl_service.adapters import transfer
 from cl_service.eval.stage import EvalSetup, LocalEvaluator, StageEvaluator, StageResult, eval_uses_gpu
-from cl_service.on_ray._mirror import force_mirror
+from cl_service.on_ray._stall import Beat, Beats, Watch
+
+#: The longest the driver waits for a unit before it looks at the actors' progress again.
+_POLL_S = 2.0
+
+
+class Restarted(RuntimeError):
+    """A unit sent to an evaluator actor's earlier life: the actor was restarted since, and its mirror may lack the
+    adapters the driver sent before. The driver syncs the mirror and sends the unit again."""
 
 
 class _EvalActor:
@@ -45,10 +60,11 @@ class _EvalActor:
     crash, or at the next stage when actors stop between stages) finds what it already received."""
 
     def __init__(self, setup: EvalSetup, device: str | None, threads: int, driver_node: str, index: int,
-                 mirror: bool = False) -> None:
+                 mirror: bool = False, beat: Beat | None = None) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
+        self.life = os.urandom(8).hex()  # this start of the actor: Ray restarts a crashed one, perhaps elsewhere
         self.mirror: Path | None = None
         if mirror or ray.get_runtime_context().get_node_id() != driver_node:
             tag = hashlib.sha256(f"{setup.out}|{driver_node}".encode()).hexdigest()[:12]
@@ -56,10 +72,12 @@ class _EvalActor:
             (self.mirror / "adapters").mkdir(parents=True, exist_ok=True)
             setup = dataclasses.replace(setup, out=str(self.mirror))
         self.ev = StageEvaluator(setup, device=device)
+        if beat is not None:  # every forward pass of the base (a prefill, a decode step) is progress
+            self.ev.engine.mllm.model.get_input_embeddings().register_forward_hook(lambda *_: beat())
 
-    def ready(self) -> tuple[str, str | None]:
-        """The base's device, and the mirror's folder (None: reads the results folder itself)."""
-        return str(self.ev.engine.mllm.device), None if self.mirror is None else str(self.mirror)
+    def ready(self) -> tuple[str, str | None, str]:
+        """The base's device, the mirror's folder (None: reads the results folder itself), and this life's id."""
+        return str(self.ev.engine.mllm.device), None if self.mirror is None else str(self.mirror), self.life
 
     def inventory(self) -> dict[str, str]:
         return transfer.inventory(self.mirror / "adapters")
@@ -74,7 +92,10 @@ class _EvalActor:
         if self.mirror is not None:
             shutil.rmtree(self.mirror, ignore_errors=True)
 
-    def evaluate(self, method: str, stage: int, train_s: float, previous: StageResult | None = None) -> StageResult:
+    def evaluate(self, life: str, method: str, stage: int, train_s: float,
+                 previous: StageResult | None = None) -> StageResult:
+        if life != self.life:
+            raise Restarted(f"unit ({method}, stage {stage}) was sent to an earlier start of this evaluator")
         return self.ev.evaluate(method, stage, train_s, previous)
 
 
@@ -107,16 +128,15 @@ class RayEvaluator:
     """Evaluator backend of :func:`cl_service.run.run_stream` over ``n`` evaluator actors.
 
     Args:
-        cfg: the ``RunCfg`` (``eval.*``, ``ray.*``: resources, ``ray.timeout_s`` bounds every wait).
+        cfg: the ``RunCfg`` (``eval.*``, ``ray.*``: resources; ``ray.stall_timeout_s`` bounds every wait).
         num_workers: actors; default :func:`num_evaluators` of the cluster (must be >= 1 here).
         env: environment variables of the actors.
         log: progress lines.
-        mirror: every actor evaluates against a mirror, as one on another node does (default: the
-            ``CLSVC_FORCE_MIRROR`` environment variable; for tests).
+        mirror: every actor evaluates against a mirror, as one on another node than the driver's does.
     """
 
     def __init__(self, cfg: Any, num_workers: int | None = None, env: dict[str, str] | None = None,
-                 log: Callable[[str], None] = print, mirror: bool | None = None) -> None:
+                 log: Callable[[str], None] = print, mirror: bool = False) -> None:
         cluster = ray.cluster_resources()
         n = num_evaluators(cfg, cluster) if num_workers is None else num_workers
         if n < 1:
@@ -127,7 +147,7 @@ class RayEvaluator:
                              f"{_say({k: cluster.get(k, 0.0) for k in evals})} (see eval.num_workers, "
                              f"eval.cpus_per_worker, eval.num_gpus)")
         self.cfg, self.n, self.env, self.log = cfg, n, env or {}, log
-        self.timeout_s = float(cfg.ray.timeout_s)
+        self.stall_s = float(cfg.ray.stall_timeout_s)
         #: keep the actors for the whole run, or stop them after each stage (training needs their resources)
         self.resident = _fits({k: train[k] + evals[k] for k in train}, cluster)
         self._why = (f"the cluster's {_say({k: cluster.get(k, 0.0) for k in train})} cannot hold a training "
@@ -135,9 +155,12 @@ class RayEvaluator:
         self.setup: EvalSetup | None = None
         self.actors: list[Any] = []
         self._started = False
-        self.force_mirror = force_mirror() if mirror is None else mirror
+        self.force_mirror = mirror
         self.driver_node = ray.get_runtime_context().get_node_id()
         self.mirrors: list[str | None] = []  # per actor: its mirror folder, or None
+        self.lives: list[str] = []  # per actor: the id of its current start (it changes when Ray restarts it)
+        self.restarts = 0  # units sent again to a restarted actor (for tests and logs)
+        self.beats: Any = None
         #: (stage, adapter folder relative to adapters/, actors it went to): what the mirrors were sent
         self.sent: list[tuple[int, str, int]] = []
         #: each method's latest unit: actors restarted between stages get it back with the next unit, so that
@@ -155,34 +178,61 @@ class RayEvaluator:
         n = min(self.n, len(self.cfg.methods))  # more actors than methods would sit idle
         threads = self.cfg.eval.threads or max(1, int(self.cfg.eval.cpus_per_worker))
         env = {**self.env, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
+        # A crashed actor is restarted once; its units come back to the driver, which sends them again after
+        # syncing its mirror (not retried by Ray: the restarted actor's mirror may be empty).
         cls = ray.remote(_EvalActor).options(
             num_cpus=self.cfg.eval.cpus_per_worker, num_gpus=self.cfg.eval.num_gpus if gpu else 0,
-            max_restarts=1, max_task_retries=1, runtime_env={"env_vars": env})
+            max_restarts=1, max_task_retries=0, runtime_env={"env_vars": env})
+        if self.beats is None:
+            self.beats = Beats.remote()
         self.actors = [cls.remote(self.setup, "cuda" if gpu else None, threads, self.driver_node, i,
-                                  self.force_mirror) for i in range(n)]
+                                  self.force_mirror, Beat(self.beats, str(i))) for i in range(n)]
         try:
-            ready = ray.get([a.ready.remote() for a in self.actors], timeout=self.timeout_s)
+            ready = ray.get([a.ready.remote() for a in self.actors], timeout=self.stall_s)
         except BaseException:
             self._stop()
             raise
-        self.mirrors = [m for _, m in ready]
+        self.mirrors = [m for _, m, _ in ready]
+        self.lives = [life for _, _, life in ready]
         if not self._started:
             k = sum(m is not None for m in self.mirrors)
             self.log(f"evaluation: {n} evaluator actor(s), each holding the base on "
-                     f"{', '.join(sorted({d for d, _ in ready}))}"
+                     f"{', '.join(sorted({d for d, _, _ in ready}))}"
                      + (f"; {k} on other nodes, reading adapters from a local mirror" if k else ""))
         self._started = True
 
-    def _sync_mirrors(self, stage: int) -> None:
-        """Make every mirroring actor's ``adapters/`` equal the results folder's: send each missing or changed
-        folder once (read once, put once, fetched by every actor that lacks it; one folder in the object
-        store at a time, so a 7B run's adapters never sit in memory together), drop the ones gone."""
-        mirroring = [a for a, m in zip(self.actors, self.mirrors) if m is not None]
+    def _refresh(self, k: int) -> bool:
+        """Ask actor ``k`` where it is now (Ray may have restarted it, perhaps on another node); whether this is a
+        new life. Raises when it is gone for good."""
+        deadline = time.monotonic() + self.stall_s
+        while True:
+            try:
+                _, mirror, life = ray.get(self.actors[k].ready.remote(), timeout=self.stall_s)
+                break
+            except ray.exceptions.ActorUnavailableError:
+                # Ray is still restarting it: ask again until its new life answers (or the stall bound passes).
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        new = life != self.lives[k]
+        if new:
+            self.log(f"evaluation: evaluator {k} was restarted"
+                     + (f"; its mirror {mirror} is synced again" if mirror is not None else ""))
+        self.mirrors[k], self.lives[k] = mirror, life
+        return new
+
+    def _sync_mirrors(self, stage: int, only: Sequence[int] | None = None) -> None:
+        """Make every mirroring actor's (of ``only``: those actors') ``adapters/`` equal the results folder's:
+        send each missing or changed folder once (read once, put once, fetched by every actor that lacks it;
+        one folder in the object store at a time, so a 7B run's adapters never sit in memory together), drop
+        the ones gone."""
+        mirroring = [a for k, (a, m) in enumerate(zip(self.actors, self.mirrors))
+                     if m is not None and (only is None or k in only)]
         if not mirroring:
             return
         root = Path(self.setup.out) / "adapters"
         source = transfer.inventory(root)
-        held = ray.get([a.inventory.remote() for a in mirroring], timeout=self.timeout_s)
+        held = ray.get([a.inventory.remote() for a in mirroring], timeout=self.stall_s)
         plans = [transfer.plan(source, h) for h in held]
         size = 0
         for rel in sorted({rel for send, _ in plans for rel in send}):
@@ -191,10 +241,10 @@ class RayEvaluator:
             ref = ray.put(files)
             del files
             to = [a for a, (send, _) in zip(mirroring, plans) if rel in send]
-            ray.get([a.receive.remote(rel, ref) for a in to], timeout=self.timeout_s)
+            ray.get([a.receive.remote(rel, ref) for a in to], timeout=self.stall_s)
             del ref
             self.sent.append((stage, rel, len(to)))
-        ray.get([a.drop.remote(gone) for a, (_, gone) in zip(mirroring, plans) if gone], timeout=self.timeout_s)
+        ray.get([a.drop.remote(gone) for a, (_, gone) in zip(mirroring, plans) if gone], timeout=self.stall_s)
         sent = sum(1 for s, _, _ in self.sent if s == stage)
         if sent:
             self.log(f"[stage {stage + 1}] sent {sent} adapter folder(s) ({size / 2 ** 20:.1f} MiB) to "
@@ -205,25 +255,55 @@ class RayEvaluator:
             return
         self._ensure_actors()
         try:
+            # restarted since the last stage (or during this one, below): they lost their own previous units
+            fresh = {k for k in range(len(self.actors)) if self._refresh(k)}
             self._sync_mirrors(stage)
         except BaseException:
             self._stop()
             raise
         order = list(self.cfg.methods)
-        # Resident actors keep their own previous units; restarted ones get them from here.
-        refs = {self.actors[order.index(m) % len(self.actors)].evaluate.remote(
-                    m, stage, train_s, None if self.resident else self._last.get(m)): m
-                for m in methods}
-        pending = list(refs)
+
+        def send(m: str):
+            k = order.index(m) % len(self.actors)
+            # Resident actors keep their own previous units; restarted ones get them from here.
+            previous = None if self.resident and k not in fresh else self._last.get(m)
+            return self.actors[k].evaluate.remote(self.lives[k], m, stage, train_s, previous), m, k
+
+        units = {ref: (m, k) for ref, m, k in map(send, methods)}
+        resent = 0
+        watch = Watch(self.beats, self.stall_s, lambda tag, _: f"evaluation of stage {stage} by evaluator {tag} "
+                      f"({sorted(m for m, k in units.values() if str(k) == tag)})")
+        for k in {k for _, k in units.values()}:
+            watch.start(str(k))
         try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout_s)
+            while units:
+                ready, _ = ray.wait(list(units), num_returns=1, timeout=_POLL_S)
                 if not ready:
-                    raise TimeoutError(f"evaluation of stage {stage}: {[refs[r] for r in pending]} not done in "
-                                       f"{self.timeout_s:.0f} s (ray.timeout_s)")
-                result = ray.get(ready[0], timeout=self.timeout_s)
-                self._last[refs[ready[0]]] = result
-                yield refs[ready[0]], result
+                    watch.check()
+                    continue
+                m, k = units.pop(ready[0])
+                try:
+                    result = ray.get(ready[0], timeout=self.stall_s)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        ray.exceptions.RayTaskError) as e:
+                    if isinstance(e, ray.exceptions.RayTaskError) and not isinstance(e.cause, Restarted):
+                        raise
+                    # The actor died (Ray restarts it once) or was restarted: sync its mirror, send the unit again.
+                    self.restarts, resent = self.restarts + 1, resent + 1
+                    if resent > 2 * len(methods):  # each actor restarts once: every unit goes again at most twice
+                        raise RuntimeError(f"evaluation of stage {stage}: evaluator {k} keeps failing: {e}") from e
+                    if self._refresh(k):
+                        fresh.add(k)
+                        self._sync_mirrors(stage, [k])
+                    ref, m, k = send(m)
+                    units[ref] = (m, k)
+                    watch.start(str(k))
+                    continue
+                watch.start(str(k))  # a finished unit is progress too
+                if not any(kk == k for _, kk in units.values()):
+                    watch.stop(str(k))
+                self._last[m] = result
+                yield m, result
         except BaseException:
             self._stop()
             raise
@@ -242,10 +322,13 @@ class RayEvaluator:
         mirroring = [a for a, m in zip(self.actors, self.mirrors) if m is not None]
         if mirroring:
             try:
-                ray.get([a.remove_mirror.remote() for a in mirroring], timeout=self.timeout_s)
+                ray.get([a.remove_mirror.remote() for a in mirroring], timeout=self.stall_s)
             except Exception:  # noqa: BLE001  (a dead actor: its mirror stays in its node's temp folder)
                 pass
         self._stop()
+        if self.beats is not None:
+            ray.kill(self.beats, no_restart=True)
+            self.beats = None
 
 
 def make_evaluator(cfg: Any, log: Callable[[str], None] = print, env: dict[str, str] | None = None):

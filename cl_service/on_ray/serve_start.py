@@ -18,11 +18,11 @@ from typing import Any, Sequence
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from cl_service._cfgload import apply_overrides, from_dict, to_dict
 from cl_service.on_ray.local import driver_node_ip, init_local
 from cl_service.serve import grpc_api
 from cl_service.serve.catalog import Catalog
-from cl_service.serve.config import ServeCfg, load_serve_cfg
+from cl_service.serve.auth import token_sha256
+from cl_service.serve.config import ServeCfg, changed, load_serve_cfg
 from cl_service.serve.security import require_safe_exposure, serve_proxy_env
 
 __all__ = ["grpc_options", "override", "parse_args", "serve_main", "start", "wait_running"]
@@ -40,9 +40,12 @@ def start(cfg: ServeCfg, token: str | None = None, timeout_s: float = 300.0) -> 
     from cl_service.on_ray.serve import build  # here: that module imports this one
 
     http = HTTPOptions(host=cfg.http_host, port=cfg.http_port, request_timeout_s=cfg.request_timeout_s)
-    serve.start(http_options=http, grpc_options=grpc_options(cfg),  # the proxy's message limit follows cfg.limits
-                controller_options={"runtime_env": {"env_vars": serve_proxy_env(cfg.limits)}})
-    serve.run_many([serve.RunTarget(target=build(cfg, token), name=cfg.app_name, route_prefix=cfg.route_prefix)],
+    app = build(cfg, token)  # refused here, before Serve starts, when it would be open to the network
+    # the proxies inherit the controller's env: their message limit follows cfg.limits, and the gRPC proxy
+    # checks the token before it parses a request (cl_service.serve.grpc_api)
+    serve.start(http_options=http, grpc_options=grpc_options(cfg),
+                controller_options={"runtime_env": {"env_vars": serve_proxy_env(cfg.limits, token_sha256(token))}})
+    serve.run_many([serve.RunTarget(target=app, name=cfg.app_name, route_prefix=cfg.route_prefix)],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     wait_running(cfg.app_name, timeout_s)
 
@@ -63,9 +66,9 @@ def wait_running(app_name: str, timeout_s: float) -> None:
 
 
 def override(cfg: ServeCfg, **changes: Any) -> ServeCfg:
-    """``cfg`` with top-level or dotted (``router.replicas``) keys changed, strictly checked."""
-    return from_dict(ServeCfg, apply_overrides(to_dict(cfg), [f"{k.replace('__', '.')}={v}"
-                                                              for k, v in changes.items()]))
+    """``cfg`` with top-level or dotted (``router__replicas`` for ``router.replicas``) keys changed, strictly
+    checked."""
+    return changed(cfg, **changes)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeCfg, argparse.Namespace]:
@@ -76,12 +79,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeCfg, argparse.Na
     p.add_argument("--http-port", type=int, default=None, help="OpenAI-compatible HTTP port (default 8000)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the app to be RUNNING")
     p.add_argument("--detach", action="store_true", help="return once RUNNING (the app stays on the Ray cluster)")
-    p.add_argument("--insecure", action="store_true", help="serve without a token (the proxy binds all interfaces)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve without a token (the proxy binds all interfaces); the config key insecure=true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_args(argv)
     extra = [f"results={Path(a.results).resolve()}"] if a.results else []
     extra += [f"grpc_port={a.port}"] if a.port is not None else []
     extra += [f"http_port={a.http_port}"] if a.http_port is not None else []
+    extra += ["insecure=true"] if a.insecure else []
     cfg = load_serve_cfg(a.config, list(a.overrides) + extra)
     if not Path(cfg.results).is_absolute():
         cfg = override(cfg, results=str(Path(cfg.results).resolve()))
@@ -96,7 +101,7 @@ def serve_main(argv: Sequence[str] | None = None, log=print) -> int:
     cfg, a = parse_args(argv)
     Catalog.load(cfg.results)  # a wrong folder fails here, before Ray starts
     token = os.environ.get(cfg.auth_token_env) or None
-    require_safe_exposure("all interfaces (Serve's gRPC proxy)", token, a.insecure, cfg.auth_token_env)
+    require_safe_exposure("all interfaces (Serve's gRPC proxy)", token, cfg.insecure, cfg.auth_token_env)
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):

@@ -4,143 +4,124 @@ All jobs of a stage run in one worker group, one after another (a group start co
 with ``persistent`` (``ray.persistent_workers``, what ``clsvc run`` uses) one group serves every stage of the
 run (:mod:`cl_service.on_ray._group`); with ``parallel_experts`` each job gets its own concurrent run. The
 workers call the same :func:`cl_service.train.runner.run_train_job` as the in-process backend, on
-``ray.train.torch.get_device()`` (their GPU with ``ray.use_gpu``), with their rank and world size, and with
-checkpoint hooks: every ``checkpoint_every`` steps rank 0 saves the adapter and the optimizer/scheduler state
-(under DeepSpeed every rank its optimizer partition) and reports it; a restarted worker group
-(``FailureConfig(max_failures)``) resumes from ``ray.train.get_checkpoint()`` instead of step 0. Finished
-adapters come back to the driver as checkpoints under ``ray.storage_path`` (:func:`collect_adapters`), and the
+``ray.train.torch.get_device()`` (their GPU with ``ray.use_gpu``), with their rank and world size.
+
+A job's progress lives in its own folder of ``ray.storage_path``, named after the job and not after the worker
+group (:class:`cl_service.train.jobstore.JobStore`): every ``checkpoint_every`` steps each rank stores its part of
+a resume point (the adapter and optimizer state on rank 0, its RNG, under DeepSpeed its optimizer partition),
+and rank 0 stores the finished adapter there. So a restarted worker group (``FailureConfig(max_failures)``), a
+new group, and a rerun of ``clsvc run`` on the same results folder all resume an unfinished job from its last
+resume point and take a finished adapter without training it again. The driver copies each finished adapter into
+the results folder (:func:`collect_adapters`), verified by its checksums, and then deletes the job's folder; the
 adapters jobs start from (``init_adapter``: ``lora_ft`` stages, a continued router, ``olora``, ``moelora``) go
 out through the object store (:func:`ship_inits`): workers neither read nor write the driver's results folder,
 so nodes need no shared filesystem for results (the base and the dataset they do read).
+
+The driver waits as long as the work progresses: it gives up on a run whose workers reported no progress for
+``ray.stall_timeout_s`` (:mod:`cl_service.on_ray._stall`), never because a job is long.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cl_service.config import RayCfg
-from cl_service.on_ray._mirror import force_mirror
+from cl_service.on_ray._stall import Beat, Beats, Watch
 from cl_service.train.job import TrainJob
+from cl_service.train.jobstore import JobStore
+
+#: The longest a driver waits for one answer before it looks at the work's progress again.
+POLL_S = 2.0
 
 
 def _train_fn(config: dict[str, Any]) -> None:
-    """Train the jobs of one stage, in order, in this worker group (one group start per stage, not per job).
-
-    Nothing is written to the driver's results folder: each finished adapter goes back as a Ray Train
-    checkpoint (``final`` = 1, the adapter under ``adapter/``), which the driver copies into place. Every
-    checkpoint also lists the jobs this group has finished (``done.json``), so a restarted group skips them
-    without looking at the driver's files."""
+    """Train the jobs of one stage, in order, in this worker group (one group start per stage, not per job)."""
     import torch
 
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    ctx = ray.train.get_context()
-    ckpt = ray.train.get_checkpoint()
-    resume, resume_job, done = read_checkpoint(ckpt, ctx.get_world_rank())
-    fail_at = int(os.environ.get("CLSVC_FAIL_AT_STEP", "0"))  # test hook: kill the worker once, mid-training
     run_jobs(config["jobs"], config["keys"],  # keys computed by the driver, which can read every init adapter
-             config.get("inits") or Inits(), config, done, resume, resume_job,
-             fail_at=fail_at if ckpt is None else 0)
+             config.get("inits") or Inits(), config, config["store"], config.get("beat") or Beat(None, ""))
 
 
-def read_checkpoint(ckpt: Checkpoint | None, rank: int) -> tuple[dict[str, Any] | None, str | None, list[str]]:
-    """What a (re)started worker group resumes from: ``(resume state of this rank, key of the job it belongs
-    to, keys of the finished jobs)``; nothing when there is no checkpoint, or when it is gone (a persistent
-    group's driver deletes a stage's checkpoints once it has collected its adapters)."""
-    from cl_service.train.runner import load_resume
+def _barrier(world: int) -> None:
+    import torch.distributed as dist
 
-    if ckpt is None:
-        return None, None, []
-    try:
-        import pyarrow.fs
-
-        if ckpt.filesystem.get_file_info(ckpt.path).type == pyarrow.fs.FileType.NotFound:
-            return None, None, []
-    except OSError:
-        return None, None, []
-    with ckpt.as_directory() as d:
-        resume = load_resume(d, rank)
-        marker = Path(d) / "job.txt"
-        resume_job = marker.read_text() if marker.is_file() else None
-        done_file = Path(d) / _DONE
-        done = json.loads(done_file.read_text()) if done_file.is_file() else []
-    return resume, resume_job, done
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
 
 
-def run_jobs(jobs: list[TrainJob], keys: list[str], inits: "Inits", config: dict[str, Any], done: list[str],
-             resume: dict[str, Any] | None, resume_job: str | None, fail_at: int = 0,
-             on_final: Callable[[str], None] | None = None) -> None:
-    """In a Ray Train worker: train ``jobs`` (of driver-computed ``keys``) in order but those in ``done`` (which
-    grows as jobs finish), the one of key ``resume_job`` from ``resume``; report an in-training checkpoint every
-    ``config["checkpoint_every"]`` steps and each finished adapter as a final checkpoint, then call
-    ``on_final(key)`` (rank 0, the adapter's checkpoint persisted)."""
+def _agree(world: int, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (each rank reads the store itself; they must decide alike)."""
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def run_jobs(jobs: list[TrainJob], keys: list[str], inits: "Inits", config: dict[str, Any], store: JobStore,
+             beat: Callable[..., None]) -> None:
+    """In a Ray Train worker: train ``jobs`` (of driver-computed ``keys``) in order, each from its last resume point
+    in ``store`` if it has one and skipped if its finished adapter is there already; store a resume point every
+    ``config["checkpoint_every"]`` steps and (rank 0) the finished adapter. ``beat`` (rank 0) reports progress."""
     import ray.train.torch
 
-    from cl_service.train.runner import run_train_job
+    from cl_service.train.runner import load_resume, run_train_job
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    strategy = config.get("strategy", "ddp")
+    tick = beat if rank == 0 else (lambda *_: None)
     for job, key in zip(jobs, keys):
-        if key in done:
+        tick()
+        slot = store.slot(job.name, key, job.out_dir)
+        finished, point = _agree(world, (store.has_adapter(slot), store.latest(slot, world, strategy))
+                                 if rank == 0 else None)
+        if finished:
+            if rank == 0:
+                _say(f"{job.name}: already trained (its adapter waits in {slot})")
             continue
-
-        # Keys as the driver computed them: a job knows its init adapter by the checksums of files that this
-        # node may not have at that path.
-        def report(metrics: dict[str, Any], fill=None, name: str | None = None, job=job, key=key) -> None:
-            # Every rank reports (report() is a barrier) from its own folder; Ray Train merges them.
-            with tempfile.TemporaryDirectory(prefix="clsvc-ckpt-") as d:
-                if fill is not None:
-                    fill(d)
-                if rank == 0:
-                    (Path(d) / "job.txt").write_text(key)
-                    (Path(d) / _DONE).write_text(json.dumps(done))
-                has_files = any(Path(d).iterdir())
-                ray.train.report({"job": key, "name": job.name, **metrics, "keep": _keep_score(metrics)},
-                                 checkpoint=Checkpoint.from_directory(d) if has_files else None,
-                                 checkpoint_dir_name=name)
-
-        def on_checkpoint(step: int, loss: float, save, report=report, job=job, key=key) -> None:
-            # One name for every rank's part (under DeepSpeed each rank adds its optimizer partition).
-            report({"step": step, "loss": loss, "final": 0}, fill=save,
-                   name=f"resume-{job.name.replace('/', '_')}-{key}-step{step}")
-
-        mine = resume if resume_job == key else None
-        with tempfile.TemporaryDirectory(prefix="clsvc-adapter-") as staging:
-            adapter = Path(staging) / _ADAPTER
-            job = inits.localise(job, key, Path(staging) / "init", log=_say)
-            run_train_job(job, rank=rank, world_size=world, resume=mine, on_checkpoint=on_checkpoint,
-                          checkpoint_every=int(config["checkpoint_every"]), fail_at_step=fail_at,
-                          log=_say if rank == 0 else None,
-                          strategy=config.get("strategy", "ddp"), device=device, dest=adapter)
-            done.append(key)
-            report({"final": 1}, fill=(lambda d: shutil.move(str(adapter), Path(d) / _ADAPTER)) if rank == 0 else None,
-                   name=final_name(job, key))
-        if on_final is not None and rank == 0:
-            on_final(key)
         resume = None
+        if point is not None:
+            with store.open_point(point, rank) as d:
+                resume = load_resume(d, rank)
+        elif rank == 0:
+            store.clear_steps(slot)  # a resume point of another world size or strategy, or one never completed
+        _barrier(world)
 
+        def on_checkpoint(step: int, loss: float, save, slot=slot) -> None:
+            with tempfile.TemporaryDirectory(prefix="clsvc-ckpt-") as d:
+                save(d)
+                store.put_part(slot, step, d)
+            _barrier(world)  # every rank's part is stored: the point is complete
+            if rank == 0:
+                store.commit(slot, step, world, strategy)
+            tick()
 
-def final_name(job: TrainJob, key: str) -> str:
-    """The checkpoint folder of a job's finished adapter (under the run's folder in ``ray.storage_path``)."""
-    return f"final-{job.name.replace('/', '_')}-{key}"
-
-
-#: Checkpoint layout: the finished adapter's folder, and the keys of the jobs a worker group has finished.
-_ADAPTER = "adapter"
-_DONE = "done.json"
+        with tempfile.TemporaryDirectory(prefix="clsvc-adapter-") as staging:
+            adapter = Path(staging) / "adapter"
+            job = inits.localise(job, key, Path(staging) / "init", log=_say)
+            run_train_job(job, rank=rank, world_size=world, resume=resume, on_checkpoint=on_checkpoint,
+                          checkpoint_every=int(config["checkpoint_every"]), on_progress=tick,
+                          log=_say if rank == 0 else None, strategy=strategy, device=device, dest=adapter)
+            if rank == 0:
+                store.put_adapter(slot, adapter)
+        tick()
 
 
 @dataclass
@@ -178,21 +159,15 @@ class Inits:
         return local
 
 
-def ship_inits(jobs: list[TrainJob], force: bool | None = None) -> Inits:
+def ship_inits(jobs: list[TrainJob], force: bool = False) -> Inits:
     """Put each distinct init adapter of ``jobs`` into the object store once (read from the driver's results
     folder once per fit, however many workers use it). Always shipped: a worker group may be placed on, or
-    an autoscaler may add, another node; workers on the driver's node never fetch the copy."""
+    an autoscaler may add, another node; workers on the driver's node never fetch the copy (unless ``force``:
+    every worker then trains from a shipped copy, as one on another node does)."""
     from cl_service.adapters.transfer import folder_files
 
     refs = {p: ray.put(folder_files(p)) for p in sorted({j.init_adapter for j in jobs if j.init_adapter})}
-    return Inits(refs, ray.get_runtime_context().get_node_id(), force_mirror() if force is None else force)
-
-
-def _keep_score(metrics: dict[str, Any]) -> float:
-    """Retention score: every final adapter outranks every in-training checkpoint, and a later in-training
-    checkpoint outranks an earlier one, so ``num_to_keep = jobs + 1`` keeps all adapters and the latest
-    resume point."""
-    return (1e12 if metrics.get("final") else 0.0) + time.time()
+    return Inits(refs, ray.get_runtime_context().get_node_id(), force)
 
 
 def _say(message: str) -> None:
@@ -208,30 +183,30 @@ def _scaling(cfg: RayCfg) -> ScalingConfig:
                          | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}))
 
 
+def run_name(jobs: list[TrainJob]) -> str:
+    """A worker group's Ray Train run: named after its first job, unique (nothing resumes by this name)."""
+    return (jobs[0].name.replace("/", "_") + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")
+            + f"-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+
+
 def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str] | None = None,
-                 inits: Inits | None = None, keys: list[str] | None = None) -> TorchTrainer:
+                 inits: Inits | None = None, keys: list[str] | None = None, name: str | None = None,
+                 beat: Beat | None = None) -> TorchTrainer:
     """``keys``: the jobs' keys as the driver computed them (it reads every init adapter; this may run on a node
     that cannot)."""
-    import hashlib
-
     keys = keys or [j.key() for j in jobs]
-    key = hashlib.sha256("".join(k + j.out_dir for k, j in zip(keys, jobs)).encode()).hexdigest()[:12]
-    name = (jobs[0].name.replace("/", "_") + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")) + "-" + key
     # Read by the TrainController, which Ray Train starts with the driver's value of this variable.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.poll_interval_s)
     config = {"jobs": jobs, "keys": keys, "inits": inits or Inits(), "checkpoint_every": cfg.checkpoint_every,
-              "threads": max(1, int(cfg.cpus_per_worker)), "strategy": cfg.strategy}
+              "threads": max(1, int(cfg.cpus_per_worker)), "strategy": cfg.strategy, "store": JobStore(storage),
+              "beat": beat}
     return TorchTrainer(
         _train_fn,
         train_loop_config=config,
         scaling_config=_scaling(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=name or run_name(jobs), storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             # every finished adapter (scored above any resume point) + the latest resume point
-                             checkpoint_config=CheckpointConfig(num_to_keep=len(jobs) + 1,
-                                                                checkpoint_score_attribute="keep",
-                                                                checkpoint_score_order="max"),
                              worker_runtime_env={"env_vars": env or {}}),
     )
 
@@ -239,13 +214,14 @@ def make_trainer(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str,
 class RayTrainer:
     """Trainer backend of :func:`cl_service.run.run_stream` on a Ray cluster.
 
-    ``mirror``: every worker trains from a shipped copy of its init adapter, as a worker on another node
-    than the driver's does (default: the ``CLSVC_FORCE_MIRROR`` environment variable; for tests)."""
+    ``mirror``: every worker trains from a shipped copy of its init adapter, as a worker on another node than the
+    driver's does."""
 
     def __init__(self, cfg: RayCfg, storage: str, env: dict[str, str] | None = None,
-                 mirror: bool | None = None, persistent: bool = False) -> None:
+                 mirror: bool = False, persistent: bool = False) -> None:
         self.cfg = cfg
         self.storage = str(Path(storage).resolve()) if "://" not in storage else storage
+        self.store = JobStore(self.storage)
         self.env = env or {}
         self.mirror = mirror
         #: ``persistent``: one worker group for every :meth:`fit` until :meth:`close`
@@ -262,81 +238,114 @@ class RayTrainer:
             self.group.close()
 
     def fit(self, jobs: list[TrainJob]) -> dict[str, float]:
-        times: dict[str, float] = {}
         keys = {id(j): j.key() for j in jobs}  # here, where every init adapter is readable (workers may not)
-        inits = ship_inits(jobs, self.mirror)  # held here until the fit ends: the refs stay alive
-        if self.group is not None:
-            seconds, finals = self.group.train(jobs, [keys[id(j)] for j in jobs], inits)
-            try:
-                collect_adapters(jobs, finals, [keys[id(j)] for j in jobs])
-            finally:
-                self.group.clear_checkpoints()
-            return {"+".join(j.name for j in jobs): seconds}
-        # Every training run is driven from a remote task, so ``ray.timeout_s`` bounds it: a run that cannot be
-        # scheduled (Train V2 then waits for resources forever) or hangs is cancelled, with its worker group
-        # (owned by the task), and reported. Independent jobs (``parallel_experts``) get one run each, at once.
+        # Jobs whose adapter is stored already (trained before the driver stopped) are only collected.
+        todo = [j for j in jobs if not self.store.has_adapter(self.store.slot(j.name, keys[id(j)], j.out_dir))]
+        times: dict[str, float] = {}
+        if todo:
+            inits = ship_inits(todo, self.mirror)  # held here until the fit ends: the refs stay alive
+            if self.group is not None:
+                times["+".join(j.name for j in todo)] = self.group.train(todo, [keys[id(j)] for j in todo], inits)
+            else:
+                times = self._fit_runs(todo, keys, inits)
+        collect_adapters(jobs, [keys[id(j)] for j in jobs], self.store)
+        return times
+
+    def _fit_runs(self, jobs: list[TrainJob], keys: dict[int, str], inits: Inits) -> dict[str, float]:
+        # Every training run is driven from a remote task, so the driver can cancel it, with the worker group it
+        # owns: a run that reports no progress for ray.stall_timeout_s (one that cannot be scheduled, as Train V2
+        # then waits for resources forever, or that hangs). Independent jobs (``parallel_experts``) get one run
+        # each, at once.
         groups = [[job] for job in jobs] if self.cfg.parallel_experts and len(jobs) > 1 else [jobs]
-        refs = [_fit_remote.remote(g, self.cfg, self.storage, self.env, inits, [keys[id(j)] for j in g]) for g in groups]
-        ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.timeout_s)
-        if not_ready:
-            for r in not_ready:
+        beats = Beats.remote()
+        names = [run_name(g) for g in groups]
+        refs = [_fit_remote.remote(g, self.cfg, self.storage, self.env, inits, [keys[id(j)] for j in g], n,
+                                   Beat(beats, n)) for g, n in zip(groups, names)]
+        watch = Watch(beats, self.cfg.stall_timeout_s,
+                      lambda tag, _: f"training of {[j.name for j in groups[names.index(tag)]]}")
+        for n in names:
+            watch.start(n)
+        pending = list(refs)
+        try:
+            while pending:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+                for r, n in zip(refs, names):
+                    if r not in pending:
+                        watch.stop(n)
+                if pending:
+                    watch.check()
+        except BaseException:
+            for r in pending:
                 ray.cancel(r, force=True)
-            names = [j.name for g, r in zip(groups, refs) if r in not_ready for j in g]
-            raise TimeoutError(f"training of {names} did not finish within ray.timeout_s={self.cfg.timeout_s:.0f} s "
-                               "(too few resources for the worker group, or a hang); finished adapters are kept")
+            raise
+        finally:
+            ray.kill(beats)
+        times = {}
         for g, r in zip(groups, refs):
-            seconds, finals = ray.get(r)
-            collect_adapters(g, finals, [keys[id(j)] for j in g])
-            times["+".join(j.name for j in g)] = seconds
+            try:
+                times["+".join(j.name for j in g)] = ray.get(r)
+            except ray.exceptions.RayTaskError as e:
+                raise RuntimeError(f"training of {[j.name for j in g]} failed: {e}") from None
         return times
 
 
 def _fit(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str], inits: Inits | None = None,
-         keys: list[str] | None = None) -> tuple[float, list[tuple[Checkpoint, dict[str, Any]]]]:
-    """Train ``jobs`` in one worker group; seconds taken and the final-adapter checkpoints (with metrics)."""
+         keys: list[str] | None = None, name: str | None = None, beat: Beat | None = None) -> float:
+    """Train ``jobs`` in one worker group (their adapters end in the job store); the seconds taken."""
     t0 = time.perf_counter()
-    result = make_trainer(jobs, cfg, storage, env, inits, keys).fit()
-    if result.error is not None:
-        raise RuntimeError(f"training of {[j.name for j in jobs]} failed: {result.error}")
-    finals = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("final")]
-    return time.perf_counter() - t0, finals
+    name = name or run_name(jobs)
+    try:
+        make_trainer(jobs, cfg, storage, env, inits, keys, name, beat).fit()
+    finally:
+        drop_run_folder(storage, name)
+    return time.perf_counter() - t0
 
 
-def collect_adapters(jobs: list[TrainJob], finals: list[tuple[Checkpoint, dict[str, Any]]],
-                     keys: list[str] | None = None) -> None:
-    """Bring each job's finished adapter from its checkpoint (under ``ray.storage_path``: a local folder, NFS
-    or ``s3://``) into the job's ``out_dir`` on this machine, verified by its checksums, atomically; then
-    delete that checkpoint (the adapter now lives in the results folder). On a local filesystem the files are
-    moved, not copied (at 7B an r128 adapter is 1.4 GB). ``keys``: the jobs' keys, if already computed."""
+def drop_run_folder(storage: str, name: str) -> None:
+    """Delete Ray Train's own folder of a run once it ended: nothing resumes from it (jobs resume from theirs)."""
+    import pyarrow.fs
+
+    try:
+        fs, root = (pyarrow.fs.FileSystem.from_uri(storage) if "://" in storage
+                    else (pyarrow.fs.LocalFileSystem(), storage))
+        fs.delete_dir(f"{root.rstrip('/')}/{name}")
+    except OSError:
+        pass
+
+
+def collect_adapters(jobs: list[TrainJob], keys: list[str], store: JobStore) -> None:
+    """Bring each job's finished adapter from the job store (a local folder, NFS or ``s3://``) into the job's
+    ``out_dir`` on this machine, verified by its checksums, atomically; then delete the job's folder there (the
+    adapter now lives in the results folder). Every job is collected that can be: one that fails (no adapter
+    stored, or one that did not arrive intact, which is then deleted so that the job trains again) leaves the
+    others' in place, and the errors are raised together at the end."""
     from cl_service.adapters.registry import AdapterError, commit_dir, publish_dir, read_adapter, restamp_version
 
-    by_key = {m["job"]: c for c, m in finals}
-    for job, key in zip(jobs, keys or [j.key() for j in jobs]):
-        ckpt = by_key.get(key)
-        if ckpt is None:
-            raise RuntimeError(f"training job {job.name} finished but reported no adapter checkpoint")
+    errors = []
+    for job, key in zip(jobs, keys):
+        slot = store.slot(job.name, key, job.out_dir)
+        if not store.has_adapter(slot):
+            errors.append(f"training job {job.name} finished but stored no adapter (in {slot})")
+            continue
         stage = publish_dir(job.out_dir)
-        with ckpt.as_directory() as d:
-            src = Path(d) / _ADAPTER
-            if not src.is_dir():
-                raise RuntimeError(f"the checkpoint of {job.name} ({ckpt.path}) holds no adapter folder")
-            local = getattr(ckpt.filesystem, "type_name", "") == "local"
-            for f in src.iterdir():
-                (shutil.move if local else shutil.copy2)(str(f), stage / f.name)
         try:
+            store.take_adapter(slot, stage)
             read_adapter(stage, key)
-        except AdapterError as e:
+        except (AdapterError, OSError) as e:
+            import shutil
+
             shutil.rmtree(stage, ignore_errors=True)
-            raise RuntimeError(f"the adapter of {job.name} did not arrive intact: {e}") from None
+            store.drop(slot)
+            errors.append(f"the adapter of {job.name} did not arrive intact ({e}); it trains again on the next run")
+            continue
         restamp_version(stage, job.out_dir)  # the worker versioned it against its own folder, not this one
         commit_dir(stage, job.out_dir)
-        try:
-            ckpt.filesystem.delete_dir(ckpt.path)
-        except OSError:
-            pass  # storage that refuses deletes keeps a copy; the results folder has the adapter
+        store.drop(slot)
+    if errors:
+        raise RuntimeError("; ".join(errors))
 
 
 @ray.remote(num_cpus=0)
 def _fit_remote(jobs: list[TrainJob], cfg: RayCfg, storage: str, env: dict[str, str], inits: Inits,
-                keys: list[str] | None = None):
-    return _fit(jobs, cfg, storage, env, inits, keys)
+                keys: list[str] | None = None, name: str | None = None, beat: Beat | None = None) -> float:
+    return _fit(jobs, cfg, storage, env, inits, keys, name, beat)

@@ -61,7 +61,7 @@ def _trial_fn(config: dict[str, Any], shared: dict[str, Any]) -> None:
         trainer = RayTrainer(cfg.ray, storage, env)
     run_trial(spec, shared["base"], shared["sweep_dir"], trainer, report=tune.report,
               data_path=shared["data_path"], base_path=shared["base_path"],
-              log=lambda m: print(m, flush=True), lock_timeout_s=cfg.ray.timeout_s)
+              log=lambda m: print(m, flush=True), lock_timeout_s=cfg.ray.stall_timeout_s)
 
 
 def concurrency(cfg: RunCfg, space: Space, resources: dict[str, float]) -> tuple[int, dict[str, float]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ import grpc
 from cl_service.adapters.registry import ADAPTER_META, AdapterError, AdapterRegistry, read_adapter
 from cl_service.data.images import BadImage, validate_image
 from cl_service.data.schema import Sample
+from cl_service.resolved import read_resolved
 from cl_service.routers.prompt import Pool
+from cl_service.serve.config import LimitsCfg
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -70,7 +73,7 @@ class Catalog:
         cfg_file = run_dir / "config.resolved.json"
         if not cfg_file.is_file():
             raise AdapterError(f"{run_dir} is not a run results folder (no config.resolved.json)")
-        resolved = json.loads(cfg_file.read_text())
+        resolved = read_resolved(run_dir)  # base and dataset as paths this process opens
         tasks = tuple(resolved["tasks"])
         found = AdapterRegistry(run_dir / "adapters").scan()
         experts = []
@@ -84,7 +87,10 @@ class Catalog:
                 continue  # being written or corrupt: not published
             experts.append(ExpertEntry(info.id, info.task, info.description, info.version, info.path))
         if not experts:
-            raise AdapterError(f"run {run_dir} holds no complete expert adapter")
+            from cl_service.methods import why_unserved
+
+            raise AdapterError(f"run {run_dir} holds no complete expert adapter"
+                               + why_unserved(tuple(resolved.get("config", {}).get("methods", ()))))
         known = {e.task: e for e in experts}
         router_dir, pool, router_version = None, None, None
         for i in range(len(tasks) - 1, 0, -1):
@@ -157,12 +163,11 @@ def _stats(folder: Path) -> bytes:
     return ";".join(out).encode()
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_images: int = 16
-    max_new_tokens: int = 256
-    max_question_chars: int = 4096
+Limits = LimitsCfg  # the request limits a server checks (``ServeCfg.limits``)
+
+#: Images decoded by request validation in this process (:func:`parse_predict`): what a test counts to prove a
+#: refused call (a missing token, an oversized message) cost no decoding.
+DECODED = Counter()
 
 
 def _check_image(i: int, data: bytes, limits: Limits) -> bytes:
@@ -178,6 +183,7 @@ def _check_image(i: int, data: bytes, limits: Limits) -> bytes:
             w, h = im.size
         if w * h > MAX_IMAGE_PIXELS:
             raise RequestError(bad, f"images[{i}]: {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS}")
+        DECODED["images"] += 1
         return validate_image(bytes(data))
     except RequestError:
         raise
@@ -213,11 +219,12 @@ def parse_predict(request: Any, limits: Limits) -> tuple[Sample, int | None]:
     return sample, n
 
 
-def check_budget(mllm: Any, sample: Sample, max_new_tokens: int) -> None:
+def check_budget(mllm: Any, sample: Sample, max_new_tokens: int) -> int:
     """Refuse (``INVALID_ARGUMENT``) a request the model cannot take whole: its images' tokens (images x
     ``mllm.tokens_per_image``), the question's tokens and ``max_new_tokens`` answer tokens must fit the model's
     ``max_length``. Checked before a request joins a batch: over the budget, it would fail the whole batched
-    model call (or have its question cut silently). Tokenizes the question; decodes no image."""
+    model call (or have its question cut silently). Tokenizes the question; decodes no image. Returns the
+    prompt's length in tokens (image tokens and the chat template included: what the model reads)."""
     limit, k, n = int(mllm.cfg.max_length), int(mllm.tokens_per_image), len(sample.images)
     question = len(mllm.tokenizer(sample.question, add_special_tokens=False).input_ids)
     try:
@@ -235,13 +242,13 @@ def check_budget(mllm: Any, sample: Sample, max_new_tokens: int) -> None:
                            f"request too long for the model: {n} image(s) x {k} image tokens + {question} question "
                            f"tokens + {max_new_tokens} answer tokens = {need}, over its max_length of {limit}; "
                            f"send fewer images, a shorter question or a smaller max_new_tokens")
+    return prompt
 
 
-def budget_error(engine: Any, sample: Sample, max_new_tokens: int | None) -> RequestError | None:
+def admit(engine: Any, sample: Sample, max_new_tokens: int | None) -> RequestError | int:
     """:func:`check_budget` for a request of an :class:`~cl_service.engine.Engine` (None =
-    ``engine.max_new_tokens``): its error, or None when it fits."""
+    ``engine.max_new_tokens``): its error, or its prompt's length in tokens when it fits."""
     try:
-        check_budget(engine.mllm, sample, max_new_tokens or engine.max_new_tokens)
+        return check_budget(engine.mllm, sample, max_new_tokens or engine.max_new_tokens)
     except RequestError as e:
         return e
-    return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from cl_service import _cfgload
 
@@ -36,14 +36,19 @@ class StageCfg:
 
 @dataclass(frozen=True)
 class LimitsCfg:
-    """Request validation limits (a request over them gets ``INVALID_ARGUMENT``)."""
+    """Request validation limits (a request over them gets ``INVALID_ARGUMENT``).
 
-    max_image_bytes: int = 8 * 1024 * 1024
-    """Largest accepted encoded image. The gRPC message-size limit (plain server and Serve's gRPC proxy) is
-    ``max_images`` x this + the question + 64 KiB: larger messages are refused unread (``RESOURCE_EXHAUSTED``)."""
-    max_images: int = 16
+    They also size what a server reads before it knows whether a request is valid: the gRPC message limit
+    (plain server and Serve's gRPC proxy) is ``max_images`` x (``max_image_bytes`` + 16) + 4 x
+    ``max_question_chars`` + 64 KiB (about 16.1 MiB with the defaults), and the HTTP body limit the same in
+    base64. Raise ``max_images`` / ``max_image_bytes`` to take more or larger images: both limits follow."""
+
+    max_image_bytes: int = 4 * 1024 * 1024
+    """Largest accepted encoded image (a 12-megapixel JPEG is about 3-5 MB; the model sees it at its own
+    resolution, e.g. 336 x 336 for LLaVA-1.5)."""
+    max_images: int = 4
     """Most images in one request (images x image tokens + question + answer must also fit the model's
-    ``max_length``, else ``INVALID_ARGUMENT``)."""
+    ``max_length``, else ``INVALID_ARGUMENT``: LLaVA-1.5's 576 tokens per image fill 2048 positions with 3)."""
     max_new_tokens: int = 256
     """Largest accepted ``max_new_tokens``."""
     max_question_chars: int = 4096
@@ -108,7 +113,13 @@ class ServeCfg:
     """Poll the results folder this often for newly published experts/routers (hot add); 0 = never."""
     auth_token_env: str = "CLSVC_TOKEN"
     """Environment variable holding a shared token; when set where the app is built, every Predict/ListExperts
-    call needs metadata ``authorization: Bearer <token>`` or ``x-clsvc-token: <token>``."""
+    call needs metadata ``authorization: Bearer <token>`` or ``x-clsvc-token: <token>`` (HTTP: the
+    ``Authorization: Bearer`` header)."""
+    insecure: bool = False
+    """Serve without a token although the API is reachable from the network. Serve's gRPC proxy always binds all
+    interfaces, so a Ray Serve app (``clsvc serve``, ``serve deploy``, :func:`~cl_service.on_ray.serve.build_app`)
+    built without ``$auth_token_env`` is refused unless this is true; ``clsvc serve --local`` needs it (or a
+    token) to listen on anything but loopback. ``--insecure`` on the command line sets it."""
     limits: LimitsCfg = field(default_factory=LimitsCfg)
     request_timeout_s: float = 120.0
     """gRPC proxy end-to-end timeout per request."""
@@ -125,3 +136,30 @@ class ServeCfg:
 
 def load_serve_cfg(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ServeCfg:
     return _cfgload.load(ServeCfg, path, overrides)
+
+
+def changed(cfg: ServeCfg, **changes: Any) -> ServeCfg:
+    """``cfg`` with top-level or dotted keys changed (``limits__max_images=2`` for ``limits.max_images``),
+    strictly checked."""
+    return _cfgload.from_dict(ServeCfg, _cfgload.apply_overrides(
+        _cfgload.to_dict(cfg), [f"{k.replace('__', '.')}={v}" for k, v in changes.items()]))
+
+
+#: Keys that only shape a Ray Serve deployment (replicas, resources, proxies, the app's name and prefix):
+#: ``clsvc serve --local`` runs one process without Ray and refuses them when set to anything but the default.
+RAY_ONLY = ("app_name", "route_prefix", "http_port", "http_host", "ingress_num_cpus", "colocate",
+            "health_check_period_s", "router.replicas", "router.num_cpus", "router.num_gpus", "expert.replicas",
+            "expert.num_cpus", "expert.num_gpus")
+
+
+def ray_only_settings(cfg: ServeCfg) -> list[str]:
+    """The :data:`RAY_ONLY` keys ``cfg`` sets to something other than the default (``key=value``)."""
+    mine, default = _cfgload.to_dict(cfg), _cfgload.to_dict(ServeCfg())
+    out = []
+    for key in RAY_ONLY:
+        a, b = mine, default
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            out.append(f"{key}={a}")
+    return out

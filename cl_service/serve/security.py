@@ -4,7 +4,8 @@
   limit is what bounds the memory one call can take: ``max_images`` images of ``max_image_bytes`` plus the
   question (UTF-8, at most 4 bytes a character) and slack for the framing (:func:`grpc_message_limit`).
 - **Token**: :class:`TokenInterceptor` refuses a call without the shared token from its metadata, before
-  the request message is deserialized or handled (health and reflection stay open, as on the Ray proxy).
+  the request message is deserialized or handled (health and reflection stay open); on Ray Serve's gRPC proxy
+  :mod:`cl_service.serve.grpc_api` does the same with the token of :data:`PROXY_TOKEN_ENV`.
 - **Where**: serving on anything but loopback without a token needs an explicit ``insecure=True``
   (:func:`require_safe_exposure`; the CLIs' ``--insecure``).
 - **Malformed messages**: :class:`DecodeGuard` answers a request that does not parse ``INVALID_ARGUMENT``.
@@ -20,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from cl_service.serve.auth import UNAUTHENTICATED_MESSAGE, check_token, token_sha256
+from cl_service.serve.auth import UNAUTHENTICATED_MESSAGE, check_token
 from cl_service.serve.catalog import RequestError
 
 #: Methods open without a token: load balancers probe health, tools discover the API by reflection.
@@ -40,10 +41,16 @@ def grpc_message_limit(limits: Any) -> int:
                2 ** 31 - 1)
 
 
-def serve_proxy_env(limits: Any) -> dict[str, str]:
+#: The sha256 of the shared token in Serve's proxies' environment: the gRPC proxy checks it before it parses a
+#: request (:mod:`cl_service.serve.grpc_api`).
+PROXY_TOKEN_ENV = "CLSVC_PROXY_TOKEN_SHA256"
+
+
+def serve_proxy_env(limits: Any, token_sha256: str | None = None) -> dict[str, str]:
     """Environment for Ray Serve's controller, which its proxies inherit: Serve 2.60 takes the gRPC proxy's
-    message limit from ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` (default 2 GiB); ``gRPCOptions`` has no field."""
-    return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(grpc_message_limit(limits))}
+    message limit from ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` (default 2 GiB; ``gRPCOptions`` has no field), and
+    the proxy's token check reads :data:`PROXY_TOKEN_ENV` (empty: no token, whatever else the env holds)."""
+    return {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(grpc_message_limit(limits)), PROXY_TOKEN_ENV: token_sha256 or ""}
 
 
 def is_loopback(host: str) -> bool:
@@ -67,13 +74,14 @@ def require_safe_exposure(host: str, token: str | None, insecure: bool, token_en
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    """Calls without the shared token end with ``UNAUTHENTICATED`` before their handler runs (the request is
-    never deserialized); :data:`OPEN_PREFIXES` stay open."""
+    """Calls without the shared token (``sha256``: its :func:`~cl_service.serve.auth.token_sha256`) end with
+    ``UNAUTHENTICATED`` before their handler runs (the request is never deserialized); :data:`OPEN_PREFIXES`
+    stay open."""
 
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise ValueError("TokenInterceptor needs a non-empty token")
-        self.sha256 = token_sha256(token)
+    def __init__(self, sha256: str) -> None:
+        if not sha256:
+            raise ValueError("TokenInterceptor needs the sha256 of a non-empty token")
+        self.sha256 = sha256
 
         def deny(request: Any, context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)

@@ -47,16 +47,19 @@ def route_grouped(samples: Sequence[Sample], keys: Sequence[Hashable], states: l
 
 
 def answer_grouped(engine: Any, samples: Sequence[Sample], adapters: Sequence[str | None],
-                   max_new_tokens: Sequence[int | None], states: list | None) -> list[str]:
+                   max_new_tokens: Sequence[int | None], states: list | None,
+                   on_token: Sequence[Callable[[int], None] | None] | None = None) -> list[str]:
     """Answers in request order; rows for different experts share each forward pass
-    (:meth:`Engine.answer_mixed`), one call per distinct ``max_new_tokens``."""
+    (:meth:`Engine.answer_mixed`), one call per distinct ``max_new_tokens``; ``on_token[i]`` gets row ``i``'s
+    tokens as they are decoded."""
     by_len: dict[int | None, list[int]] = defaultdict(list)
     for i, n in enumerate(max_new_tokens):
         by_len[n].append(i)
     out = [""] * len(samples)
     for n, idx in by_len.items():
         vs = None if states is None else cat_states([states[i] for i in idx])
-        texts = engine.answer_mixed([samples[i] for i in idx], [adapters[i] for i in idx], n, vision_states=vs)
+        texts = engine.answer_mixed([samples[i] for i in idx], [adapters[i] for i in idx], n, vision_states=vs,
+                                    on_token=None if on_token is None else [on_token[i] for i in idx])
         for i, t in zip(idx, texts):
             out[i] = t
     return out

@@ -28,8 +28,14 @@ class Tracker(Protocol):
         """Make what was logged so far visible (written to disk / sent)."""
         ...
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        """End the run as ``status`` (:data:`STATUSES`): ``finished``, ``failed`` (an error ended it) or ``killed``
+        (an interrupt did), which MLflow and W&B show."""
         ...
+
+
+#: How a run ends, as :meth:`Tracker.close` takes it.
+STATUSES = ("finished", "failed", "killed")
 
 
 class TrackingUnavailable(ImportError):
@@ -107,5 +113,5 @@ def check_available(cfg: TrackingCfg) -> None:
 
 from cl_service.tracking import backends as _backends  # noqa: E402,F401  (registers the backends)
 
-__all__ = ["TRACKERS", "Tracker", "TrackingCfg", "TrackingUnavailable", "check_available", "open_tracker",
+__all__ = ["STATUSES", "TRACKERS", "Tracker", "TrackingCfg", "TrackingUnavailable", "check_available", "open_tracker",
            "tracking_dir"]

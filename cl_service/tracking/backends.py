@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from cl_service.tracking import TRACKERS, TrackingCfg
+from cl_service.tracking import STATUSES, TRACKERS, TrackingCfg
 
 
 def _finite(values: Mapping[str, float | None], prefix: str) -> dict[str, float]:
@@ -41,8 +41,14 @@ class NullTracker:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         pass
+
+
+def _status(status: str) -> str:
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r}; known: {', '.join(STATUSES)}")
+    return status
 
 
 class TensorBoardTracker:
@@ -66,7 +72,10 @@ class TensorBoardTracker:
     def flush(self) -> None:
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        # TensorBoard has no run status: a run that did not finish says so in its text, beside the config.
+        if _status(status) != "finished":
+            self.writer.add_text("status", status, global_step=0)
         self.writer.close()
 
 
@@ -108,8 +117,8 @@ class MLflowTracker:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status=_status(status).upper())
 
 
 class WandbTracker:
@@ -142,8 +151,9 @@ class WandbTracker:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, status: str = "finished") -> None:
+        # W&B marks a run that exits non-zero as failed; 130 is an interrupted process's exit code (128 + SIGINT).
+        self.run.finish(exit_code={"finished": 0, "failed": 1, "killed": 130}[_status(status)])
 
 
 TRACKERS.register("none", lambda cfg, dir, project, run_name: NullTracker())

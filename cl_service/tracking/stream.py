@@ -115,8 +115,11 @@ class RunTracking:
     def flush(self) -> None:
         self.tracker.flush()
 
-    def close(self) -> None:
-        self.tracker.close()
+    def close(self, error: BaseException | None = None) -> None:
+        """End the tracker's run: finished, or ended by ``error`` (``failed``; ``killed`` for an interrupt)."""
+        status = "finished" if error is None else (
+            "killed" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed")
+        self.tracker.close(status)
 
 
 class _TrackedTrainer:

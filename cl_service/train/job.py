@@ -32,12 +32,38 @@ class DataPart:
     router_expert: str | None = None  # wrap as router items whose target is this expert's letter
     augment: int = 0  # add this many look-jittered copies of each chosen sample (cl_service.data.augment)
     swap_images: int = 0  # and this many copies with another part's task's image (the question keeps its task)
+    share: float | None = None  # instead of ``limit``: round(share x the job's first part's size) samples, at least 1
+
+    def __post_init__(self) -> None:
+        if self.share is not None and (self.limit is not None or not self.share > 0):
+            raise ValueError(f"DataPart {self.task}: share={self.share!r} needs limit=None and share > 0")
+
+
+Options = tuple[tuple[str, Any], ...]
+
+
+def job_options(**options: Any) -> Options:
+    """A method's own hyper-parameters for its jobs (``TrainJob.options``): the options that are set (not None),
+    sorted by name. Values are JSON scalars (bool, int, float, str) or tuples of them. An unset option is not part
+    of the job's key, so a method or an option added later leaves every other job's key as it was."""
+    out = []
+    for name, value in sorted(options.items()):
+        if value is None:
+            continue
+        if not _json_scalar(value) and not (isinstance(value, tuple) and all(_json_scalar(v) for v in value)):
+            raise TypeError(f"job option {name}={value!r}: values are bool, int, float, str or tuples of them")
+        out.append((name, value))
+    return tuple(out)
+
+
+def _json_scalar(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, str))
 
 
 @dataclass(frozen=True)
 class TrainJob:
     name: str                  # human-readable: expert/RS, lora_ft/stage-2, router/stage-3
-    kind: str                  # expert | sequential | router | joint
+    kind: str                  # the adapter family that trains it (cl_service.adapters.family): expert, sequential, ...
     task: str                  # the task the adapter serves ("*" for several)
     out_dir: str
     base_path: str
@@ -54,14 +80,30 @@ class TrainJob:
     base_dtype: str | None = None  # the base's dtype while training (None: the checkpoint's own)
     prompt_style: str = "auto"     # BaseCfg.prompt_style: how samples become prompts and pixels
     base_digest: str | None = None  # the base's content digest, computed once by the driver (None: on demand)
+    options: Options = ()       # the method's own hyper-parameters for its adapter family (job_options); see option()
+
+    def __post_init__(self) -> None:
+        if tuple(self.options) != job_options(**dict(self.options)) or len(dict(self.options)) != len(self.options):
+            raise ValueError(f"job {self.name}: options must come from job_options() (set values, sorted by name), "
+                             f"got {self.options!r}")
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of option ``name`` (``default`` when unset)."""
+        return dict(self.options).get(name, default)
 
     def _fields(self) -> dict:
         d = to_dict(self)
         # The base by content, not by path: a base rebuilt in place trains other adapters.
         d.pop("base_digest")
         d["base_path"] = self.base_digest or _base_fingerprint(self.base_path)
-        if not d["moe_experts"]:  # fields added later hash only when set: older results keep their keys
+        # Fields added later hash only when set, so older results keep their keys. New method hyper-parameters go
+        # into ``options``, which follows the same rule as a whole: no new field, no new rule here.
+        if not d["moe_experts"]:
             d.pop("moe_experts")
+        if self.options:
+            d["options"] = dict(self.options)
+        else:
+            d.pop("options")
         if d["base_dtype"] is None:
             d.pop("base_dtype")
         if d["prompt_style"] == "auto":
@@ -76,7 +118,7 @@ class TrainJob:
         if d["train"].get("autocast") == "auto":
             d["train"]["autocast"] = "none" if self.base_dtype in (None, "float32") else "auto"
         for part in d["parts"]:
-            for k in ("augment", "swap_images"):
+            for k in ("augment", "swap_images", "share"):
                 if not part[k]:
                     part.pop(k)
         return d
@@ -156,8 +198,13 @@ def choose_with_copies(ds: ShardDataset, task: str, split: str, limit: int | Non
 def load_parts(job: TrainJob) -> list[Sample]:
     ds = ShardDataset(job.dataset)
     chosen_parts: list[list[Sample]] = []
-    for part in job.parts:
-        chosen = choose_with_copies(ds, part.task, part.split, part.limit, part.seed, part.augment)
+    for i, part in enumerate(job.parts):
+        limit = part.limit
+        if part.share is not None:
+            if i == 0:
+                raise ValueError(f"job {job.name}: the first part sets the size a share is of; it has share itself")
+            limit = max(1, round(part.share * len(chosen_parts[0])))
+        chosen = choose_with_copies(ds, part.task, part.split, limit, part.seed, part.augment)
         if not chosen:
             raise ValueError(f"job {job.name}: no {part.split} samples of task {part.task} in {job.dataset}")
         chosen_parts.append(chosen)

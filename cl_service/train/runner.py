@@ -5,13 +5,15 @@ initialised) it wraps the model in ``DistributedDataParallel``, gives every rank
 data, and calls ``on_checkpoint`` every ``checkpoint_every`` optimizer steps so that a restarted worker
 group can resume from ``resume`` (see :func:`load_resume`). Rank 0 publishes the adapter atomically with
 its checksummed ``adapter.json``.
+
+What a job attaches, trains, adds to the loss and saves is its adapter family's (:mod:`cl_service.adapters.family`,
+looked up by ``job.kind``); this module holds no per-kind code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,14 +23,15 @@ import torch
 from transformers.utils import logging as _hf_logging
 from safetensors.torch import load_file, save_file
 
-from cl_service.adapters.lora import attach_lora, load_adapter, remove_lora, save_adapter, set_input_casting
+from cl_service.adapters.family import Attached, JobData, family
+from cl_service.adapters.lora import set_input_casting
 from cl_service.adapters.registry import ADAPTER_META, commit_dir, finalize_adapter, publish_dir, read_adapter
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.train.job import TrainJob, load_parts
 from cl_service.train.loop import Batches, Prefetched, TrainState, autocast_kind, train_steps
 
-ADAPTER_NAME = "job"  # not "train": peft adapter names become module attributes
 _WEIGHTS = "trainable.safetensors"
+_FAMILY_STATE = "family_state.safetensors"
 _STATE = "train_state.pt"
 _ZERO = "zero_optimizer_rank{rank}.pt"
 _RNG = "rng_rank{rank}.pt"
@@ -37,17 +40,23 @@ _hf_logging.disable_progress_bar()  # one bar per adapter load floods job logs
 
 
 class _LossModule(torch.nn.Module):
-    """``forward(batch) -> loss`` around an MLLM, so DistributedDataParallel can wrap it."""
+    """``forward(batch) -> loss`` around an MLLM, so DistributedDataParallel can wrap it: the answer loss plus the
+    adapter family's terms (:class:`~cl_service.adapters.family.Attached`)."""
 
-    def __init__(self, mllm: MLLM, penalty: Callable[[], torch.Tensor] | None = None) -> None:
+    def __init__(self, mllm: MLLM, attached: Attached | None = None) -> None:
         super().__init__()
         self.net = mllm.model
         object.__setattr__(self, "_mllm", mllm)  # not a submodule: its params are already under ``net``
-        self._penalty = penalty
+        self._penalty = attached.penalty if attached is not None else None
+        self._batch_loss = attached.batch_loss if attached is not None else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = self._mllm.loss(batch)
-        return loss if self._penalty is None else loss + self._penalty()
+        if self._penalty is not None:
+            loss = loss + self._penalty()
+        if self._batch_loss is not None:
+            loss = loss + self._batch_loss(batch)
+        return loss
 
 
 def adapter_id(job: TrainJob) -> str:
@@ -59,14 +68,19 @@ def _trainable(mllm: MLLM) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in mllm.model.named_parameters() if p.requires_grad}
 
 
-def save_resume(folder: str | Path, mllm: MLLM, state: TrainState, rank: int = 0, zero_engine: Any = None) -> None:
-    """Write what a resumed run needs: (rank 0) the trainable weights and the :class:`TrainState`; every
-    rank its RNG state and, under DeepSpeed (``zero_engine``), its partition of the optimizer. Every rank calls it
-    with its own folder; Ray Train merges the ranks' folders into one checkpoint."""
+def save_resume(folder: str | Path, mllm: MLLM, state: TrainState, rank: int = 0, zero_engine: Any = None,
+                attached: Attached | None = None) -> None:
+    """Write what a resumed run needs: (rank 0) the trainable weights, the :class:`TrainState` and the adapter
+    family's own state (``attached.state()``, when it keeps one); every rank its RNG state and, under DeepSpeed
+    (``zero_engine``), its partition of the optimizer. Every rank calls it with its own folder; Ray Train merges the
+    ranks' folders into one checkpoint."""
     folder = Path(folder)
     if rank == 0:
         save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(mllm).items()}, str(folder / _WEIGHTS))
         state.save(folder / _STATE)
+        if attached is not None and attached.state is not None:
+            save_file({n: t.detach().contiguous().cpu() for n, t in attached.state().items()},
+                      str(folder / _FAMILY_STATE))
     # Each rank's own RNG (dropout): ranks draw different amounts (their batches differ in length).
     torch.save(state.rng, folder / _RNG.format(rank=rank))
     if zero_engine is not None:
@@ -80,6 +94,8 @@ def load_resume(folder: str | Path, rank: int = 0) -> dict[str, Any] | None:
     if not (folder / _WEIGHTS).is_file() or not (folder / _STATE).is_file():
         return None
     out = {"weights": load_file(str(folder / _WEIGHTS)), "state": TrainState.load(folder / _STATE)}
+    if (folder / _FAMILY_STATE).is_file():
+        out["family_state"] = load_file(str(folder / _FAMILY_STATE))
     rng = folder / _RNG.format(rank=rank)
     if rng.is_file():
         out["state"].rng = torch.load(rng, weights_only=False)
@@ -100,7 +116,7 @@ def _rank_share(samples: list, rank: int, world: int) -> list:
 
 def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dict[str, Any] | None = None,
                   on_checkpoint: Callable[[int, float, Callable[[str], None]], None] | None = None,
-                  checkpoint_every: int = 0, fail_at_step: int = 0,
+                  checkpoint_every: int = 0, on_progress: Callable[[int], None] | None = None,
                   log: Callable[[str], None] | None = None,
                   on_done: Callable[[MLLM], None] | None = None, strategy: str = "ddp",
                   device: str | torch.device | None = None, dest: str | Path | None = None) -> TrainState:
@@ -111,7 +127,9 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
     None = the CPU); the base is loaded in ``job.base_dtype``. ``strategy``: ``ddp``
     (DistributedDataParallel when ``world_size > 1``) or ``deepspeed`` (ZeRO-2, :mod:`cl_service.train.zero`;
     needs an initialised process group). ``train_log.json`` in the published folder records the loss of
-    every step, the step times and the tokens of every step (so tokens/s inside the run)."""
+    every step, the step times and the tokens of every step (so tokens/s inside the run). ``on_progress(step)``
+    is called after every optimizer step (and its resume point, if one is due): a Ray worker reports progress
+    with it, so the driver can tell a long job from a stalled one."""
     if strategy not in ("ddp", "deepspeed"):
         raise ValueError(f"unknown strategy {strategy!r}; known: ddp, deepspeed")
     t0 = time.perf_counter()
@@ -121,27 +139,17 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
+    fam = family(job.kind)
     mllm = _acquire_base(job, device)
     load_s = time.perf_counter() - t0
     if job.train.activation_checkpointing:
         mllm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    penalty = None
-    if job.kind == "olora" and job.init_adapter:
-        from cl_service.adapters.olora import grow_lora
-
-        if job.train.weight_decay:
-            raise ValueError("olora needs weight_decay=0 (decay would move the frozen blocks of earlier tasks)")
-        params, orth = grow_lora(mllm, job.init_adapter, job.lora, ADAPTER_NAME, seed=job.seed)
-        penalty = lambda: job.orth_lambda * orth()  # noqa: E731
-    elif job.kind == "moelora":
-        from cl_service.adapters.moelora import MoELoRASpec, attach_moelora
-
-        params = attach_moelora(mllm, MoELoRASpec.of(job.lora, job.moe_experts), seed=job.seed,
-                                init=job.init_adapter)
-    elif job.init_adapter:
-        params = load_adapter(mllm, job.init_adapter, ADAPTER_NAME, trainable=True)
-    else:
-        params = attach_lora(mllm, job.lora, ADAPTER_NAME, seed=job.seed)
+    all_samples = load_parts(job)
+    prepare = getattr(fam, "prepare", None)
+    prepared = prepare(job, mllm, JobData(all_samples, mllm.collate, job.train.batch_size)) if prepare else None
+    attached = fam.attach(job, mllm, prepared)
+    params = attached.params
+    _check_registered(fam, mllm, params)
     if device.type == "cuda" and job.train.fused_kernels is not False:  # None: on, as resolve_train_cfg decides
         mllm.fuse_kernels()
     if job.train.lora_fp32_inputs is False or (
@@ -157,20 +165,24 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(resume["weights"][n])
+        if attached.load_state is not None:
+            if "family_state" not in resume:
+                raise ValueError(f"checkpoint of {job.name} lacks the {fam.name} family's state")
+            attached.load_state(resume["family_state"])
         state = resume["state"]
         resumed_from = state.step
         if log:
             log(f"{job.name}: resuming from step {resumed_from}")
-    samples = _rank_share(load_parts(job), rank, world_size)
+    samples = _rank_share(all_samples, rank, world_size)
     batches: Any = Batches(samples, lambda b: mllm.collate(b, train=True), job.train.batch_size,
                            seed=job.train.seed + job.seed)
     if device.type == "cuda":  # decode and collate the next micro-batches while the GPU runs this one
         batches = Prefetched(batches)
     batches = _Counted(batches)
-    model: Any = mllm if penalty is None else _LossModule(mllm, penalty)
+    model: Any = mllm if attached.penalty is None and attached.batch_loss is None else _LossModule(mllm, attached)
     if world_size > 1 and strategy == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(
-            _LossModule(mllm, penalty), device_ids=[device.index] if device.type == "cuda" else None,
+            _LossModule(mllm, attached), device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)
     clock = {"t": time.perf_counter(), "tokens": 0}
     step_s: list[float] = []
@@ -181,16 +193,13 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         step_s.append(now - clock["t"])
         step_tokens.append(batches.tokens - clock["tokens"])
         clock["t"], clock["tokens"] = now, batches.tokens
-        if fail_at_step and st.step == fail_at_step:
-            # Test hook: die like a killed worker. The pause lets Ray Train's controller register the
-            # last reported checkpoint first (it polls workers), as it would for a kill at any later time.
-            time.sleep(3)
-            os._exit(17)
         if on_checkpoint and checkpoint_every and st.step % checkpoint_every == 0 and st.step < st.total_steps:
-            on_checkpoint(st.step, st.losses[-1], lambda d: save_resume(d, mllm, st, rank, zero.get("engine")))
+            on_checkpoint(st.step, st.losses[-1], lambda d: save_resume(d, mllm, st, rank, zero.get("engine"), attached))
             clock["t"] = time.perf_counter()  # the checkpoint's write is not a training step
         if log and (st.step % 20 == 0 or st.step == st.total_steps):
             log(f"{job.name}: step {st.step}/{st.total_steps} loss {st.losses[-1]:.4f}")
+        if on_progress is not None:
+            on_progress(st.step)
 
     zero: dict[str, Any] = {}  # the DeepSpeed engine, once built (its optimizer goes into checkpoints)
     # Dropout's RNG is seeded by the run's seed too (as the data order is): without it every seed of a study or
@@ -200,7 +209,7 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
     if strategy == "deepspeed":
         from cl_service.train.zero import train_steps_zero
 
-        state = train_steps_zero(_LossModule(mllm, penalty), batches, params, train_cfg, state, on_step,
+        state = train_steps_zero(_LossModule(mllm, attached), batches, params, train_cfg, state, on_step,
                                  optimizer_state=resume.get("zero_optimizer") if resume else None,
                                  on_engine=lambda e: zero.__setitem__("engine", e))
     else:
@@ -209,12 +218,7 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
     if rank == 0:
         final = Path(dest) if dest is not None else Path(job.out_dir)
         stage = publish_dir(final)
-        if job.kind == "moelora":
-            from cl_service.adapters.moelora import save_moelora
-
-            save_moelora(mllm, stage)
-        else:
-            save_adapter(mllm, stage, ADAPTER_NAME)
+        fam.save(job, mllm, stage, attached)
         timed = step_s[2:] if len(step_s) > 4 else step_s  # the first steps warm up kernels and caches
         tokens_per_s = (sum(step_tokens[len(step_s) - len(timed):]) * world_size / sum(timed)) if timed else None
         (stage / "train_log.json").write_text(json.dumps(
@@ -234,8 +238,19 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
         commit_dir(stage, final)
     if on_done is not None:
         on_done(mllm)
-    _release_base(job, device, mllm, reusable=job.kind != "moelora" and strategy != "deepspeed")
+    _release_base(job, device, mllm, reusable=fam.reuses_base and strategy != "deepspeed")
     return state
+
+
+def _check_registered(fam: Any, mllm: MLLM, params: list) -> None:
+    """A family's trainable parameters must live under ``mllm.model`` and require gradients: the optimizer gets
+    them from ``params``, but DistributedDataParallel and the resume checkpoint see only the model's own."""
+    mine = {id(p) for p in mllm.model.parameters() if p.requires_grad}
+    given = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    stray = [p for p in given if id(p) not in mine]
+    if not given or stray:
+        raise ValueError(f"adapter family {fam.name}: {len(stray)} of {len(given)} trainable parameters are not "
+                         "trainable parameters registered under mllm.model (DDP and resume would miss them)")
 
 
 def load_job_base(job: TrainJob, device: torch.device) -> MLLM:
@@ -266,11 +281,12 @@ def _acquire_base(job: TrainJob, device: torch.device) -> MLLM:
 
 
 def _release_base(job: TrainJob, device: torch.device, mllm: MLLM, reusable: bool) -> None:
-    """Strip the job's adapter and keep the plain base for the next job of this process (peft LoRA jobs; a
-    MoE-LoRA's hooks and a DeepSpeed engine's changes to the module are not undone, so their base is dropped)."""
+    """Strip the job's adapter (its family's ``release``) and keep the plain base for the next job of this process
+    (families with ``reuses_base``; a DeepSpeed engine's changes to the module are not undone, so its base is
+    dropped)."""
     if not reusable:
         return
-    remove_lora(mllm)
+    family(job.kind).release(mllm)
     if job.train.activation_checkpointing:
         mllm.model.gradient_checkpointing_disable()
     mllm.model.eval().requires_grad_(False)

@@ -61,3 +61,48 @@ def test_paging_through_pinned_memory_gives_the_same_answers(tiny_base, tmp_path
     assert paged.paging["disk"] == 4 and paged.paging["host"] > 0 and paged.paging["parked"] > 0
     parked = paged.multi._parked
     assert parked and all(A.is_pinned() for a in parked.values() for A, _ in a.lora.values())
+
+
+def test_a_failed_growth_leaves_the_rows_and_their_graphs_as_they_were(tiny_base, tmp_path, monkeypatch):
+    """Rows decode from replayed graphs; a long question needs larger key/value buffers and their allocation
+    fails (from the test side): that request gets ``KVCacheFull``, the rows go on replaying the graphs of the
+    old buffers to their eager answers, and once memory is back the long question is answered."""
+    import dataclasses
+    import threading
+
+    from cl_service.engine.continuous import KVCacheFull
+    from cl_service.engine.engine import Engine
+    from cl_service.models.mllm import load_mllm
+
+    mllm = load_mllm(tiny_base, dtype="float32", device="cuda")
+    a, b = _experts(mllm, tmp_path, ["a", "b"])
+    eng = Engine(mllm, fused_lora=True, cuda_graphs=True)
+    ref_eng = Engine(mllm, fused_lora=True, cuda_graphs=False)
+    samples = _samples(4)
+    jobs = [(samples[0], a, 30), (samples[1], None, 30), (samples[2], b, 30)]
+    big = (dataclasses.replace(samples[3], question=samples[3].question + " and then" * 40), a, 20)
+    ref = [ref_eng.answer_mixed([s], [f], n)[0] for s, f, n in [*jobs, big]]
+    real, limit, refused = torch.zeros, [1 << 62], []
+
+    def zeros(*size, **kw):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+        if threading.current_thread().name == "cb-gpu" and len(shape) == 3 and shape[1] == 2 and shape[2] > limit[0]:
+            refused.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return real(*size, **kw)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    with eng.continuous(slots=4, name="cb-gpu") as cb:
+        futs = [cb.submit(*j) for j in jobs]
+        deadline = time.monotonic() + 60
+        while cb.stats["steps"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        limit[0] = cb.dec._arena.shape[-1]
+        replays = cb.dec.stats["replays"]
+        with pytest.raises(KVCacheFull):
+            cb.submit(*big).result(timeout=60)
+        assert [f.result(timeout=60) for f in futs] == ref[:3]
+        assert cb.dec.stats["replays"] > replays  # the old graphs went on
+        limit[0] = 1 << 62
+        assert cb.submit(*big).result(timeout=60) == ref[3]
+    assert refused and cb.dec.reason is None and cb.dec.stats["eager_steps"] == 0

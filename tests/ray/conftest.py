@@ -23,8 +23,11 @@ def ray_local():
         return
     # A short temp dir: Ray's unix sockets must fit in ~107 characters.
     tmp = tempfile.mkdtemp(prefix="clsvc-ray-", dir="/tmp")
+    # Every worker runs clsvc_faults.install (it injects the faults a test asks for in its workers' env vars).
+    here = os.path.dirname(os.path.abspath(__file__))
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=tmp,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([os.getcwd(), here])},
+                                               "worker_process_setup_hook": "clsvc_faults.install"})
     yield ray
     ray.shutdown()
 
@@ -53,6 +56,7 @@ def ddp_reference(ray_local, tmp_path_factory, tiny_base, dcl_shards):
 
     tmp = tmp_path_factory.mktemp("ddp-reference")
     job = _rs_job(tmp / "uninterrupted", tiny_base, dcl_shards)
-    cfg = RayCfg(num_workers=2, cpus_per_worker=1, max_failures=2, checkpoint_every=2, timeout_s=300)
+    cfg = RayCfg(num_workers=2, cpus_per_worker=1, max_failures=2, checkpoint_every=2, stall_timeout_s=300)
     RayTrainer(cfg, str(tmp / "storage")).fit([job])
-    return {"weights_key": job.weights_key(), "log": json.loads((tmp / "uninterrupted" / "train_log.json").read_text())}
+    return {"weights_key": job.weights_key(), "log": json.loads((tmp / "uninterrupted" / "train_log.json").read_text()),
+            "adapter": tmp / "uninterrupted"}

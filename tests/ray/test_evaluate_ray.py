@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -204,16 +205,40 @@ def test_an_actor_on_another_node_evaluates_from_its_mirror_like_the_driver(ray_
     assert mirrors and not mirrors[0].exists()  # removed when the run closed its evaluators
 
 
-def test_the_force_mirror_switch_reaches_evaluators_and_trainers(ray_local, tmp_path, tiny_base, dcl_shards,
-                                                                monkeypatch):
-    """``CLSVC_FORCE_MIRROR=1`` in the driver: evaluators mirror and trainers' workers train from shipped copies
-    (as on a node without the driver's folder); unset, only other nodes do."""
+def test_an_evaluator_restarted_with_an_empty_mirror_gets_it_synced_again(ray_local, local, tmp_path, tiny_base,
+                                                                          dcl_shards):
+    """An evaluator actor that crashes is restarted by Ray, perhaps on another node, where its mirror is empty. Here
+    its mirror is removed and the actor killed after the driver synced it, before the stage's units go out: the
+    driver finds the actor's new life, syncs its mirror again and sends the units again (the units sent to the
+    old life are refused, never answered from an empty mirror). Predictions and matrices equal the driver's."""
     from cl_service.on_ray.evaluate import RayEvaluator
-    from cl_service.on_ray.train import ship_inits
 
-    cfg = _cfg(tmp_path, tiny_base, dcl_shards, ["eval.num_workers=1"])
-    assert not RayEvaluator(cfg).force_mirror and not ship_inits([]).force
-    monkeypatch.setenv("CLSVC_FORCE_MIRROR", "1")
-    assert RayEvaluator(cfg).force_mirror and ship_inits([]).force
-    assert not RayEvaluator(cfg, mirror=False).force_mirror and not ship_inits([], force=False).force
-    assert ship_inits([]).driver_node == ray_local.get_runtime_context().get_node_id()
+    out = tmp_path / "restarted"
+    _copy_adapters(local["out"], out)
+    methods = ["oracle", "lora_ft"]
+    cfg = _cfg(out, tiny_base, dcl_shards, ["eval.num_workers=1", f"methods=[{','.join(methods)}]"])
+    logs: list[str] = []
+    ev = RayEvaluator(cfg, log=logs.append, mirror=True)
+    real, crashed = ev._sync_mirrors, []
+
+    def sync_then_crash(stage, *a, **k):
+        real(stage, *a, **k)
+        if stage == 0 and not crashed:
+            crashed.append(ev.mirrors[0])
+            shutil.rmtree(ev.mirrors[0])  # what a node that never had the mirror holds
+            ray_local.kill(ev.actors[0], no_restart=False)  # Ray restarts it (max_restarts=1)
+            deadline = time.monotonic() + 120  # restarted (its new life answers) before the units go out
+            while True:
+                try:
+                    if ray_local.get(ev.actors[0].ready.remote(), timeout=120)[2] != ev.lives[0]:
+                        break
+                except ray_local.exceptions.ActorUnavailableError:
+                    pass  # still restarting
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+
+    ev._sync_mirrors = sync_then_crash
+    metrics = run_stream(cfg, _NoTraining(), log=logs.append, evaluator=ev)
+    assert crashed and ev.restarts >= 1
+    assert sum("evaluator 0 was restarted" in s for s in logs) == 1, logs
+    _assert_same(local, out, metrics, methods)

@@ -1,6 +1,9 @@
 """Real gRPC round trips through Ray Serve's gRPC proxy on a tiny 2-task run (RS, Med), then a hot add (AD).
 
-One module-scoped app: Ingress + Router + Expert with fractional CPUs, a shared token, a 200 kB image limit.
+One module-scoped app: Ingress + Router + Expert with fractional CPUs, a shared token, a 200 kB image limit. Two
+more apps beside it for what the first cannot show: a feature router in the Router deployment (prototype), and
+both stages in one replica with continuous batching (colocate, knn). Every app answers concurrent requests, and
+the answers are compared with the run's offline evaluation.
 """
 
 from __future__ import annotations
@@ -129,57 +132,83 @@ def test_live_answers_equal_offline_evaluation_and_batch(app):
     assert max(sizes) > 1  # requests of different clients shared a forward pass
 
 
-@pytest.mark.parametrize("kind, method", [("prototype", "mrlora_proto"), ("knn", "mrlora_knn")])
-def test_feature_router_kind_serves_the_runs_saved_router(app, kind, method):
-    """A second app with a feature ``router_kind``: routes equal the offline evaluation's of its method."""
+def _second_app(app, name: str, **changes):
+    """Another app on the running Serve (the same token: Serve's gRPC proxy checks it for every app)."""
     from ray import serve
 
     from cl_service.on_ray import serve as clserve
+
+    cfg = clserve.override(app["cfg"], app_name=name, route_prefix=f"/{name}", **changes)
+    serve.run_many([serve.RunTarget(target=clserve.build(cfg, TOKEN), name=cfg.app_name,
+                                    route_prefix=cfg.route_prefix)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    clserve.wait_running(cfg.app_name, 120)
+    return cfg
+
+
+def _concurrently(app, cfg, items):
+    """``items`` ((task, sample) pairs) sent all at once to ``cfg``'s app; the responses in order."""
     from cl_service.serve.client import Client
 
-    cfg = clserve.override(app["cfg"], app_name=f"clsvc-{kind}", route_prefix=f"/clsvc-{kind}", router_kind=kind)
-    serve.run_many([serve.RunTarget(target=clserve.build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)],
-                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    with Client(f"127.0.0.1:{app['port']}", token=TOKEN, application=cfg.app_name) as c, \
+            ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(lambda ts: c.predict(ts[1].images, ts[1].question, timeout=90), items))
+
+
+def test_a_feature_router_in_the_router_deployment_routes_as_the_offline_evaluation(app):
+    """A second app with ``router_kind=prototype``: the run's saved prototype router in the Router deployment;
+    concurrent requests get the routes and answers of the offline evaluation of ``mrlora_proto``."""
+    from ray import serve
+
+    cfg = _second_app(app, "clsvc-proto", router_kind="prototype")
     try:
-        clserve.wait_running(cfg.app_name, 120)
-        items = [(t, s) for t in ("RS", "Med") for s in _samples(app["shards"], t)[:3]]
-        with Client(f"127.0.0.1:{app['port']}", application=cfg.app_name) as c:  # this app has no token
-            for t, s in items:
-                r = c.predict(s.images, s.question, timeout=60)
-                ref = _offline(app["out"], "stage-1-Med", t, method)[s.id]
-                assert (r.answer, r.expert, r.router.kind) == (ref["text"], ref["metadata"]["expert"], kind)
+        items = [(t, s) for t in ("RS", "Med") for s in _samples(app["shards"], t)]
+        for (t, s), r in zip(items, _concurrently(app, cfg, items)):
+            ref = _offline(app["out"], "stage-1-Med", t, "mrlora_proto")[s.id]
+            assert (r.answer, r.expert, r.router.kind) == (ref["text"], ref["metadata"]["expert"], "prototype")
+        sizes = [n for *_, n in serve.get_deployment_handle("Router", cfg.app_name).batch_log.remote().result(
+            timeout_s=30)]
+        assert max(sizes) > 1  # the concurrent requests were routed together
     finally:
         serve.delete(cfg.app_name)
 
 
-def test_colocated_stages_answer_as_the_separate_deployments(app):
-    """``colocate=true`` with ``continuous=true``: one Stages replica (one base) runs both stages, stage two
-    with continuous batching; routes and answers equal the offline evaluation's, as the Router + Expert app's
-    do, and its logs show both stages ran (the requests joined the decode, which stepped)."""
+def test_colocated_stages_with_continuous_batching_answer_as_the_offline_evaluation(app):
+    """``colocate=true`` with ``continuous=true`` and the knn router: one Stages replica (one base) runs both
+    stages, stage two with continuous batching. Twelve concurrent requests, so the stages overlap (stage one
+    routes while rows decode) and rows join a running decode: routes and answers equal the offline evaluation of
+    ``mrlora_knn``. A streamed HTTP answer through Serve's HTTP proxy comes from the running decode too."""
+    import base64
+
+    import openai
     from ray import serve
 
-    from cl_service.on_ray import serve as clserve
-    from cl_service.serve.client import Client
-
-    cfg = clserve.override(app["cfg"], app_name="clsvc-colo", route_prefix="/clsvc-colo", colocate=True,
-                           continuous=True)
-    serve.run_many([serve.RunTarget(target=clserve.build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)],
-                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    # routing batches of 2: stage one works through the twelve requests while stage two answers the first ones
+    cfg = _second_app(app, "clsvc-colo", colocate=True, continuous=True, router_kind="knn", router__max_batch_size=2)
     try:
-        clserve.wait_running(cfg.app_name, 120)
         deployments = serve.status().applications[cfg.app_name].deployments
         assert set(deployments) == {"Ingress", "Stages"}
-        items = [(t, s) for t in ("RS", "Med") for s in _samples(app["shards"], t)[:3]]
-        with Client(f"127.0.0.1:{app['port']}", application=cfg.app_name) as c:
-            for t, s in items:
-                r = c.predict(s.images, s.question, timeout=60)
-                ref = _offline(app["out"], "stage-1-Med", t, "mrlora")[s.id]
-                assert (r.answer, r.expert, r.router.raw_output) == (ref["text"], ref["metadata"]["expert"],
-                                                                      ref["metadata"]["router_raw"]), s.id
+        items = [(t, s) for t in ("RS", "Med") for s in _samples(app["shards"], t)]
+        for (t, s), r in zip(items, _concurrently(app, cfg, items)):
+            ref = _offline(app["out"], "stage-1-Med", t, "mrlora_knn")[s.id]
+            assert (r.answer, r.expert, r.router.kind) == (ref["text"], ref["metadata"]["expert"], "knn"), s.id
         h = serve.get_deployment_handle("Stages", cfg.app_name)
-        for stage in ("Router", "Expert"):
-            assert sum(n for *_, n in h.batch_log.remote(stage).result(timeout_s=30)) >= len(items)
-        assert h.step_log.remote().result(timeout_s=30)
+        routed = h.batch_log.remote("Router").result(timeout_s=30)
+        prefills = h.batch_log.remote("Expert").result(timeout_s=30)
+        steps = h.step_log.remote().result(timeout_s=30)
+        assert sum(n for *_, n in routed) == len(items) and sum(n for *_, n in prefills) == len(items)
+        # the stages overlapped: a routing batch ran while stage two prefilled or decoded rows
+        assert any(a < d and c < b for a, b, _ in routed for c, d, _ in prefills + steps), (routed, prefills, steps)
+        oc = openai.OpenAI(base_url=f"http://127.0.0.1:{cfg.http_port}/{cfg.app_name}/v1", api_key=TOKEN,
+                           max_retries=0, timeout=60)
+        t, s = items[0]
+        url = "data:image/png;base64," + base64.b64encode(s.images[0]).decode()
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": s.question}]}]
+        chunks = list(oc.chat.completions.create(model="auto", messages=msgs, stream=True))
+        ref = _offline(app["out"], "stage-1-Med", t, "mrlora_knn")[s.id]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref["text"]
+        assert {c.model for c in chunks} == {ref["metadata"]["expert"]}
     finally:
         serve.delete(cfg.app_name)
 
@@ -190,12 +219,12 @@ def test_named_expert_skips_routing(app):
     assert r.expert == "Med" and r.router.kind == "request" and r.latency.route_ms == 0
 
 
-def _noise_png(size: int) -> bytes:
+def _noise_png(size: int, seed: int = 0) -> bytes:
     import numpy as np
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -242,7 +271,9 @@ def test_shared_token_is_required(app):
 
 def test_openai_compatible_http_through_serves_http_proxy(app):
     """``/v1/chat/completions`` and ``/v1/models`` under the app's route prefix, on Serve's HTTP proxy (127.0.0.1):
-    the real ``openai`` client gets the gRPC answers; token, unknown expert and oversized image are refused."""
+    the real ``openai`` client gets the gRPC answers and usage, streamed (``stream=True``: the pieces add up to the
+    answer) or whole; token, unknown expert, oversized image, a refused field and deeply nested JSON are refused
+    in OpenAI's error shape."""
     import base64
     import urllib.error
     import urllib.request
@@ -262,11 +293,20 @@ def test_openai_compatible_http_through_serves_http_proxy(app):
         g = app["client"].predict(s.images, s.question, expert=None if model == "auto" else model, max_new_tokens=2)
         assert (c.choices[0].message.content, c.model) == (g.answer, g.expert)
         assert c.model_extra["clsvc"]["router"]["raw_output"] == g.router.raw_output
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (g.usage.prompt_tokens, g.usage.completion_tokens)
+        chunks = list(oc.chat.completions.create(model=model, messages=msgs(s.images, s.question), stream=True,
+                                                 stream_options={"include_usage": True}))
+        assert "".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == \
+            oc.chat.completions.create(model=model, messages=msgs(s.images, s.question)).choices[0].message.content
+        assert {x.model for x in chunks} == {g.expert} and chunks[-1].usage.prompt_tokens == g.usage.prompt_tokens
     s = _samples(app["shards"], "RS")[0]
-    for token, model, images, status in [(None, "auto", s.images, 401), ("wrong", "auto", s.images, 401),
-                                         (TOKEN, "Nope", s.images, 404), (TOKEN, "auto", [_noise_png(300)], 413)]:
-        req = urllib.request.Request(base + "/chat/completions", method="POST", data=json.dumps(
-            {"model": model, "messages": msgs(images, s.question)}).encode(), headers={
+    good = {"model": "auto", "messages": msgs(s.images, s.question)}
+    for token, body, status in [(None, good, 401), ("wrong", good, 401), (TOKEN, {**good, "model": "Nope"}, 404),
+                                (TOKEN, {**good, "messages": msgs([_noise_png(300)], s.question)}, 413),
+                                (TOKEN, {**good, "temperature": 0.8}, 400),
+                                (TOKEN, b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400)]:
+        req = urllib.request.Request(base + "/chat/completions", method="POST", data=body if isinstance(
+            body, bytes) else json.dumps(body).encode(), headers={
             "Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
         with pytest.raises(urllib.error.HTTPError) as ei:
             urllib.request.urlopen(req, timeout=60)
@@ -326,21 +366,21 @@ def test_hot_add_publishes_the_next_task_without_downtime(app):
 
 
 def test_a_request_over_the_token_budget_fails_alone_through_router_and_expert(app):
-    """Issue 23 through the deployments: sixteen images and 60 answer tokens do not fit the 320 positions of the
-    test base; the Expert refuses that row (INVALID_ARGUMENT, crossing Ray as itself), the seven valid
-    requests sent with it are answered as they are alone."""
+    """Through the deployments: four images and 256 answer tokens do not fit the 320 positions of the test base;
+    the Expert refuses that row (INVALID_ARGUMENT, crossing Ray as itself), the seven valid requests sent with it
+    are answered as they are alone."""
     c = app["client"]
     rs, med = _samples(app["shards"], "RS"), _samples(app["shards"], "Med")
     valid = [(rs[i], "RS" if i % 2 else None) for i in range(4)] + [(med[i], None) for i in range(3)]
     alone = [c.predict(s.images, s.question, expert=e, timeout=60) for s, e in valid]
     with ThreadPoolExecutor(8) as ex:
         futs = [ex.submit(c.predict, s.images, s.question, expert=e, timeout=90) for s, e in valid]
-        bad = ex.submit(c.predict, list(rs[0].images) * 16, rs[0].question, max_new_tokens=60, timeout=90)
+        bad = ex.submit(c.predict, list(rs[0].images) * 4, rs[0].question, max_new_tokens=256, timeout=90)
         together = [f.result() for f in futs]
         with pytest.raises(grpc.RpcError) as ei:
             bad.result()
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
-    assert "16 image(s) x 16 image tokens" in ei.value.details() and "max_length of 320" in ei.value.details()
+    assert "4 image(s) x 16 image tokens" in ei.value.details() and "max_length of 320" in ei.value.details()
     assert [(r.answer, r.expert) for r in together] == [(r.answer, r.expert) for r in alone]
 
 
@@ -354,6 +394,64 @@ def test_the_proxy_refuses_a_message_over_the_limits_unread(app):
         c.predict([b"x" * (limit + 1)], s.question, timeout=30)
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value.details()
     assert c.predict(s.images, s.question, expert="RS", timeout=30).expert == "RS"
+
+
+def test_an_unauthenticated_huge_message_is_refused_in_the_proxy_before_any_work(app):
+    """The most a caller may send (every image valid and just under the 200 kB limit, as many as allowed) without
+    the token: Serve's gRPC proxy refuses it (UNAUTHENTICATED) before parsing it, so the ingress never sees the
+    call and decodes no image; the same message with the token is decoded there, image by image."""
+    from ray import serve
+
+    from cl_service.serve.client import Client
+
+    limits, s = app["cfg"].limits, _samples(app["shards"], "RS")[0]
+    images = [_noise_png(250, seed) for seed in range(limits.max_images)]
+    assert sum(map(len, images)) > 0.9 * limits.max_images * limits.max_image_bytes
+    ingress = serve.get_deployment_handle("Ingress", app["cfg"].app_name)
+    before = ingress.info.remote().result(timeout_s=30)
+    for token in (None, "wrong"):
+        with Client(f"127.0.0.1:{app['port']}", token=token, application=app["cfg"].app_name) as c:
+            with pytest.raises(grpc.RpcError) as ei:
+                c.predict(images, s.question, timeout=30)
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in ei.value.details()
+            raw = c.channel.unary_unary("/cl.v1.ContinualLearning/Predict", request_serializer=None,
+                                        response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as ei:  # the proxy parses nothing it has not authenticated
+                raw(b"\xff\xff not protobuf", timeout=30, metadata=c.metadata)
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    after = ingress.info.remote().result(timeout_s=30)
+    assert (after["calls"], after["images_decoded"]) == (before["calls"], before["images_decoded"])  # not even seen
+    r = app["client"].predict(images, s.question, expert="RS", timeout=60)
+    assert r.expert == "RS"
+    done = ingress.info.remote().result(timeout_s=30)
+    assert done["images_decoded"] == before["images_decoded"] + len(images) and done["calls"] == before["calls"] + 1
+    with Client(f"127.0.0.1:{app['port']}") as c:  # with the token, bytes that do not parse: INVALID_ARGUMENT
+        raw = c.channel.unary_unary("/cl.v1.ContinualLearning/Predict", request_serializer=None,
+                                    response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as ei:
+            raw(b"\xff\xff not protobuf", timeout=30, metadata=[("x-clsvc-token", TOKEN),
+                                                                 ("application", app["cfg"].app_name)])
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed request" in ei.value.details()
+
+
+def test_an_app_without_a_token_is_refused_unless_the_config_says_insecure(app, monkeypatch):
+    """``serve deploy workloads/configs/serve_deploy.yaml`` builds the app with ``build_app`` in the cluster: with
+    no token in its environment it is refused (Serve's gRPC proxy listens on all interfaces) unless the config
+    says ``insecure: true``; with the token it builds."""
+    import yaml
+
+    from cl_service.on_ray.serve import build_app
+    from cl_service.serve.security import InsecureExposure
+
+    deploy = yaml.safe_load(Path("workloads/configs/serve_deploy.yaml").read_text())
+    args = {**deploy["applications"][0]["args"], "config": str(Path("workloads/configs/serve_dcl_mini.yaml").resolve()),
+            "results": str(app["out"])}
+    monkeypatch.delenv("CLSVC_TOKEN", raising=False)
+    with pytest.raises(InsecureExposure, match="insecure"):
+        build_app(args)
+    assert build_app({**args, "overrides": [*args.get("overrides", []), "insecure=true"]}) is not None
+    monkeypatch.setenv("CLSVC_TOKEN", "s3cret")
+    assert build_app(args) is not None
 
 
 def test_clsvc_serve_refuses_to_start_without_a_token_unless_insecure(app):
@@ -476,7 +574,8 @@ def test_a_killed_router_or_expert_replica_costs_a_retrying_client_nothing(app, 
 @pytest.mark.parametrize("continuous", [False, True])
 def test_expert_refuses_past_max_queued(app, continuous):
     """An Expert replica (its class, in process) whose model is held busy: ``max_queued`` requests wait, the next
-    gets ``RESOURCE_EXHAUSTED`` at once, and the waiting ones are answered once the model is free."""
+    gets ``RESOURCE_EXHAUSTED`` at once, and the waiting ones are answered once the model is free, with the
+    answers of the run's offline evaluation (each with the expert it used)."""
     import asyncio
     import threading
 
@@ -486,33 +585,37 @@ def test_expert_refuses_past_max_queued(app, continuous):
 
     cfg = clserve.override(app["cfg"], continuous=continuous, max_queued=2, **{"expert.batch_wait_ms": 0.0})
     expert = clserve.Expert.func_or_class(to_dict(cfg))
-    adapter = str(Catalog.load(cfg.results).find("Med").path)
+    stage, cat = expert.stage, Catalog.load(cfg.results)
     gate = threading.Event()
     if continuous:
-        join = expert.cont._join
-        expert.cont._join = lambda take: (gate.wait(60), join(take))
+        join = stage.cont._join
+        stage.cont._join = lambda take: (gate.wait(60), join(take))
     else:
-        run = expert.batcher.fn
+        run = stage.batcher.fn
 
         async def held(items):
             await asyncio.to_thread(gate.wait, 60)
             return await run(items)
 
-        expert.batcher.fn = held
+        stage.batcher.fn = held
     s = _samples(app["shards"], "Med")
+    ref = _offline(app["out"], "stage-1-Med", "Med")
+    path = {x.id: str(cat.find(ref[x.id]["metadata"]["expert"]).path) for x in s}
 
     async def drive():
-        first = asyncio.ensure_future(expert.answer(s[0], adapter, 2))
+        first = asyncio.ensure_future(expert.answer(s[0], path[s[0].id], None))
         await asyncio.sleep(0.3)  # the first request is taken by the model (held at the gate)
-        waiting = [asyncio.ensure_future(expert.answer(x, adapter, 2)) for x in s[1:3]]
+        waiting = [asyncio.ensure_future(expert.answer(x, path[x.id], None)) for x in s[1:3]]
         await asyncio.sleep(0.2)
         with pytest.raises(RequestError) as ei:
-            await expert.answer(s[3], adapter, 2)
+            await expert.answer(s[3], path[s[3].id], None)
         gate.set()
         return ei.value, await asyncio.wait_for(asyncio.gather(first, *waiting), 120)
 
-    err, answers = asyncio.run(drive())
+    try:
+        err, answers = asyncio.run(drive())
+    finally:
+        stage.close()
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued=2" in err.message
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    if continuous:
-        expert.cont.close()
+    assert [a.text for a in answers] == [ref[x.id]["text"] for x in s[:3]]
+    assert all(a.prompt_tokens > 0 and 1 <= a.completion_tokens <= 3 for a in answers)

@@ -20,7 +20,7 @@ def test_two_trial_sweep_with_ray_train_inside_tune_then_resume(ray_local, tmp_p
         "base": {"path": str(tiny_base)},
         "expert": {"lora": {"rank": 2, "alpha": 4}, "train": {"max_steps": 2, "batch_size": 4}},
         "router": {"lora": {"rank": 2, "alpha": 4}, "train": {"max_steps": 2, "batch_size": 4}},
-        "eval": {"max_new_tokens": 3}, "ray": {"num_workers": 1, "cpus_per_worker": 1, "timeout_s": 300}}))
+        "eval": {"max_new_tokens": 3}, "ray": {"num_workers": 1, "cpus_per_worker": 1, "stall_timeout_s": 300}}))
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"space": {"router.samples_per_task": [2, 3]},
                                      "sweep": {"asha": {"grace_period": 1, "reduction_factor": 2},

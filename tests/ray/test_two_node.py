@@ -45,7 +45,7 @@ def test_stream_on_two_local_nodes(tmp_path, tiny_base, dcl_shards):
              f"data.path={dcl_shards}", f"base.path={tiny_base}", "data.tasks=[RS,Med]", "data.test_limit=6",
              "expert.train.max_steps=3", "expert.train.batch_size=4", "expert.lora.rank=4",
              "router.train.max_steps=2", "router.samples_per_task=3", "router.lora.rank=4", "eval.max_new_tokens=3",
-             "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.timeout_s=400"],
+             "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.stall_timeout_s=400"],
             env=env, capture_output=True, text=True, timeout=540, cwd=str(ROOT))
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         metrics = json.loads((out / "metrics.json").read_text())

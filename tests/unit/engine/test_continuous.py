@@ -106,3 +106,35 @@ def test_pipeline_hands_routed_rows_to_the_running_decode(tiny_base, adapters, s
         with Pipeline(stage1, stage2, max_batch=3) as p:
             got = p.map(rows, timeout_s=120)
     assert got == eng.answer_mixed(rows, [pick[hash(s.id) % 4] for s in rows], 4)
+
+
+def test_on_token_hands_each_rows_tokens_out_as_they_are_decoded(tiny_base, adapters, samples):
+    """A streaming server's hook: every row's tokens reach its ``on_token`` in order (EOS included), all of them
+    before its future resolves, and they decode to the row's answer; a callback that raises costs only itself."""
+    eng = Engine(tiny_base)
+    rows = list(samples[:4])
+    folders = [adapters["e1"], None, adapters["e2"], adapters["e3"]]
+    got: dict[int, list[int]] = {i: [] for i in range(len(rows))}
+    seen_at_done: dict[int, int] = {}
+
+    def collect(i):
+        return lambda tok: got[i].append(tok)
+
+    def broken(tok):
+        raise RuntimeError("a client went away")
+
+    with eng.continuous(slots=2, max_queue=8) as cb:
+        futs = [cb.submit(s, f, 6, on_token=collect(i)) for i, (s, f) in enumerate(zip(rows, folders))]
+        for i, f in enumerate(futs):
+            f.add_done_callback(lambda _, i=i: seen_at_done.__setitem__(i, len(got[i])))
+        extra = cb.submit(rows[0], folders[0], 6, on_token=broken)
+        answers = [f.result(timeout=120) for f in futs]
+        assert extra.result(timeout=120) == answers[0]
+    tok = eng.mllm.tokenizer
+    eos = eng.mllm.eos_id
+    for i, answer in enumerate(answers):
+        ids = got[i]
+        assert 1 <= len(ids) <= 6 and seen_at_done[i] == len(ids)  # every token came before the answer
+        assert eos not in ids[:-1]  # nothing after EOS
+        text = tok.decode([t for t in ids if t != eos], skip_special_tokens=True).strip()
+        assert text == answer

@@ -160,3 +160,24 @@ def _resolved(p):
     from pathlib import Path
 
     return Path(p).resolve()
+
+
+def test_on_token_hands_each_rows_tokens_out_in_a_mixed_batch(tiny_base, adapters, samples):
+    """Batch-at-a-time answering's streaming hook: over two engine batches (batch_size 3 for 5 rows), each row's
+    ``on_token`` gets its own tokens in order (EOS included, nothing after it), which decode to its answer; a row
+    without a callback is answered all the same."""
+    from cl_service.engine.engine import Engine
+
+    eng = Engine(tiny_base)
+    eng.batch_size = 3
+    rows = list(samples[:5])
+    folders = [adapters["e1"], None, adapters["e2"], adapters["e3"], adapters["e1"]]
+    got: list[list[int]] = [[] for _ in rows]
+    sinks = [got[i].append if i != 1 else None for i in range(len(rows))]
+    answers = eng.answer_mixed(rows, folders, 6, on_token=sinks)
+    assert answers == eng.answer_mixed(rows, folders, 6)
+    eos, tok = eng.mllm.eos_id, eng.mllm.tokenizer
+    assert got[1] == []
+    for i in (0, 2, 3, 4):
+        assert 1 <= len(got[i]) <= 6 and eos not in got[i][:-1]
+        assert tok.decode([t for t in got[i] if t != eos], skip_special_tokens=True).strip() == answers[i]

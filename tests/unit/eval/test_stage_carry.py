@@ -1,5 +1,5 @@
 """A stage carries over the entries a method declares unchanged: the same rows, predictions and adapters as a full
-evaluation, for a fraction of the items answered (issue 24, part 6: evaluation cost as the stream grows)."""
+evaluation, for a fraction of the items answered (evaluation cost as the stream grows)."""
 
 from __future__ import annotations
 

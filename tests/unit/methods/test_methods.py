@@ -21,7 +21,8 @@ def _cfg(out, tiny_base, dcl_shards, extra=()):
         f"out={out}", f"data.path={dcl_shards}", f"base.path={tiny_base}", "data.tasks=[RS,Med]",
         f"methods=[{','.join(METHODS.names())}]", "expert.train.max_steps=3", "expert.train.batch_size=4",
         "router.train.max_steps=3", "router.samples_per_task=4", "replay.samples_per_task=2",
-        "expert.lora.rank=4", "router.lora.rank=4", "eval.max_new_tokens=3", "ray.num_workers=0", *extra])
+        "expert.lora.rank=4", "router.lora.rank=4", "clmoe.experts=2", "eval.max_new_tokens=3", "ray.num_workers=0",
+        *extra])
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -41,6 +42,8 @@ def run(tmp_path_factory, tiny_base, dcl_shards):
 @pytest.mark.parametrize("method", METHODS.names())
 def test_method_contract(run, method):
     m = run["metrics"]["methods"][method]
+    cls = METHODS.get(method)
+    assert isinstance(cls.serving, (str, type(None))) and cls.__doc__  # says whether clsvc serve serves it; described
     assert len(m["matrix"]) == 2 and all(len(r) == 2 for r in m["matrix"])
     rows = [1] if method == "joint" else [0, 1]
     for i in rows:
@@ -59,7 +62,7 @@ def test_adapters_hold_only_adapter_weights_and_finite_losses(run):
 
     folders = [p.parent for p in (run["out"] / "adapters").rglob("adapter.json")]
     kinds = {json.loads((f / "adapter.json").read_text())["kind"] for f in folders}
-    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora"}
+    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora", "clmoe"}
     for f in folders:
         log = json.loads((f / "train_log.json").read_text())
         assert log["steps"] == 3 and all(math.isfinite(x) for x in log["losses"])
@@ -190,17 +193,21 @@ def test_dry_run_plan_names_exactly_the_missing_work(run, tmp_path, tiny_base, d
 
 
 def test_identical_jobs_train_once(run):
-    """lora_ft / lora_ft_replay / olora stage 0 train exactly the first expert's weights: trained once, cloned."""
+    """lora_ft / lora_ft_replay / olora / olora_replay stage 0 train exactly the first expert's weights, and a replay
+    variant's stage 0 (nothing earlier to replay) its method's: trained once, cloned."""
     from cl_service.adapters.registry import read_adapter
 
     ads = run["out"] / "adapters"
     expert = read_adapter(ads / "experts" / "RS")
-    for name in ("lora_ft", "lora_ft_replay", "olora"):
+    for name in ("lora_ft", "lora_ft_replay", "olora", "olora_replay"):
         clone = read_adapter(ads / name / "stage-0-RS")
         assert clone["files"]["adapter_model.safetensors"] == expert["files"]["adapter_model.safetensors"]
         assert clone["id"] != expert["id"] and clone["kind"] == "sequential"
         assert clone["cloned_from"] == expert["id"]
-    assert sum("published without training" in line for line in run["logs"]) == 3
+    for name in ("moelora", "clmoe"):
+        clone = read_adapter(ads / f"{name}_replay" / "stage-0-RS")
+        assert clone["cloned_from"] == f"{name}:stage-0" and clone["kind"] == name
+    assert sum("published without training" in line for line in run["logs"]) == 6
     # stage 1 differs (lora_ft continues from stage 0 on Med; the Med expert starts from the base)
     assert read_adapter(ads / "lora_ft" / "stage-1-Med")["files"]["adapter_model.safetensors"] != \
         read_adapter(ads / "experts" / "Med")["files"]["adapter_model.safetensors"]

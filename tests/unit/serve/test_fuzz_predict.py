@@ -100,8 +100,9 @@ def _field(num: int, payload: bytes) -> bytes:
 def fuzz_server(tiny_run, tiny_engine, dcl_shards):
     from cl_service.serve.service import ContinualLearningServicer, build_server
 
-    servicer = ContinualLearningServicer(tiny_run, tiny_engine, max_image_bytes=200_000, max_images=4, watch_s=0)
-    server, port = build_server(servicer, 0, token=TOKEN)
+    servicer = ContinualLearningServicer(tiny_run, tiny_engine, token=TOKEN, limits__max_image_bytes=200_000,
+                                         limits__max_images=4, watch_s=0)
+    server, port = build_server(servicer, 0)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
     sample = list(ShardDataset(dcl_shards).iter_samples("Med", "test"))[0]

@@ -32,15 +32,16 @@ def srv(tiny_run, tiny_engine, dcl_shards):
     from cl_service.serve.service import ContinualLearningServicer, build_server
 
     out = tiny_run  # the session's finished RS, Med run (conftest.py)
-    servicer = ContinualLearningServicer(out, tiny_engine, max_image_bytes=200_000)
+    servicer = ContinualLearningServicer(out, tiny_engine, token=TOKEN, limits__max_image_bytes=200_000)
     server, port = build_server(servicer, 0)
     server.start()
-    httpd = serve_http(servicer, 0, token=TOKEN)
+    httpd = serve_http(servicer, 0)
     base = f"http://127.0.0.1:{httpd.port}/v1"
     client = openai.OpenAI(base_url=base, api_key=TOKEN, max_retries=0, timeout=60)
     samples = {t: list(ShardDataset(dcl_shards).iter_samples(t, "test")) for t in ("RS", "Med")}
-    with Client(f"127.0.0.1:{port}") as grpc_client:
-        yield {"out": out, "base": base, "openai": client, "grpc": grpc_client, "samples": samples}
+    with Client(f"127.0.0.1:{port}", token=TOKEN) as grpc_client:
+        yield {"out": out, "base": base, "openai": client, "grpc": grpc_client, "samples": samples,
+               "servicer": servicer}
     client.close()
     httpd.stop()
     server.stop(None)
@@ -53,8 +54,7 @@ def _data_url(data: bytes) -> str:
 
 def _messages(sample, image_url=None):
     parts = [{"type": "image_url", "image_url": {"url": image_url or _data_url(im)}} for im in sample.images]
-    return [{"role": "system", "content": "ignored: the run fixes the prompt"},
-            {"role": "user", "content": [*parts, {"type": "text", "text": sample.question}]}]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": sample.question}]}]
 
 
 def _post(srv, body, token=TOKEN, path="/chat/completions", method="POST", headers=None):
@@ -72,13 +72,14 @@ def _post(srv, body, token=TOKEN, path="/chat/completions", method="POST", heade
 
 
 def test_openai_client_answers_equal_grpc_answers(srv):
-    """Routed (model=auto), named (task or adapter id) and max_tokens requests: the same answer, expert and
-    router output as the same request over gRPC."""
+    """Routed (model=auto), named (task or adapter id) and max_tokens requests: the same answer, expert, router
+    output and token counts as the same request over gRPC; the settings of greedy decoding are accepted."""
     cases = [(s, "auto", None) for t in ("RS", "Med") for s in srv["samples"][t][:2]]
     cases += [(srv["samples"]["RS"][0], "Med", None), (srv["samples"]["Med"][1], "expert:RS", 1)]
     for s, model, n in cases:
         kw = {"max_tokens": n} if n else {}
-        c = srv["openai"].chat.completions.create(model=model, messages=_messages(s), **kw)
+        c = srv["openai"].chat.completions.create(model=model, messages=_messages(s), temperature=0, top_p=1, n=1,
+                                                  seed=7, presence_penalty=0, **kw)
         g = srv["grpc"].predict(s.images, s.question, expert=None if model == "auto" else model, max_new_tokens=n)
         assert c.object == "chat.completion" and c.id.startswith("chatcmpl-") and c.created > 0
         assert (c.choices[0].message.content, c.model) == (g.answer, g.expert), (model, s.id)
@@ -86,17 +87,79 @@ def test_openai_client_answers_equal_grpc_answers(srv):
         extra = c.model_extra["clsvc"]
         assert extra["expert"] == g.expert and extra["router"]["raw_output"] == g.router.raw_output
         assert extra["router"]["kind"] == ("mllm" if model == "auto" else "request")
+        assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == (
+            g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.total_tokens)
+        assert c.usage.prompt_tokens > 16 and 1 <= c.usage.completion_tokens <= (n or 3)
 
 
-def test_streaming_and_plain_base64_give_the_same_answer(srv):
+def test_streaming_sends_the_answer_as_it_is_decoded(srv):
+    """``stream=True`` with the real client: a role chunk, the answer in pieces (one per decoded token here),
+    a finish chunk and the usage chunk; the pieces add up to the non-streamed answer, for every test request."""
+    most = 0
+    for t in ("RS", "Med"):
+        for s in srv["samples"][t][:3]:
+            whole = srv["openai"].chat.completions.create(model="auto", messages=_messages(s))
+            chunks = list(srv["openai"].chat.completions.create(model="auto", messages=_messages(s), stream=True,
+                                                                stream_options={"include_usage": True}))
+            pieces = [c.choices[0].delta.content for c in chunks[1:-2]]
+            assert chunks[0].choices[0].delta.role == "assistant" and all(pieces)
+            assert "".join(pieces) == whole.choices[0].message.content
+            assert len(pieces) <= whole.usage.completion_tokens  # at most a piece per decoded token
+            most = max(most, len(pieces))
+            assert chunks[-2].choices[0].finish_reason == "stop" and {c.model for c in chunks} == {whole.model}
+            assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert most >= 2  # answers came in several pieces
     s = srv["samples"]["Med"][0]
-    whole = srv["openai"].chat.completions.create(model="auto", messages=_messages(s))
-    chunks = list(srv["openai"].chat.completions.create(model="auto", messages=_messages(s), stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
-    assert chunks[-1].choices[0].finish_reason == "stop" and {c.model for c in chunks} == {whole.model}
     bare = srv["openai"].chat.completions.create(
         model="auto", messages=_messages(s, base64.b64encode(s.images[0]).decode()))
+    whole = srv["openai"].chat.completions.create(model="auto", messages=_messages(s))
     assert bare.choices[0].message.content == whole.choices[0].message.content
+
+
+def test_stream_pieces_are_sent_as_each_token_is_decoded(srv, tiny_engine):
+    """The pieces leave the server while the answer is still being decoded: the first arrives before the decode
+    has finished (a slowed decode step makes the gap measurable)."""
+    import time as _time
+
+    s = srv["samples"]["RS"][0]
+    model = tiny_engine.mllm.model
+    real = model.forward
+
+    def slow(*a, **kw):
+        _time.sleep(0.3)
+        return real(*a, **kw)
+
+    model.forward = slow
+    try:
+        t0 = _time.monotonic()
+        arrivals = [(_time.monotonic() - t0, c.choices[0].delta.content) for c in srv["openai"].chat.completions.create(
+            model="RS", messages=_messages(s), stream=True, max_tokens=3) if c.choices and c.choices[0].delta.content]
+    finally:
+        model.forward = real
+    assert len(arrivals) >= 2, arrivals
+    assert arrivals[-1][0] - arrivals[0][0] >= 0.25, arrivals  # a decode step apart, not one burst at the end
+
+
+def test_a_stream_that_fails_after_its_first_piece_ends_with_an_error_event(srv, monkeypatch):
+    """Once the status line is out, a failure (here: a final answer the pieces sent do not start) is an error
+    event in OpenAI's shape and the stream ends without ``[DONE]``, so no client takes it for a whole answer."""
+    from cl_service.serve.streaming import StreamMismatch, TextStream
+
+    def mismatch(self, answer):
+        raise StreamMismatch("streamed characters that do not start the answer")
+
+    monkeypatch.setattr(TextStream, "end", mismatch)
+    s = srv["samples"]["RS"][0]
+    req = urllib.request.Request(srv["base"] + "/chat/completions", method="POST", data=json.dumps(
+        {"model": "RS", "messages": _messages(s), "stream": True}).encode(), headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.read().decode().split("\n\n") if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+    last = json.loads(events[-1])
+    assert "[DONE]" not in events and last["error"]["code"] == "internal" and "StreamMismatch" in last["error"][
+        "message"], events
 
 
 def test_models_list_the_catalog(srv):
@@ -142,41 +205,70 @@ def _body(srv, **change):
 @pytest.mark.parametrize("case,status,code,needle", [
     ("malformed JSON", 400, "invalid_argument", "not valid JSON"),
     ("not an object", 400, "invalid_argument", "JSON object"),
+    ("deeply nested JSON", 400, "invalid_argument", "nested too deeply"),
     ("bad base64", 400, "invalid_argument", "not valid base64"),
     ("corrupt image", 400, "invalid_argument", "not a decodable image"),
     ("http url", 400, "invalid_argument", "fetches no URL"),
     ("no image", 400, "invalid_argument", "at least one image"),
     ("empty question", 400, "invalid_argument", "question: must not be empty"),
     ("assistant turn", 400, "invalid_argument", "user messages only"),
+    ("system message", 400, "invalid_argument", "messages[0].role: 'system' messages are not supported"),
     ("max_tokens", 400, "invalid_argument", "max_tokens: 100000 is outside [1, 256]"),
-    ("n", 400, "invalid_argument", "only 1 choice"),
+    ("max_tokens differ", 400, "invalid_argument", "max_tokens and max_completion_tokens differ"),
+    ("n", 400, "invalid_argument", "n: 2 is not supported; only 1"),
+    ("temperature", 400, "invalid_argument", "temperature: 0.7 is not supported; only 0: answers are greedy"),
+    ("top_p", 400, "invalid_argument", "top_p: 0.9 is not supported"),
+    ("stop", 400, "invalid_argument", "stop: [\"\\n\"] is not supported; stop sequences"),
+    ("logprobs", 400, "invalid_argument", "logprobs: true is not supported"),
+    ("presence_penalty", 400, "invalid_argument", "presence_penalty: 0.5 is not supported"),
+    ("tools", 400, "invalid_argument", "tools: "),
+    ("response_format", 400, "invalid_argument", "response_format: "),
+    ("unknown field", 400, "invalid_argument", "frobnicate: unknown field"),
+    ("stream_options alone", 400, "invalid_argument", "stream_options: only with stream: true"),
+    ("image detail", 400, "invalid_argument", "detail 'auto'"),
     ("unknown expert", 404, "not_found", "unknown expert 'Nope'; known experts: RS, Med"),
     ("oversized image", 413, "request_too_large", "over the limit of 200000"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(srv, case, status, code, needle):
+    """Every field is honoured or refused with a 400 naming it; bad input of every kind gets OpenAI's error shape."""
+    s0 = srv["samples"]["RS"][0]
     body = {
         "malformed JSON": b'{"model": "auto", "messages": [',
         "not an object": b"[1, 2]",
+        "deeply nested JSON": b'{"model": "auto", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         "bad base64": _body(srv, url="data:image/png;base64,@@@not-base64@@@"),
         "corrupt image": _body(srv, url=_data_url(b"definitely not an image")),
         "http url": _body(srv, url="https://example.com/chart.png"),
         "no image": _body(srv, content="what is shown?"),
-        "empty question": _body(srv, content=[{"type": "image_url", "image_url": {"url": _data_url(
-            srv["samples"]["RS"][0].images[0])}}]),
+        "empty question": _body(srv, content=[{"type": "image_url", "image_url": {"url": _data_url(s0.images[0])}}]),
         "assistant turn": {"model": "auto", "messages": [*_body(srv)["messages"],
                                                          {"role": "assistant", "content": "hi"}]},
+        "system message": {"model": "auto", "messages": [{"role": "system", "content": "answer in French"},
+                                                         *_body(srv)["messages"]]},
         "max_tokens": _body(srv, max_tokens=100_000),
+        "max_tokens differ": _body(srv, max_tokens=2, max_completion_tokens=3),
         "n": _body(srv, n=2),
+        "temperature": _body(srv, temperature=0.7),
+        "top_p": _body(srv, top_p=0.9),
+        "stop": _body(srv, stop=["\n"]),
+        "logprobs": _body(srv, logprobs=True),
+        "presence_penalty": _body(srv, presence_penalty=0.5),
+        "tools": _body(srv, tools=[{"type": "function", "function": {"name": "f"}}]),
+        "response_format": _body(srv, response_format={"type": "json_object"}),
+        "unknown field": _body(srv, frobnicate=1),
+        "stream_options alone": _body(srv, stream_options={"include_usage": True}),
+        "image detail": {"model": "auto", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(s0.images[0]), "detail": "high"}},
+            {"type": "text", "text": s0.question}]}]},
         "unknown expert": _body(srv, model="Nope"),
         "oversized image": _body(srv, url=_data_url(_noise_png(300))),  # ~270 kB > the 200 kB limit
     }[case]
     got, reply = _post(srv, body)
     assert got == status, reply
     err = reply["error"]
-    assert err["code"] == code and needle in err["message"] and "Traceback" not in err["message"]
+    assert err["code"] == code and needle in err["message"] and "Traceback" not in err["message"], err
     assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
-    s = srv["samples"]["RS"][0]
-    assert _post(srv, {"model": "RS", "messages": _messages(s)})[1]["model"] == "RS"
+    assert _post(srv, {"model": "RS", "messages": _messages(s0)})[1]["model"] == "RS"
 
 
 def test_oversized_body_unknown_path_and_wrong_method(srv):
@@ -192,6 +284,74 @@ def test_oversized_body_unknown_path_and_wrong_method(srv):
     assert _post(srv, None, path="/completions", method="GET")[0] == 404
     status, body = _post(srv, {}, path="/models")
     assert status == 405 and "GET" in body["error"]["message"]
+
+
+def test_slow_and_surplus_clients_are_bounded_and_the_server_keeps_answering(srv):
+    """Two threads, one waiting place, one second to send a request: a client that trickles its headers in (a
+    byte every 0.2 s) is cut off at the deadline, a connection past threads and waiting places gets 503 at once,
+    the one that waited is answered, and afterwards the server answers as before."""
+    import socket
+    import threading
+    import time as _time
+
+    from cl_service.serve.http_server import serve_http
+
+    httpd = serve_http(srv["servicer"], 0, max_threads=2, max_pending=1, timeout_s=1.0)
+    s = srv["samples"]["RS"][0]
+    body = json.dumps({"model": "RS", "messages": _messages(s)}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def connect():
+        return socket.create_connection(("127.0.0.1", httpd.port), timeout=10)
+
+    def reply(sock) -> bytes:
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+            if b"\r\n\r\n" in out:
+                head, _, rest = out.partition(b"\r\n\r\n")
+                n = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+                if n and len(rest) >= n[0]:
+                    break
+        return out
+
+    try:
+        loris_done: list[float] = []
+
+        def loris(sock) -> None:  # a header byte every 0.2 s, never the end of the request
+            t0 = _time.monotonic()
+            try:
+                for b in b"POST /v1/chat/completions HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+                    sock.send(bytes([b]))
+                    _time.sleep(0.2)
+            except OSError:  # the server closed it
+                loris_done.append(_time.monotonic() - t0)
+
+        slow = [connect(), connect()]  # both threads taken
+        threads = [threading.Thread(target=loris, args=(c,)) for c in slow]
+        for t in threads:
+            t.start()
+        _time.sleep(0.2)
+        waiting = connect()  # the one waiting place
+        waiting.sendall(request)
+        _time.sleep(0.2)
+        extra = connect()  # nothing left: refused at once
+        assert reply(extra).startswith(b"HTTP/1.1 503") and httpd.refused == 1
+        extra.close()
+        answered = reply(waiting)  # served once a slow client was cut off
+        assert answered.startswith(b"HTTP/1.1 200") and b'"model":"RS"' in answered, answered[:300]
+        for t in threads:
+            t.join(15)
+        assert len(loris_done) == 2 and all(0.8 < d < 5 for d in loris_done), loris_done
+        for c in slow + [waiting]:
+            c.close()
+        again = connect()
+        again.sendall(request)
+        assert reply(again).startswith(b"HTTP/1.1 200")
+        again.close()
+    finally:
+        httpd.stop()
 
 
 def test_clsvc_serve_local_http_port(srv, tmp_path):

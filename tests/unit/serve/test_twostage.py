@@ -36,7 +36,7 @@ def test_answer_grouped_one_call_per_length_and_states_follow_their_rows():
     class Engine:
         calls = []
 
-        def answer_mixed(self, samples, adapters, n, vision_states=None):
+        def answer_mixed(self, samples, adapters, n, vision_states=None, on_token=None):
             self.calls.append((n, [s.id for s in samples], adapters, vision_states.flatten().tolist()))
             return [f"{a}/{n}/{s.id}" for s, a in zip(samples, adapters)]
 

@@ -1,10 +1,12 @@
-"""A plain (non-editable) install serves: the wheel carries cl.proto and its stubs, and `clsvc serve --local` +
-`clsvc predict` from a fresh venv outside the checkout answer, with every cache under ``$CLSVC_HOME``.
+"""A plain (non-editable) install serves: the wheel carries cl.proto and its stubs, declares what the library
+imports, and installed with its dependencies into a fresh venv outside the checkout, `clsvc serve --local` +
+`clsvc predict` answer, with every cache under ``$CLSVC_HOME``.
 
-The fresh venv sees the third-party packages of the running interpreter's site-packages through a ``.pth`` line
-(not reinstalled: no network, seconds instead of minutes). Such a line only appends the folder to ``sys.path``;
-the ``.pth`` files inside it are not run, so the checkout's editable install (a ``__editable__`` finder) stays
-out, and the test asserts that ``cl_service`` is imported from the new venv.
+The fresh venv borrows nothing from the dev venv: pip resolves the wheel's declared dependencies from the package
+index (or pip's cache), torch pinned first to the CPU build as the Makefile does (``torch==2.13.0``) and the rest
+under ``constraints.txt``, so a dependency the wheel forgets to declare fails here. That takes minutes and needs
+the package index: ``make test-wheel`` runs this file (``.ci/run`` runs it after ``make test``), ``make test`` does
+not.
 """
 
 import ast
@@ -15,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -106,20 +107,41 @@ def test_runtime_dependencies_are_what_the_library_imports():
     assert used == declared, f"declared but never imported: {declared - used}"
 
 
+TORCH_PIN = "torch==2.13.0"  # the Makefile's CPU pin: an unpinned torch pulls GBs of CUDA packages
+
+
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory, wheel) -> Path:
+    """A venv of its own (no system or dev-venv site-packages) with the wheel and its resolved dependencies."""
     venv = tmp_path_factory.mktemp("venv") / "v"
-    _sh([sys.executable, "-m", "venv", "--without-pip", venv])
+    _sh([sys.executable, "-m", "venv", venv])
     py = venv / "bin" / "python"
-    _sh([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index", wheel])
-    site = Path(_sh([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
-    # After the install, so pip never sees the checkout's editable cl-service as installed in this venv.
-    shared = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-    (site / "_clsvc_test_shared.pth").write_text("".join(f"{p}\n" for p in shared))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    _sh([py, "-m", "pip", "install", "-q", TORCH_PIN], env=env, timeout=900)
+    _sh([py, "-m", "pip", "install", "-q", "-c", REPO / "constraints.txt", wheel], env=env, timeout=900)
     return venv
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(1800)  # the venv fixture installs torch and the dependencies first
+def test_the_fresh_venv_borrows_nothing_from_the_dev_venv(fresh_venv, tmp_path):
+    """What the wheel's install brought, not what the checkout's venv has: sys.path holds no folder of another
+    environment, and the libraries the library imports load from the new venv."""
+    out = _sh([fresh_venv / "bin" / "python", "-c",
+               "import sys, torch, transformers, peft, grpc, pyarrow, cl_service\n"
+               "print(sys.prefix); print(torch.__version__)\n"
+               "for m in (torch, transformers, peft, grpc, pyarrow, cl_service): print(m.__file__)\n"
+               "print('\\n'.join(p for p in sys.path if 'site-packages' in p))"],
+              cwd=tmp_path,  # outside the checkout: `python -c` puts the working directory first on sys.path
+              env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}).splitlines()
+    prefix = Path(out[0]).resolve()
+    assert prefix == fresh_venv.resolve(), out
+    assert out[1].startswith("2.13.0"), out[1]
+    for f in out[2:]:
+        assert Path(f).resolve().is_relative_to(prefix), f"{f} is not from the fresh venv"
+    assert not list(prefix.glob("lib/python*/site-packages/nvidia*")), "the CPU pin pulled CUDA wheels"
+
+
+@pytest.mark.timeout(1800)  # the venv fixture installs torch and the dependencies first
 def test_installed_wheel_serves_from_outside_the_checkout(tmp_path_factory, fresh_venv, tiny_run, dcl_shards):
     from cl_service.data.shards import ShardDataset
 

@@ -1,5 +1,6 @@
 """Tracking: the config section, the backends' registry, what a run sends (read back from real event files)."""
 
+import contextlib
 import importlib.abc
 import json
 import sys
@@ -137,3 +138,31 @@ def test_progress_bars_stay_out_of_logs_unless_forced(capsys, monkeypatch):
     assert list(bar(3, "evaluating", "unit", iter("abc"))) == ["a", "b", "c"]
     err = capsys.readouterr().err
     assert "evaluating:" in err and "/3 " in err
+
+
+def test_an_mlflow_run_ends_as_the_clsvc_run_did(tmp_path, tiny_base, dcl_shards):
+    """tracking.backend=mlflow with the real package (extra ``tracking-mlflow``): a run that fails is FAILED in
+    MLflow, an interrupted one KILLED, a finished one FINISHED (read back from the MLflow store they share)."""
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from cl_service.run import run_stream
+
+    endings = {"finished": None, "failed": RuntimeError("stage failed"), "killed": KeyboardInterrupt()}
+    for name, ending in endings.items():
+        cfg = load_run_cfg(None, [f"out={tmp_path / name}", f"data.path={dcl_shards}", f"base.path={tiny_base}",
+                                  "data.tasks=[RS]", "methods=[zero_shot]", "eval.max_new_tokens=2",
+                                  "ray.num_workers=0", "tracking.backend=mlflow", "tracking.project=p",
+                                  f"tracking.dir={tmp_path / 'mlflow'}"])
+
+        def on_stage(info, ending=ending):  # the hook a sweep's scheduler stops a run from: it ends this run
+            if ending is not None:
+                raise ending
+
+        with pytest.raises(type(ending)) if ending is not None else contextlib.nullcontext():
+            run_stream(cfg, log=lambda m: None, on_stage=on_stage)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("p").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+        ("failed", "FAILED"), ("finished", "FINISHED"), ("killed", "KILLED")]
+    assert all("eval/zero_shot/acc/RS" in r.data.metrics for r in runs)  # what each logged before it ended

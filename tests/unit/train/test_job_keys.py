@@ -21,16 +21,18 @@ def test_a_job_that_does_not_use_moelora_keeps_the_key_it_had_before_the_field_e
     monkeypatch.setattr(job_mod, "_base_fingerprint", lambda path: "bd")
     j = _job()
     d = to_dict(j)
-    del d["base_digest"]  # the base is hashed by content (since issue 23: every earlier key changed once)
+    del d["base_digest"]  # the base is hashed by content (hashing it by content changed every earlier key once)
     d["base_path"] = "bd"
     del d["moe_experts"]  # what key() hashed before moelora was added
     del d["base_dtype"], d["prompt_style"]  # ... before the base's dtype and prompt style were run settings
+    del d["options"]  # ... before methods passed options to their jobs
     for k in ("lora_fp32_inputs", "fused_optimizer", "activation_checkpointing", "fused_kernels"):
         del d["train"][k]  # ... and before the GPU training options were
     d["train"]["autocast"] = "none"  # ... whose CPU value 'auto' stands for
     for part in d["parts"]:
         del part["augment"]  # ... and before router data could be augmented
         del part["swap_images"]  # ... or carry swapped images
+        del part["share"]  # ... or be sized as a share of the job's first part (replay.fraction)
     d.pop("out_dir")
     d.pop("name")
     d["dataset"], d["init_adapter"] = "fp", None
@@ -79,3 +81,36 @@ def test_the_base_is_keyed_by_its_content_not_its_path(tmp_path, tiny_base, dcl_
     save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
     assert job.key() != key and job.weights_key() != wkey
     assert job.replace(base_path=str(tmp_path / "gone")).key() != key  # no base there: nothing is complete
+
+
+def test_method_options_hash_only_when_set(monkeypatch):
+    """The one key rule for methods' own hyper-parameters: an unset option (None) is not part of the key, so a
+    method or option added later changes no other job's key; set options are hashed by name, in any order."""
+    import pytest
+
+    from cl_service.train.job import job_options
+
+    monkeypatch.setattr(job_mod, "_dataset_fingerprint", lambda path: "fp")
+    plain = _job()
+    assert job_options(beta=None) == () and _job(options=job_options(beta=None)).key() == plain.key()
+    a = _job(options=job_options(paper=True, beta=0.5))
+    assert a.key() != plain.key() and a.weights_key() != plain.weights_key()
+    assert a.option("beta") == 0.5 and a.option("momentum", 0.7) == 0.7 and plain.option("paper") is None
+    assert _job(options=job_options(beta=0.5, paper=True)).key() == a.key()  # keyword order does not matter
+    assert _job(options=job_options(paper=True, beta=0.25)).key() != a.key()
+    assert a.replace(kind="other").weights_key() == a.weights_key()  # like every field but the kind and names
+    with pytest.raises(ValueError, match="options must come from job_options"):
+        _job(options=(("paper", True), ("beta", 0.5)))  # unsorted: two spellings of one job
+    with pytest.raises(TypeError, match="values are bool, int, float, str"):
+        job_options(gates=[0.5])
+
+
+def test_a_part_sized_as_a_share_is_another_adapter_and_unset_share_keeps_the_key(monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(job_mod, "_dataset_fingerprint", lambda path: "fp")
+    plain = _job().replace(parts=(DataPart("RS"), DataPart("Med", limit=2)))
+    share = _job().replace(parts=(DataPart("RS"), DataPart("Med", share=0.5)))
+    assert share.key() != plain.key()
+    with pytest.raises(ValueError, match="share=0.5 needs limit=None"):
+        DataPart("Med", limit=2, share=0.5)
