@@ -8,12 +8,19 @@ CONFIG=${CONFIG:-workloads/configs/dcl_mini.yaml}
 OUT=${OUT:-runs/dcl-mini}
 # The benchmark's five methods plus mrlora_proto and mrlora_knn, so the report puts the MLLM router and two
 # training-free ones (prototype: class means; knn: nearest neighbour) side by side.
-METHODS=${METHODS:-mrlora,mrlora_proto,mrlora_knn,lora_ft,lora_ft_replay,oracle,zero_shot}
+# METHODS= (empty) runs the config's own methods list (`make table`).
+METHODS=${METHODS-mrlora,mrlora_proto,mrlora_knn,lora_ft,lora_ft_replay,oracle,zero_shot}
 EXTRA=${EXTRA:-}   # extra key=value overrides of the run config
 # The job's script and arguments (`make study` submits workloads/run_study.py instead); REPORT=0 skips the metrics
 # table of a run at the end.
-DEMO_JOB=${DEMO_JOB:-workloads/run_stream.py --config '$CONFIG' --methods '$METHODS' --out '$OUT' $EXTRA}
+if [ -z "${DEMO_JOB:-}" ]; then
+  DEMO_JOB="workloads/run_stream.py --config '$CONFIG' --out '$OUT'"
+  [ -z "$METHODS" ] || DEMO_JOB="$DEMO_JOB --methods '$METHODS'"
+  DEMO_JOB="$DEMO_JOB $EXTRA"
+fi
 REPORT=${REPORT:-1}
+# PRINT_JOB=1: print the command the job would run and stop (nothing is built or started).
+if [ -n "${PRINT_JOB:-}" ]; then bash -c "printf '%s\\n' $DEMO_JOB"; exit 0; fi
 # Ports: the Ray client server must sit outside the worker port range (10002-19999 by default).
 PORT=${RAY_PORT:-6381}
 DASH=${RAY_DASHBOARD_PORT:-8266}
