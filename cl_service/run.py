@@ -243,7 +243,11 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
             except StopIteration as done:
                 return done.value
             if on_stage is not None:
-                on_stage(event)
+                try:
+                    on_stage(event)
+                except BaseException as e:
+                    stages.throw(e)  # the stream ends as this error does (its tracker run failed, or killed)
+                    raise
     finally:
         stages.close()  # an on_stage that raised: the stream's own cleanup (tracking, evaluator) runs now
 
