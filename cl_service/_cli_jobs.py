@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from cl_service.cli import CLIError
+from cl_service._cli_base import CLIError
 
 
 def cmd_run(a: argparse.Namespace) -> int:

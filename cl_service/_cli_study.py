@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cl_service.cli import CLIError
+from cl_service._cli_base import CLIError
 
 
 def study_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,9 +11,7 @@ import importlib
 import sys
 from typing import Iterator, Sequence
 
-
-class CLIError(Exception):
-    """An error the user can fix; printed without a trace."""
+from cl_service._cli_base import CLIError, config_classes
 
 
 class _Names:
@@ -43,16 +41,9 @@ class _Names:
         return ", ".join(self._get())
 
 
-def _config_classes() -> dict[str, type]:
-    from cl_service.config import RunCfg
-    from cl_service.serve.config import ServeCfg
-
-    return {"run": RunCfg, "serve": ServeCfg}
-
-
 def build_parser() -> argparse.ArgumentParser:
     from cl_service import __version__
-    from cl_service import _cli_data as d, _cli_jobs as j  # here: they import CLIError from this module
+    from cl_service import _cli_data as d, _cli_jobs as j
     from cl_service import _cli_study
 
     benchmarks = _Names("cl_service.data.synth", "BENCHMARKS")
