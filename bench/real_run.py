@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-steps", type=int, default=24)
     ap.add_argument("--router-steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--methods", default=METHODS, help="the methods clsvc run trains and evaluates (comma-separated)")
     ap.add_argument("--run-timeout", type=float, default=420)
     ap.add_argument("--serve-seconds", type=float, default=20)
     ap.add_argument("--skip-serve", action="store_true")
@@ -261,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     print("data", res["data"], flush=True)
     save()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    run = work / "run"
+    run = work / out.stem  # one run folder per result file: a second suite on the same machine starts its own
     cmd = [sys.executable, "-m", "cl_service.cli", "run", "--out", str(run), "--data", str(data),
-           "--methods", METHODS, f"base.path={work / 'llava-7b-hf'}", "ray.use_gpu=true", "ray.num_workers=1",
+           "--methods", a.methods, f"base.path={work / 'llava-7b-hf'}", "ray.use_gpu=true", "ray.num_workers=1",
            "ray.cpus_per_worker=4", "ray.gpus_per_worker=0.5", "eval.num_workers=1", "eval.num_gpus=0.5",
            "eval.cpus_per_worker=4", "eval.batch_size=64", "eval.max_new_tokens=8", "ray.checkpoint_every=1000",
            f"data.test_limit={a.test_per_task}", "expert.lora.rank=128", "expert.lora.alpha=256",
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     res["run_cmd"] = " ".join(cmd)
     with GpuMonitor() as mon:
         t0 = time.time()
-        rc, wall = _run_logged(cmd, out.parent / "real_run.log", a.run_timeout, env)
+        rc, wall = _run_logged(cmd, out.with_suffix(".log"), a.run_timeout, env)
         t1 = time.time()
         res["run"] = {"rc": rc, "wall_s": round(wall, 1), "gpu": mon.summary(t0, t1)}
         print("run", res["run"], flush=True)

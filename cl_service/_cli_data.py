@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cl_service._table import format_table
-from cl_service.cli import CLIError, _config_classes
+from cl_service._cli_base import CLIError, config_classes
 
 
 def _progress(total: int | None, desc: str):
@@ -207,7 +207,7 @@ def cmd_config(a: argparse.Namespace) -> int:
     ``config reference``: the Markdown reference of every key (``docs/config.md``)."""
     from cl_service import _cfgdoc, _cfgload
 
-    classes = _config_classes()
+    classes = config_classes()
     if a.config_cmd == "reference":
         text = _cfgdoc.reference({"clsvc run / sweep (RunCfg)": classes["run"], "clsvc serve (ServeCfg)": classes["serve"]})
         if a.out:

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from cl_service.cli import CLIError
+from cl_service._cli_base import CLIError
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -32,9 +32,11 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from cl_service.sweep.space import expand, load_base, load_space
+    from cl_service.study.orders import parse_seeds
+    from cl_service.sweep.space import expand, load_base, load_space, with_seeds
 
-    space = load_space(a.space)  # validate before starting Ray
+    seeds = parse_seeds(a.seeds) if a.seeds else None
+    space = with_seeds(load_space(a.space), seeds)  # validate before starting Ray
     trials = expand(space, load_base(a.config, a.overrides))
     if a.dry_run:
         for t in trials:
@@ -45,7 +47,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
     # non-zero while a trial is unfinished; 128 + the signal when SIGINT/SIGTERM interrupted it
     return sweep_exit_code(run_sweep(a.config, a.space, a.out, a.overrides, log=lambda m: print(m, flush=True),
-                                     command=" ".join(["clsvc", *sys.argv[1:]])))
+                                     command=" ".join(["clsvc", *sys.argv[1:]]), seeds=seeds))
 
 
 def cmd_report(a: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """``clsvc``: the command line, its parser and dispatch. The commands' bodies live in
-:mod:`cl_service._cli_data` (data, base, adapters, score, ls, config) and :mod:`cl_service._cli_jobs` (run,
-sweep, report, serve, predict); heavy imports (torch, ray) happen inside the commands that need them, and the
-registries that name an option's choices are read only when a value is checked or a help page printed."""
+:mod:`cl_service._cli_data` (data, base, adapters, score, ls, config), :mod:`cl_service._cli_jobs` (run, sweep,
+report, serve, predict) and :mod:`cl_service._cli_study` (study); heavy imports (torch, ray) happen inside the
+commands that need them, and the registries that name an option's choices are read only when a value is checked
+or a help page printed."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import importlib
 import sys
 from typing import Iterator, Sequence
 
-
-class CLIError(Exception):
-    """An error the user can fix; printed without a trace."""
+from cl_service._cli_base import CLIError, config_classes
 
 
 class _Names:
@@ -42,16 +41,10 @@ class _Names:
         return ", ".join(self._get())
 
 
-def _config_classes() -> dict[str, type]:
-    from cl_service.config import RunCfg
-    from cl_service.serve.config import ServeCfg
-
-    return {"run": RunCfg, "serve": ServeCfg}
-
-
 def build_parser() -> argparse.ArgumentParser:
     from cl_service import __version__
-    from cl_service import _cli_data as d, _cli_jobs as j  # here: they import CLIError from this module
+    from cl_service import _cli_data as d, _cli_jobs as j
+    from cl_service import _cli_study
 
     benchmarks = _Names("cl_service.data.synth", "BENCHMARKS")
     scorers = _Names("cl_service.eval.scorers", "SCORERS")
@@ -158,9 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="RunCfg YAML, the base of every trial")
     s.add_argument("--space", required=True, help="SPACE.yaml (see cl_service/sweep/space.py)")
     s.add_argument("--out", default=None, help="sweep folder (default: the config's out + '-sweep')")
+    s.add_argument("--seeds", default=None, help="N (seeds 0..N-1) or a comma-separated list: every trial runs at "
+                                                 "each seed, ASHA decides on the mean (default: the space file's)")
     s.add_argument("--dry-run", action="store_true", help="list the trials and exit")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=j.cmd_sweep)
+
+    s = sub.add_parser("study", help="a CL config over several task orders and seeds: intervals, paired tests",
+                       description="Same options as workloads/run_study.py. Runs the grid of (order, seed) cells, each "
+                                   "a CL run, on Ray (as many at once as the resources allow), training every job "
+                                   "shared by several cells once; writes study.json and report.md. Rerun with the "
+                                   "same --out to resume.")
+    _cli_study.study_arguments(s)
+    s.add_argument("--dry-run", action="store_true",
+                   help="list the cells, the jobs to train and the jobs shared, and stop")
+    s.set_defaults(func=_cli_study.cmd_study)
 
     s = sub.add_parser("serve", help="serve a run's experts and router over gRPC (Ray Serve, local Ray on loopback)",
                        description="Same options as workloads/serve_experts.py. Uses RAY_ADDRESS if set, else starts "

@@ -34,10 +34,32 @@ class DataCfg:
     """Cap on test samples per task evaluated at each stage; None = all."""
     tasks: tuple[str, ...] = ()
     """Restrict the stream to these tasks (in the dataset's order); empty = all."""
+    order: tuple[str, ...] = ()
+    """The order the tasks are learned in: a permutation of the stream's tasks (after ``tasks``), e.g.
+    ``[Fin, Sci, AD, Med, RS]``; empty = the dataset's own order. A study runs one stream per order
+    (``clsvc study``); an expert does not depend on it, the router and the sequential methods do."""
 
     def __post_init__(self) -> None:
         _cfgload.check_ranges(self, train_per_task=(1, None), test_per_task=(1, None), train_limit=(1, None),
                                test_limit=(1, None))
+        if len(set(self.order)) != len(self.order):
+            raise ValueError(f"data.order {list(self.order)} names a task twice")
+        if self.order and self.tasks and set(self.order) != set(self.tasks):
+            raise ValueError(f"data.order {list(self.order)} is not a permutation of data.tasks {list(self.tasks)}")
+
+    def stream(self, tasks: Sequence[str]) -> list[str]:
+        """The run's stream from the dataset's ``tasks`` (its own order): restricted to ``self.tasks``, then put
+        in ``self.order``. Raises ``ValueError`` naming the tasks when either does not fit the dataset."""
+        kept = [t for t in tasks if not self.tasks or t in self.tasks]
+        if self.tasks and len(kept) != len(self.tasks):
+            raise ValueError(f"data.tasks {list(self.tasks)} not all in the dataset's stream {list(tasks)}")
+        if not self.order:
+            return kept
+        if sorted(self.order) != sorted(kept):
+            missing, extra = sorted(set(kept) - set(self.order)), sorted(set(self.order) - set(kept))
+            raise ValueError(f"data.order {list(self.order)} is not a permutation of the stream's tasks {kept}"
+                             + (f" (missing {missing})" if missing else "") + (f" (not in it: {extra})" if extra else ""))
+        return list(self.order)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from cl_service._table import format_table
 from cl_service.adapters.registry import is_complete
 from cl_service.config import RunCfg
 from cl_service.data.shards import ShardDataset, ShardWriter, atomic_write_text, dataset_location
+from cl_service.eval.confusion import stage_confusion
 from cl_service.eval.metrics import compute_cl_metrics
 from cl_service.eval.report import write_metrics, write_report
 from cl_service.data.origin import check_origin
@@ -197,7 +198,7 @@ def plan_stream(cfg: RunCfg) -> list[dict[str, Any]]:
 
         spec = BENCHMARKS.get(cfg.data.benchmark)
         stream, descriptions, ds = spec.task_names, {t.name: t.description for t in spec.tasks}, None
-    tasks = [t for t in stream if not cfg.data.tasks or t in cfg.data.tasks]
+    tasks = cfg.data.stream(stream)
     base = str(Path(cfg.base.path).resolve() if cfg.base.path else store_base_path(cfg.base.profile))
     methods = {name: METHODS.get(name)() for name in cfg.methods}
     try:
@@ -230,12 +231,37 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
                evaluator: Evaluator | None = None) -> dict[str, Any]:
     """Run ``cfg.methods`` over the stream; returns the metrics dict also written to ``metrics.json``.
 
+    ``trainer``, ``evaluator`` and ``engine_factory``: as :func:`iter_stream`, which this drives to the end.
+    ``on_stage`` (optional) is called with each stage's event — the hook a sweep uses to report per-stage metrics
+    (and where a scheduler may stop the run: an exception raised there ends the run as any error does).
+    """
+    stages = iter_stream(cfg, trainer, log, engine_factory, evaluator)
+    try:
+        while True:
+            try:
+                event = next(stages)
+            except StopIteration as done:
+                return done.value
+            if on_stage is not None:
+                try:
+                    on_stage(event)
+                except BaseException as e:
+                    stages.throw(e)  # the stream ends as this error does (its tracker run failed, or killed)
+                    raise
+    finally:
+        stages.close()  # an on_stage that raised: the stream's own cleanup (tracking, evaluator) runs now
+
+
+def iter_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, engine_factory=None,
+                evaluator: Evaluator | None = None) -> Iterator[dict[str, Any]]:
+    """:func:`run_stream` one stage at a time: a generator that yields after each stage's evaluation and returns
+    (``StopIteration.value``) the metrics dict also written to ``metrics.json``. Several streams advanced in
+    turn run in lockstep in one process (a sweep trial's seeds); closing it early ends the run as an error does.
+
     ``trainer`` trains each stage's adapters (default :class:`LocalTrainer`); ``evaluator`` computes the
     (method, stage) evaluation units (default :class:`~cl_service.eval.stage.LocalEvaluator` over
-    ``engine_factory(base_path, cfg)``, or the default engine). ``on_stage`` (optional) is called after each
-    stage's evaluation with ``{"stage", "task", "tasks", "records": {method: stage record (row,
-    router_accuracy, train_s, eval_s, ...)}}`` — the hook a sweep uses to report per-stage metrics (and where
-    a scheduler may stop the run).
+    ``engine_factory(base_path, cfg)``, or the default engine). Each stage yields ``{"stage", "task", "tasks",
+    "records": {method: stage record (row, router_accuracy, train_s, eval_s, ...)}}``.
     """
     from cl_service.models.store import ensure_base
 
@@ -253,9 +279,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
     evaluator = evaluator or LocalEvaluator(engine_factory)
     data_path = prepare_dataset(cfg, out, log)
     ds = ShardDataset(data_path)
-    tasks = [t for t in ds.tasks if not cfg.data.tasks or t in cfg.data.tasks]
-    if cfg.data.tasks and len(tasks) != len(cfg.data.tasks):
-        raise ValueError(f"data.tasks {list(cfg.data.tasks)} not all in the dataset's stream {ds.tasks}")
+    tasks = cfg.data.stream(ds.tasks)  # data.tasks and data.order checked against the dataset, before any work
     base_path = str(Path(cfg.base.path or ensure_base(cfg.base.profile, log=log)).resolve())
     # The base and the data by content, here in the driver: job keys and stage records carry them.
     base_dig, data_dig = base_digest(base_path), dataset_digest(data_path)
@@ -305,8 +329,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
                 if rec["row"][i] is not None:
                     summary.append(f"{name} {rec['row'][i]:.1f}")
             log(f"[stage {i + 1}/{T} {task}] accuracy on {task}: " + ", ".join(summary))
-            if on_stage is not None:
-                on_stage({"stage": i, "task": task, "tasks": tasks, "records": recs})
+            yield {"stage": i, "task": task, "tasks": tasks, "records": recs}
     except BaseException as e:
         tracking.close(e)  # a failed or interrupted run still flushes its curves; its tracker run ends failed/killed
         raise
@@ -327,6 +350,7 @@ def run_stream(cfg: RunCfg, trainer: Trainer | None = None, log: Log = print, en
             entry["router_accuracy"] = rec["router_accuracy"]
             entry["router_ms_per_request"] = 1000 * rec["router_seconds"] / max(1, rec["router_requests"])
             entry["router_fallbacks"] = rec["fallbacks"]
+            entry["confusion"] = [stage_confusion(out, name, i, tasks) for i in range(T)]  # from the predictions
         metrics["methods"][name] = entry
     write_metrics(out, metrics)
     tracking.final(metrics)

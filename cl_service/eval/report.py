@@ -10,6 +10,7 @@ from typing import Any
 
 from cl_service._table import format_table
 from cl_service.data.shards import atomic_write_text
+from cl_service.eval.confusion import confusion_table
 
 
 def _nan_to_none(v: Any) -> Any:
@@ -184,6 +185,17 @@ def write_report(out: Path, metrics: dict[str, Any], extra: dict[str, Any] | Non
                           _fmt(m.get("router_ms_per_request")), m.get("router_fallbacks", 0)])
         lines += ["## Routing accuracy (%) at the end of the stream", "",
                   format_table(["method", "router", *tasks, "ms/request", "fallbacks"], rrows, markdown=True), ""]
+    confusions = [(n, m) for n, m in routed.items() if m.get("confusion")]
+    if confusions:
+        lines += ["## Routing confusion per stage", "",
+                  "Which task's test items each routed method sent to which expert after each stage (percent of the "
+                  "task's items; rows: every task of the stream, also those not learned yet; from the prediction "
+                  "files).", ""]
+        for name, m in confusions:
+            for i, conf in enumerate(m["confusion"]):
+                head, rows = confusion_table(conf, tasks[: i + 1])
+                lines += [f"### {name} after stage {i + 1} ({tasks[i]})", "",
+                          format_table(head, [[_fmt(v) for v in r] for r in rows], markdown=True), ""]
     if extra.get("stage_times"):
         lines += ["## Wall time per stage (s)", "", format_table(
             ["method", "stage", "task", "train s", "eval s"], extra["stage_times"], markdown=True), ""]

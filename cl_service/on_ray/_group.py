@@ -4,7 +4,7 @@ Starting a worker group costs ~13-18 s per stage on a 2-core machine (controller
 torch/transformers/peft) and ~40 s on an H200. Here the driver starts one ``TorchTrainer`` run (from a remote
 task, as :class:`cl_service.on_ray.train.RayTrainer` does for every stage, so that it can be cancelled) whose
 train function (:func:`_group_fn`) takes each stage's jobs from a small actor (:class:`_StageQueue`), trains
-them exactly as a per-stage group does (:func:`cl_service.on_ray.train.run_jobs`: the same job store, the same
+them exactly as a per-stage group does (:func:`cl_service.on_ray._workers.run_jobs`: the same job store, the same
 shipped init adapters), tells the queue when the stage is done, and waits for the next. The driver collects a
 stage's adapters from the job store as before.
 
@@ -31,6 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cl_service.config import RayCfg
 from cl_service.on_ray._stall import Beat, Beats, Watch
+from cl_service.on_ray._workers import drop_run_folder, run_jobs, scaling
 from cl_service.train.job import TrainJob
 from cl_service.train.jobstore import JobStore
 
@@ -117,8 +118,6 @@ def _group_fn(config: dict[str, Any]) -> None:
 
     import torch
 
-    from cl_service.on_ray.train import run_jobs
-
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     queue, beat = config["queue"], config["beat"]
     rank = ray.train.get_context().get_world_rank()
@@ -146,13 +145,11 @@ def _group_fn(config: dict[str, Any]) -> None:
 @ray.remote(num_cpus=0)
 def _run_group(cfg: RayCfg, storage: str, name: str, env: dict[str, str], queue: Any, beat: Beat) -> str | None:
     """The persistent group's ``TorchTrainer`` run; its error, or None when it ended by being stopped."""
-    from cl_service.on_ray.train import _scaling, drop_run_folder
-
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.poll_interval_s)
     config = {"queue": queue, "checkpoint_every": cfg.checkpoint_every, "strategy": cfg.strategy,
               "threads": max(1, int(cfg.cpus_per_worker)), "store": JobStore(storage), "beat": beat}
     trainer = TorchTrainer(
-        _group_fn, train_loop_config=config, scaling_config=_scaling(cfg),
+        _group_fn, train_loop_config=config, scaling_config=scaling(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage,
                              # the driver starts a new group, counting failures per stage (Ray Train's count

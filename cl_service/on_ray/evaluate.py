@@ -32,6 +32,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -203,7 +204,16 @@ class RayEvaluator:
     def _refresh(self, k: int) -> bool:
         """Ask actor ``k`` where it is now (Ray may have restarted it, perhaps on another node); whether this is a
         new life. Raises when it is gone for good."""
-        _, mirror, life = ray.get(self.actors[k].ready.remote(), timeout=self.stall_s)
+        deadline = time.monotonic() + self.stall_s
+        while True:
+            try:
+                _, mirror, life = ray.get(self.actors[k].ready.remote(), timeout=self.stall_s)
+                break
+            except ray.exceptions.ActorUnavailableError:
+                # Ray is still restarting it: ask again until its new life answers (or the stall bound passes).
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         new = life != self.lives[k]
         if new:
             self.log(f"evaluation: evaluator {k} was restarted"

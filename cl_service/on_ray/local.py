@@ -197,6 +197,23 @@ def init_local(log=print, **kw):
     return ctx
 
 
+def ensure_ray(log=print, name: str = "clsvc") -> bool:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray on loopback (:func:`init_local`) unless Ray is initialised
+    already (a ``ray job submit`` driver, a test's cluster); True when this call did it (then the caller shuts it
+    down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address=driver_node_ip(os.environ["RAY_ADDRESS"]))
+    else:  # a local cluster on loopback
+        init_local(log)  # with its dashboard on 127.0.0.1
+    log(f"[{name}] ray {ray.__version__}: {ray.cluster_resources()}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cl_service.on_ray.local", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)

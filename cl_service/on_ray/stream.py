@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from cl_service.config import RunCfg, load_run_cfg
 from cl_service.on_ray.local import driver_node_ip, init_local
@@ -30,17 +30,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[RunCfg, argparse.Name
     return load_run_cfg(a.config, ov), a
 
 
-def run(cfg: RunCfg, log=print) -> dict:
+def run(cfg: RunCfg, log=print, wrap_trainer: Callable[[Any], Any] | None = None) -> dict:
     """Run ``cfg``; training on Ray Train unless ``ray.num_workers == 0`` (then in this process, and so is
-    evaluation); evaluation on evaluator actors (:mod:`cl_service.on_ray.evaluate`) or in this driver."""
+    evaluation); evaluation on evaluator actors (:mod:`cl_service.on_ray.evaluate`) or in this driver.
+    ``wrap_trainer`` (optional) wraps the trainer backend (a study's cells: the shared adapter cache)."""
     from cl_service.run import LocalTrainer, run_stream
+
+    wrap = wrap_trainer or (lambda t: t)
 
     if cfg.ray.num_workers == 0:
         if cfg.ray.strategy != "ddp":
             raise ValueError(f"ray.strategy={cfg.ray.strategy} needs Ray Train workers (ray.num_workers >= 1)")
         from cl_service.models.placement import train_device
 
-        return run_stream(cfg, LocalTrainer(train_device(cfg)), log=log)
+        return run_stream(cfg, wrap(LocalTrainer(train_device(cfg))), log=log)
     import ray
 
     from cl_service.on_ray.evaluate import make_evaluator
@@ -63,7 +66,7 @@ def run(cfg: RunCfg, log=print) -> dict:
         evaluator = make_evaluator(cfg, log, env)
         trainer = RayTrainer(cfg.ray, storage, env, persistent=_persistent(cfg, evaluator, log))
         try:
-            return run_stream(cfg, trainer, log=log, evaluator=evaluator)
+            return run_stream(cfg, wrap(trainer), log=log, evaluator=evaluator)
         finally:
             trainer.close()  # the persistent worker group, also on an error or interrupt
     finally:

@@ -32,8 +32,8 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from cl_service.config import RunCfg
-from cl_service.on_ray.local import driver_node_ip, init_local
-from cl_service.sweep.space import Space, TrialSpec, expand, load_base, load_space, trial_cfg
+from cl_service.on_ray.local import ensure_ray
+from cl_service.sweep.space import Space, TrialSpec, expand, load_base, load_space, trial_cfg, with_seeds
 from cl_service.sweep.report import sweep_exit_code  # noqa: F401  (the CLI's exit status)
 from cl_service.tracking import check_available as check_tracking
 from cl_service.sweep.trial import (PROGRESS, done_record, mark_stopped, mark_unfinished, pending_trials, read_json,
@@ -167,15 +167,17 @@ class _Progress(Callback):
 
 
 def run_sweep(config: str | Path | None, space_path: str | Path, out: str | Path | None = None,
-              overrides: Sequence[str] = (), log: Log = print, command: str | None = None) -> dict[str, Any]:
-    """Run (or resume) a sweep on the connected/local Ray cluster; writes sweep.csv/json and report.md."""
+              overrides: Sequence[str] = (), log: Log = print, command: str | None = None,
+              seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep on the connected/local Ray cluster; writes sweep.csv/json and report.md. ``seeds``
+    (``--seeds``) replaces the space file's ``sweep.seeds``: every trial runs at each."""
     from cl_service.models.store import ensure_base
     from cl_service.run import prepare_dataset
     from cl_service.sweep.report import write_sweep_report
 
     t0 = time.time()
     base = load_base(config, overrides)
-    space = load_space(space_path)
+    space = with_seeds(load_space(space_path), seeds)
     trials = expand(space, base)
     out = Path(out or (str(base["out"]).rstrip("/") + "-sweep")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +193,7 @@ def run_sweep(config: str | Path | None, space_path: str | Path, out: str | Path
     log(f"[sweep] {len(trials)} trial(s) over {', '.join(space.swept_keys())}; {len(trials) - len(todo)} already "
         f"done, {len(todo)} to run; {stages} stages each; out {out}")
     if todo:
-        started = _ensure_ray(log)
+        started = ensure_ray(log, "sweep")
         try:
             n, per = concurrency(base_cfg, space, ray.cluster_resources())
             caught = _tune(todo, space, base, out, data_path, base_path, stages, n, per, log)
@@ -253,31 +255,24 @@ def _tune(todo: list[TrialSpec], space: Space, base: dict[str, Any], out: Path, 
     return caught
 
 
-def _ensure_ray(log: Log) -> bool:
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address=driver_node_ip(os.environ["RAY_ADDRESS"]))
-    else:  # a local cluster on loopback
-        init_local(log)  # with its dashboard on 127.0.0.1
-    log(f"[sweep] ray {ray.__version__}: {ray.cluster_resources()}")
-    return True
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Ray Tune sweep of a CL run (LoRA rank, router data, lr, ...).")
     p.add_argument("--config", required=True, help="RunCfg YAML (the base of every trial)")
     p.add_argument("--space", required=True, help="SPACE.yaml: dotted keys -> grid/distribution, sweep settings")
     p.add_argument("--out", default=None, help="sweep folder; rerun with the same folder to finish missing trials")
+    p.add_argument("--seeds", default=None, help="N (seeds 0..N-1) or a comma-separated list: every trial runs at "
+                                                 "each seed, ASHA decides on the mean (default: the space file's)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. data.test_limit=20")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cl_service.study.orders import parse_seeds
+
     a = parse_args(argv)
     return sweep_exit_code(run_sweep(a.config, a.space, a.out, a.overrides, log=lambda m: print(m, flush=True),
-                                     command=" ".join(["python", *sys.argv])))
+                                     command=" ".join(["python", *sys.argv]),
+                                     seeds=parse_seeds(a.seeds) if a.seeds else None))
 
 
 if __name__ == "__main__":

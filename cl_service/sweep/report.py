@@ -24,7 +24,8 @@ SAMPLES_KEY = "router.samples_per_task"
 
 
 def trial_rows(out: Path, trials: list[TrialSpec], stages: int) -> list[dict[str, Any]]:
-    """One row per trial: its values, seed, state, final metrics and the metric after each stage."""
+    """One row per trial: its values, seeds, state, final metrics (mean over seeds, with the 95% interval's ends
+    as ``<metric>_low`` / ``<metric>_high``) and the metric (mean over seeds) after each stage."""
     rows = []
     for t in trials:
         tdir = trial_dir(out, t.id)
@@ -33,11 +34,14 @@ def trial_rows(out: Path, trials: list[TrialSpec], stages: int) -> list[dict[str
         state = rec.get("state") or ("running/failed" if progress else "pending")
         if state == "stopped":
             state = "stopped (ASHA)"
-        row: dict[str, Any] = {"trial": t.index + 1, "id": t.id, **t.params, "seed": t.seed, "state": state,
-                               "stages": len(progress), "MFT": rec.get("MFT"), "MFN": rec.get("MFN"),
-                               "BWT": rec.get("BWT"),
-                               "router_acc": rec.get("router_acc", progress[-1]["router_acc"] if progress else None),
-                               "time_s": sum(p.get("stage_s", 0.0) for p in progress) or None}
+        row: dict[str, Any] = {"trial": t.index + 1, "id": t.id, **t.params, "seeds": list(t.seeds),
+                               "state": state, "stages": len(progress)}
+        ivs = rec.get("intervals") or {}
+        for k in ("MFT", "MFN", "BWT", "router_acc"):
+            row[k] = rec.get(k, progress[-1].get(k) if progress and k == "router_acc" else None)
+            row[f"{k}_low"], row[f"{k}_high"] = (ivs.get(k) or {}).get("low"), (ivs.get(k) or {}).get("high")
+        row["interval"] = (ivs.get("MFT") or {}).get("method")
+        row["time_s"] = sum(p.get("stage_s", 0.0) for p in progress) or None
         for k in range(1, stages + 1):
             p = progress[k - 1] if k <= len(progress) else {}
             row[f"acc_seen@{k}"] = p.get("acc_seen")
@@ -66,25 +70,20 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _mean_std(vals: list[float]) -> tuple[float, float]:
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def _group(rows: list[dict[str, Any]], keys: list[str], field: str) -> list[tuple[tuple, list[float], list[int]]]:
-    """Rows grouped by ``keys``: the non-missing ``field`` values and their seeds."""
-    groups: dict[tuple, tuple[list[float], list[int]]] = {}
-    for r in rows:
-        g = tuple(json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in keys)
-        vals, seeds = groups.setdefault(g, ([], []))
-        if r.get(field) is not None:
-            vals.append(float(r[field]))
-            seeds.append(r["seed"])
-    return [(g, v, s) for g, (v, s) in groups.items()]
+def _ci(r: dict[str, Any], k: str) -> str | None:
+    """``mean [low, high]`` of a row's metric ``k`` (the mean alone when it has no interval)."""
+    m, lo, hi = r.get(k), r.get(f"{k}_low"), r.get(f"{k}_high")
+    if m is None:
+        return None
+    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
+        return f"{m:.2f}"
+    return f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def _plot_vs(path: Path, rows: list[dict[str, Any]], x_key: str, fields: list[tuple[str, str]], ylabel: str,
              title: str) -> Path | None:
-    """Mean of each ``field`` over the trials at each x, error bars = std over seeds (when several ran)."""
+    """Each trial's ``field`` (the mean over its seeds) at its x, with the trial's 95% interval as an error bar
+    where the row has one (``<field>_low`` / ``_high``); a line through the mean over the trials at each x."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,19 +92,19 @@ def _plot_vs(path: Path, rows: list[dict[str, Any]], x_key: str, fields: list[tu
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     drawn = False
     for idx, (field, label) in enumerate(fields):
-        xs, ms, ss = [], [], []
-        for (x,), vals, seeds in sorted(_group(rows, [x_key], field), key=lambda g: g[0]):
-            if not vals:
+        by_x: dict[Any, list[float]] = {}
+        for r in rows:
+            v = r.get(field)
+            if v is None:
                 continue
-            per_seed: dict[int, list[float]] = {}
-            for v, s in zip(vals, seeds):
-                per_seed.setdefault(s, []).append(v)
-            seed_means = [statistics.fmean(v) for v in per_seed.values()]
-            m, sd = _mean_std(seed_means)
-            xs.append(x), ms.append(m), ss.append(sd)
-            ax.scatter([x] * len(vals), vals, s=12, alpha=0.35, color=f"C{idx}")
-        if xs:
-            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=4, label=label, color=f"C{idx}")
+            x = r[x_key]
+            by_x.setdefault(x, []).append(float(v))
+            lo, hi = r.get(f"{field}_low"), r.get(f"{field}_high")
+            err = None if lo is None or hi is None else [[v - lo], [hi - v]]
+            ax.errorbar([x], [v], yerr=err, fmt="o", ms=3, alpha=0.5, capsize=3, color=f"C{idx}")
+        if by_x:
+            xs = sorted(by_x)
+            ax.plot(xs, [statistics.fmean(by_x[x]) for x in xs], marker="s", label=label, color=f"C{idx}")
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -195,7 +194,8 @@ def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], s
     md = [f"# Sweep report ({len(rows)} trials, {stages} stages each)", ""]
     if command:
         md += [f"Command: `{command}`", ""]
-    md += [f"Swept: {', '.join(f'`{k}`' for k in swept) or '(nothing)'}; seeds {list(s.seeds)}; metric "
+    md += [f"Swept: {', '.join(f'`{k}`' for k in swept) or '(nothing)'}; every trial at seeds {list(s.seeds)} "
+           f"(the scheduler decides on the mean over seeds); metric "
            f"`{s.metric}` ({s.mode}) reported after every stage; scheduler "
            + (f"ASHA (grace {s.asha.grace_period} stages, reduction factor {s.asha.reduction_factor:g})"
               if s.asha else "FIFO (no early stopping)") + ".",
@@ -204,31 +204,25 @@ def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], s
     if best:
         md += ["## Best configuration", "",
                f"Trial {best['trial']} (`{best['id']}`): " + ", ".join(f"`{k}={_cell(best[k])}`" for k in keys)
-               + f", seed {best['seed']} — {final_metric} {best[final_metric]:.2f}, MFT {best['MFT']:.2f}, "
-               f"router accuracy {_fmt(best['router_acc'])}.", ""]
+               + f", seeds {_cell(best['seeds'])} — {final_metric} {best[final_metric]:.2f}, MFT "
+               f"{_ci(best, 'MFT')}, router accuracy {_ci(best, 'router_acc')}.", ""]
     md += ["## Trials", "",
-           "MFT/MFN/BWT and router accuracy (mean over tasks) are final for completed trials; for trials "
-           "stopped early the router accuracy is the one after their last stage.", "",
-           format_table(["#", *[k.split(".")[-1] if k.count(".") else k for k in keys], "seed", "state", "stages",
+           "MFT/MFN/BWT and router accuracy (mean over tasks) are final for completed trials: the mean over the "
+           "trial's seeds [95% interval]; for trials stopped early the router accuracy is the one after their last "
+           "stage." + (f" Intervals: {done[0]['interval']}." if done and done[0].get("interval") else ""), "",
+           format_table(["#", *[k.split(".")[-1] if k.count(".") else k for k in keys], "seeds", "state", "stages",
                          "MFT", "MFN", "BWT", "router acc", "time s"],
-                        [[r["trial"], *[_cell(r[k]) for k in keys], r["seed"], r["state"], r["stages"], r["MFT"],
-                          r["MFN"], r["BWT"], r["router_acc"], r["time_s"]] for r in rows], markdown=True), "",
+                        [[r["trial"], *[_cell(r[k]) for k in keys], _cell(r["seeds"]), r["state"], r["stages"],
+                          _ci(r, "MFT"), _ci(r, "MFN"), _ci(r, "BWT"), _ci(r, "router_acc"), r["time_s"]]
+                         for r in rows], markdown=True), "",
            f"### `{s.metric}` after each stage", "",
            format_table(["#", *[k.split(".")[-1] for k in swept], *[f"stage {k}" for k in range(1, stages + 1)]],
                         [[r["trial"], *[_cell(r[k]) for k in swept],
                           *[r.get(f"{s.metric}@{k}")
                             for k in range(1, stages + 1)]] for r in rows], markdown=True), ""]
-    if len(s.seeds) > 1 and swept:
-        agg = []
-        for g, vals, _ in _group(done, swept, "MFT"):
-            if vals:
-                m, sd = _mean_std(vals)
-                agg.append([*g, len(vals), f"{m:.2f} ± {sd:.2f}"])
-        md += ["### Mean ± std over seeds (completed trials)", "",
-               format_table([*[k.split(".")[-1] for k in swept], "seeds", "MFT"], agg, markdown=True), ""]
     if SAMPLES_KEY in keys:
         tab = []
-        for (x,), _, _ in sorted(_group(rows, [SAMPLES_KEY], "seed"), key=lambda g: g[0]):
+        for x in sorted({r[SAMPLES_KEY] for r in rows}):
             cells = []
             for k in range(2, stages + 1):
                 vals = [r[f"router_acc@{k}"] for r in rows if r[SAMPLES_KEY] == x and r.get(f"router_acc@{k}") is not None]
@@ -253,10 +247,6 @@ def write_sweep_report(out: str | Path, space: Space, trials: list[TrialSpec], s
            "metrics.json, report.md, adapters), `cache/` (adapters shared between trials).", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     return result
-
-
-def _fmt(v: Any) -> Any:
-    return None if v is None else round(float(v), 2)
 
 
 def sweep_exit_code(result: dict[str, Any]) -> int:

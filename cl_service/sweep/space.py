@@ -13,7 +13,9 @@ sweep: {num_samples: 1, seeds: [0], metric: acc_seen, mode: max, max_concurrent_
 ```
 The space expands here, deterministically (random draws from ``sweep.sample_seed``), into trials with
 stable ids — so a restarted sweep knows which trials are done. Trials are the product of the grid values
-(the last key varies fastest), repeated ``num_samples`` times with fresh random draws, times ``seeds``.
+(the last key varies fastest), repeated ``num_samples`` times with fresh random draws. A trial runs its
+configuration at every seed of ``seeds`` (in lockstep, :func:`cl_service.sweep.trial.run_trial`): the scheduler
+decides on the mean over seeds.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from cl_service.config import RunCfg
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 FORBIDDEN = {"out": "each trial gets its own folder under the sweep's --out",
-             "seed": "use sweep.seeds (one run per seed)",
+             "seed": "use sweep.seeds (each trial runs at every seed)",
              "data.path": "the sweep prepares one dataset for all trials (set it in the config file)"}
 METRICS = ("acc_seen", "acc_task", "router_acc")
 
@@ -60,7 +62,8 @@ class SweepSettings:
     num_samples: int = 1
     """Random draws of the distributions (each combined with every grid point); 1 for a pure grid."""
     seeds: tuple[int, ...] = (0,)
-    """Run seeds (``RunCfg.seed``): every configuration runs once per seed (error bars in the report)."""
+    """Run seeds (``RunCfg.seed``): a trial runs its configuration at every seed; ASHA decides on the mean over
+    seeds of the stage metric, and the report gives each configuration's mean with its interval."""
     sample_seed: int = 0
     """Seeds the random draws, so a restarted sweep draws the same trials."""
     metric: Literal["acc_seen", "acc_task", "router_acc"] = "acc_seen"
@@ -105,23 +108,25 @@ class Space:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One trial: overrides of the sweep's base config, and the run seed. ``id`` is stable across restarts."""
+    """One trial: overrides of the sweep's base config, run at each of its seeds. ``id`` is stable across
+    restarts."""
 
     id: str
     index: int
     params: dict[str, Any]
-    seed: int
+    seeds: tuple[int, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "index": self.index, "params": self.params, "seed": self.seed}
+        return {"id": self.id, "index": self.index, "params": self.params, "seeds": list(self.seeds)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrialSpec":
-        return cls(d["id"], int(d["index"]), dict(d["params"]), int(d["seed"]))
+        return cls(d["id"], int(d["index"]), dict(d["params"]), tuple(int(s) for s in d["seeds"]))
 
     def label(self) -> str:
         short = {k.split(".")[-1] if k.count(".") else k: v for k, v in self.params.items()}
-        return " ".join(f"{k}={_short(v)}" for k, v in short.items()) + f" seed={self.seed}"
+        seeds = f"seed={self.seeds[0]}" if len(self.seeds) == 1 else f"seeds={_short(self.seeds)}"
+        return " ".join(f"{k}={_short(v)}" for k, v in short.items()) + f" {seeds}"
 
 
 def _short(v: Any) -> str:
@@ -132,8 +137,10 @@ def _short(v: Any) -> str:
     return str(v)
 
 
-def trial_id(params: dict[str, Any], seed: int) -> str:
-    blob = json.dumps({"params": params, "seed": seed}, sort_keys=True, default=str)
+def trial_id(params: dict[str, Any], seeds: tuple[int, ...]) -> str:
+    # one seed: the id trials had when each seed was a trial of its own
+    blob = json.dumps({"params": params, "seed": seeds[0]} if len(seeds) == 1 else
+                      {"params": params, "seeds": list(seeds)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -281,6 +288,15 @@ def parse_space(data: dict[str, Any]) -> Space:
     return space
 
 
+def with_seeds(space: Space, seeds: typing.Sequence[int] | None) -> Space:
+    """``space`` with ``sweep.seeds`` replaced (``clsvc sweep --seeds``); None keeps the file's."""
+    if seeds is None:
+        return space
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {list(seeds)}: at least one seed, each listed once")
+    return Space(space.dims, dataclasses.replace(space.settings, seeds=tuple(int(s) for s in seeds)))
+
+
 def load_space(path: str | Path) -> Space:
     try:
         data = yaml.safe_load(Path(path).read_text())
@@ -333,12 +349,12 @@ def expand(space: Space, base: dict[str, Any] | None = None) -> list[TrialSpec]:
                 if d.kind == "tie":
                     params[d.key] = _coerce(d.key, d.scale * params[d.tie])
             params = {d.key: params[d.key] for d in space.dims}  # the space's key order
-            for seed in space.settings.seeds:
-                tid = trial_id(params, seed)
-                if tid in seen:
-                    continue
-                seen.add(tid)
-                trials.append(TrialSpec(tid, len(trials), params, int(seed)))
+            seeds = tuple(int(s) for s in space.settings.seeds)
+            tid = trial_id(params, seeds)
+            if tid in seen:
+                continue
+            seen.add(tid)
+            trials.append(TrialSpec(tid, len(trials), params, seeds))
     if base is not None:
         for t in trials:
             trial_cfg(base, t, "/tmp/validate")  # fails on a combination the config rejects
@@ -346,12 +362,13 @@ def expand(space: Space, base: dict[str, Any] | None = None) -> list[TrialSpec]:
 
 
 def trial_cfg(base: dict[str, Any], spec: TrialSpec, out: str | Path, data_path: str | None = None,
-              base_path: str | None = None) -> RunCfg:
-    """The trial's ``RunCfg``: the sweep's config with the trial's values, seed and output folder."""
+              base_path: str | None = None, seed: int | None = None) -> RunCfg:
+    """The ``RunCfg`` of the trial's run at ``seed`` (default its first): the sweep's config with the trial's values,
+    the seed and the run's output folder."""
     data = base
     for k, v in spec.params.items():
         data = set_dotted(data, k, v)
-    data = set_dotted(set_dotted(data, "seed", spec.seed), "out", str(out))
+    data = set_dotted(set_dotted(data, "seed", spec.seeds[0] if seed is None else seed), "out", str(out))
     if data_path:
         data = set_dotted(data, "data.path", str(data_path))
     if base_path:

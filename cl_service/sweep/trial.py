@@ -4,11 +4,13 @@ Folder of a sweep (``--out``)::
 
     data/                    the dataset, prepared once for every trial
     cache/<job key>/         adapters shared by trials (see :mod:`cl_service.sweep.cache`)
-    trials/<id>/spec.json    the trial's values and seed
-    trials/<id>/progress.json   one entry per finished stage (the metrics reported to the scheduler)
-    trials/<id>/trial.json   the done-record: state done | stopped (by the scheduler), final metrics; or
-                             state interrupted | failed (not done: the next launch runs the trial again)
-    trials/<id>/run/         the CL run (metrics.json, report.md, adapters, stage records)
+    trials/<id>/spec.json    the trial's values and seeds
+    trials/<id>/progress.json   one entry per finished stage (the mean over seeds reported to the scheduler, and
+                             each seed's values)
+    trials/<id>/trial.json   the done-record: state done | stopped (by the scheduler), final metrics (mean over
+                             seeds, 95% interval, each seed's); or state interrupted | failed (not done: the next
+                             launch runs the trial again)
+    trials/<id>/seed-<s>/    the CL run at seed s (metrics.json, report.md, adapters, stage records)
 
 A restarted sweep launches only trials without ``trial.json``; inside a half-finished trial the run itself
 resumes (finished stages verified by checksum and replayed without training).
@@ -65,47 +67,124 @@ def stage_metrics(event: dict[str, Any], method: str) -> dict[str, Any]:
     return out
 
 
+def mean_over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One stage's metrics of a trial: the mean over its seeds of each metric (None where no seed has it), the
+    seconds summed, and each seed's own values under ``seeds``."""
+    first = next(iter(per_seed.values()))
+    out: dict[str, Any] = {"stage": first["stage"], "task": first["task"]}
+    for k in ("acc_seen", "acc_task", "router_acc"):
+        vals = [m[k] for m in per_seed.values() if m[k] is not None]
+        out[k] = sum(vals) / len(vals) if vals else None
+    out["stage_s"] = sum(m["stage_s"] for m in per_seed.values())
+    out["seeds"] = {str(s): {k: m[k] for k in ("acc_seen", "acc_task", "router_acc")} for s, m in per_seed.items()}
+    return out
+
+
+def seed_dir(sweep_dir: str | Path, trial_id: str, seed: int) -> Path:
+    """The run folder of the trial's run at ``seed``."""
+    return trial_dir(sweep_dir, trial_id) / f"seed-{seed}"
+
+
+def _shared_engine() -> Callable[[str, Any], Any]:
+    """An ``engine_factory`` building one evaluation engine for every seed of a trial (same base, same settings;
+    its memo is keyed by adapter content, so the seeds' answers never mix)."""
+    held: dict[str, Any] = {}
+
+    def factory(base_path: str, cfg: Any) -> Any:
+        if "engine" not in held:
+            from cl_service.eval.stage import default_engine
+            from cl_service.models.placement import eval_device
+
+            held["engine"] = default_engine(base_path, cfg, eval_device(cfg))
+        return held["engine"]
+
+    return factory
+
+
+def intervals_over_seeds(runs: dict[int, Path], method: str, data_path: str) -> dict[str, Any]:
+    """Per metric the mean over the trial's seeds with its 95% interval (the study's rule,
+    :func:`cl_service.study.analysis.method_intervals`: a t interval from 3 seeds, else the bootstrap over the test
+    items of the runs)."""
+    from cl_service.data.shards import ShardDataset
+    from cl_service.study.analysis import method_intervals
+    from cl_service.study.items import load_run_items, load_test_items
+
+    ds = ShardDataset(data_path)
+    samples = load_test_items(ds, ds.tasks)
+    return method_intervals({f"seed-{s}": load_run_items(d, method, samples) for s, d in runs.items()})
+
+
 def run_trial(spec: TrialSpec, base: dict[str, Any], sweep_dir: str | Path, trainer: Any,
               report: Callable[[dict[str, Any]], None], *, data_path: str | None = None,
               base_path: str | None = None, log: Callable[[str], None] = print,
               lock_timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Run one trial's stream with ``trainer`` (adapters shared through the sweep's cache); after each stage
-    record and ``report`` its metrics (a scheduler may stop the trial there). Returns the done-record."""
-    from cl_service.run import run_stream
+    """Run one trial's stream at each of its seeds with ``trainer`` (adapters shared through the sweep's cache),
+    the seeds in lockstep: after each stage of every seed, record and ``report`` the mean over seeds of its metrics
+    (a scheduler may stop the trial there). Returns the done-record."""
+    from cl_service.run import iter_stream
 
     sweep_dir = Path(sweep_dir).resolve()
     tdir = trial_dir(sweep_dir, spec.id)
-    cfg = for_trial(trial_cfg(base, spec, tdir / "run", data_path, base_path), sweep_dir, spec.id)
-    method = cfg.methods[0]
+    cfgs = {s: for_trial(trial_cfg(base, spec, seed_dir(sweep_dir, spec.id, s), data_path, base_path, seed=s),
+                         sweep_dir, spec.id if len(spec.seeds) == 1 else f"{spec.id}-seed{s}") for s in spec.seeds}
+    method = cfgs[spec.seeds[0]].methods[0]
     atomic_write_text(tdir / SPEC, json.dumps(spec.to_dict(), indent=2))
     tag = f"[trial {spec.index + 1} {spec.id} {spec.label()}]"
     caching = CachingTrainer(trainer, sweep_dir / "cache", lock_timeout_s, log=lambda m: log(f"{tag} {m}"))
+    engine = _shared_engine()
     progress: list[dict[str, Any]] = []
     t0 = time.time()
-
-    def on_stage(event: dict[str, Any]) -> None:
-        m = stage_metrics(event, method)
-        m["time"] = time.time()
-        progress.append(m)
-        atomic_write_text(tdir / PROGRESS, json.dumps(progress, indent=2))
-        log(f"{tag} stage {m['stage']}/{len(event['tasks'])} {m['task']}: acc_seen {_f(m['acc_seen'])} "
-            f"router_acc {_f(m['router_acc'])} ({m['stage_s']:.0f} s)")
-        if m["stage"] < len(event["tasks"]):
-            report(m)  # the last stage is reported after the done-record (a scheduler may end the trial at max_t)
-
-    metrics = run_stream(cfg, caching, log=lambda m: log(f"{tag} {m}"), on_stage=on_stage)
-    entry = metrics["methods"][method]
-    ra = entry.get("router_accuracy") or {}
-    rec = {"id": spec.id, "state": "done", "method": method, "stages": len(progress),
-           "MFT": entry.get("MFT"), "MFN": entry.get("MFN"), "BWT": entry.get("BWT"), "MAA": entry.get("MAA"),
-           "router_acc": sum(ra.values()) / len(ra) if ra else None, "router_acc_per_task": ra,
-           "time_s": sum(p["stage_s"] for p in progress), "launch_wall_s": time.time() - t0,
-           "reused_adapters": len(caching.reused)}
+    streams = {s: iter_stream(cfg, caching, log=lambda m, s=s: log(f"{tag} seed {s}: {m}"), engine_factory=engine)
+               for s, cfg in cfgs.items()}
+    metrics: dict[int, dict[str, Any]] = {}
+    try:
+        while len(metrics) < len(streams):
+            events = {}
+            for s, g in streams.items():
+                if s in metrics:
+                    continue
+                try:
+                    events[s] = next(g)
+                except StopIteration as done:
+                    metrics[s] = done.value
+            if not events:
+                continue
+            if len(events) != len(streams):
+                raise RuntimeError(f"{tag}: the seeds' streams have different lengths")
+            m = mean_over_seeds({s: stage_metrics(e, method) for s, e in events.items()})
+            m["time"] = time.time()
+            progress.append(m)
+            atomic_write_text(tdir / PROGRESS, json.dumps(progress, indent=2))
+            n_stages = len(next(iter(events.values()))["tasks"])
+            log(f"{tag} stage {m['stage']}/{n_stages} {m['task']}: acc_seen {_f(m['acc_seen'])} "
+                f"router_acc {_f(m['router_acc'])} (mean of {len(events)} seed(s); {m['stage_s']:.0f} s)")
+            if m["stage"] < n_stages:
+                report({k: v for k, v in m.items() if k != "seeds"})  # the last one after the done-record
+    finally:
+        for g in streams.values():
+            g.close()  # a scheduler's stop (raised by report): every seed's run ends as an interrupted run does
+    per_seed = {}
+    for s, mt in metrics.items():
+        entry = mt["methods"][method]
+        ra = entry.get("router_accuracy") or {}
+        per_seed[str(s)] = {"MFT": entry.get("MFT"), "MFN": entry.get("MFN"), "BWT": entry.get("BWT"),
+                            "MAA": entry.get("MAA"), "router_acc": sum(ra.values()) / len(ra) if ra else None}
+    first = cfgs[spec.seeds[0]]
+    ivs = intervals_over_seeds({s: seed_dir(sweep_dir, spec.id, s) for s in spec.seeds}, method,
+                               str(first.data.path or Path(first.out) / "data"))
+    rec = {"id": spec.id, "state": "done", "method": method, "stages": len(progress), "seeds": list(spec.seeds)}
+    for k in ("MFT", "MFN", "BWT", "MAA", "router_acc"):
+        vals = [p[k] for p in per_seed.values() if p[k] is not None]
+        rec[k] = sum(vals) / len(vals) if vals else None
+    rec.update({"intervals": ivs, "per_seed": per_seed,
+                "router_acc_per_task": {s: mt["methods"][method].get("router_accuracy") for s, mt in metrics.items()},
+                "time_s": sum(p["stage_s"] for p in progress), "launch_wall_s": time.time() - t0,
+                "reused_adapters": len(caching.reused)})
     atomic_write_text(tdir / DONE, json.dumps(rec, indent=2))
     log(f"{tag} done: MFT {_f(rec['MFT'])} MFN {_f(rec['MFN'])} BWT {_f(rec['BWT'])} "
         f"router_acc {_f(rec['router_acc'])}")
     if progress:
-        report(progress[-1])
+        report({k: v for k, v in progress[-1].items() if k != "seeds"})
     return rec
 
 

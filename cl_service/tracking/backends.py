@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from cl_service.tracking import STATUSES, TRACKERS, TrackingCfg
+from cl_service.tracking.base import STATUSES, TRACKERS, TrackingCfg
 
 
 def _finite(values: Mapping[str, float | None], prefix: str) -> dict[str, float]:

@@ -116,9 +116,10 @@ class RunTracking:
         self.tracker.flush()
 
     def close(self, error: BaseException | None = None) -> None:
-        """End the tracker's run: finished, or ended by ``error`` (``failed``; ``killed`` for an interrupt)."""
+        """End the tracker's run: finished, or ended by ``error`` (``failed``; ``killed`` for an interrupt, or for a
+        stream closed from outside before its end, as a sweep's scheduler stops a trial)."""
         status = "finished" if error is None else (
-            "killed" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed")
+            "killed" if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)) else "failed")
         self.tracker.close(status)
 
 

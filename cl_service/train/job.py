@@ -108,6 +108,8 @@ class TrainJob:
             d.pop("base_dtype")
         if d["prompt_style"] == "auto":
             d.pop("prompt_style")
+        if self.seed:  # its dropout is seeded by train.seed + seed since then (seed 0 trains as it always did)
+            d["dropout_seed"] = "train.seed+seed"
         # Training options added later hash only off their CPU values (what every earlier run used).
         for k, plain in (("lora_fp32_inputs", True), ("fused_optimizer", False), ("activation_checkpointing", False),
                          ("fused_kernels", False)):

@@ -209,20 +209,23 @@ class Prefetched:
             t.join(timeout=10)
 
 
-def _epoch_iter(batches: Any, epoch: int, start: int) -> Iterator[Any]:
+def epoch_iter(batches: Any, epoch: int, start: int) -> Iterator[Any]:
+    """Epoch ``epoch``'s batches from batch ``start`` on (a resumed epoch skips the batches already trained)."""
     if hasattr(batches, "epoch"):
         return iter(batches.epoch(epoch, start))
     return itertools.islice(iter(batches), start, None)
 
 
-def _autocast(cfg: TrainCfg, device: torch.device):
+def autocast_context(cfg: TrainCfg, device: torch.device):
+    """The autocast context of ``cfg`` on ``device`` (a no-op where it resolves to no autocast)."""
     kind = autocast_kind(cfg, device.type == "cuda")
     if kind == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16}[kind])
 
 
-def _schedule(cfg: TrainCfg, total: int) -> Callable[[int], float]:
+def lr_lambda(cfg: TrainCfg, total: int) -> Callable[[int], float]:
+    """The learning-rate factor per scheduler step for ``LambdaLR``: linear warm-up, then cosine to ``min_lr_ratio``."""
     warm = math.ceil(cfg.warmup_ratio * total)
 
     def factor(step: int) -> float:  # LambdaLR calls it with the number of scheduler steps taken
@@ -237,7 +240,7 @@ def _schedule(cfg: TrainCfg, total: int) -> Callable[[int], float]:
 def learning_rates(cfg: TrainCfg, total: int) -> list[float]:
     """The peak-``lr`` group's learning rate at each optimizer step 1..``total`` of a run of ``total`` steps (the
     scheduler steps after the optimizer, so step k used factor(k - 1))."""
-    f = _schedule(cfg, total)
+    f = lr_lambda(cfg, total)
     return [cfg.lr * f(k) for k in range(total)]
 
 
@@ -285,7 +288,7 @@ def train_steps(model: Any, batches: Iterable[Any] | Batches, params: Sequence[t
     on_gpu = all(p.is_cuda for p in params)
     fused = on_gpu if cfg.fused_optimizer is None else (cfg.fused_optimizer and on_gpu)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     if state.optimizer is not None:
         opt.load_state_dict(state.optimizer)
     if state.scheduler is not None:
@@ -304,9 +307,9 @@ def train_steps(model: Any, batches: Iterable[Any] | Batches, params: Sequence[t
         pending: list[float] = []
         while state.step < total:
             got = False
-            for batch in _epoch_iter(batches, epoch, start):
+            for batch in epoch_iter(batches, epoch, start):
                 got = True
-                with _autocast(cfg, params[0].device):
+                with autocast_context(cfg, params[0].device):
                     loss = _loss(model, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {state.step}")

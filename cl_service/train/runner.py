@@ -12,6 +12,7 @@ looked up by ``job.kind``); this module holds no per-kind code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -201,15 +202,18 @@ def run_train_job(job: TrainJob, rank: int = 0, world_size: int = 1, resume: dic
             on_progress(st.step)
 
     zero: dict[str, Any] = {}  # the DeepSpeed engine, once built (its optimizer goes into checkpoints)
+    # Dropout's RNG is seeded by the run's seed too (as the data order is): without it every seed of a study or
+    # sweep drew the same dropout masks (TrainJob.key marks such jobs: they train other weights than before).
+    train_cfg = dataclasses.replace(job.train, seed=job.train.seed + job.seed) if job.seed else job.train
     t_train = time.perf_counter()
     if strategy == "deepspeed":
         from cl_service.train.zero import train_steps_zero
 
-        state = train_steps_zero(_LossModule(mllm, attached), batches, params, job.train, state, on_step,
+        state = train_steps_zero(_LossModule(mllm, attached), batches, params, train_cfg, state, on_step,
                                  optimizer_state=resume.get("zero_optimizer") if resume else None,
                                  on_engine=lambda e: zero.__setitem__("engine", e))
     else:
-        state = train_steps(model, batches, params, job.train, state, on_step)
+        state = train_steps(model, batches, params, train_cfg, state, on_step)
     train_s = time.perf_counter() - t_train
     if rank == 0:
         final = Path(dest) if dest is not None else Path(job.out_dir)

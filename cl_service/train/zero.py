@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from cl_service.train.loop import TrainCfg, TrainState, _autocast, _epoch_iter, _schedule, autocast_kind, total_steps
+from cl_service.train.loop import TrainCfg, TrainState, autocast_context, epoch_iter, lr_lambda, autocast_kind, total_steps
 
 
 def zero2_config(cfg: TrainCfg, gpu: bool = False) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def train_steps_zero(module: torch.nn.Module, batches: Any, params: Sequence[tor
     total = state.total_steps or total_steps(cfg, batches)
     state.total_steps = total
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     if state.scheduler is not None:
         sched.load_state_dict(state.scheduler)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
@@ -90,9 +90,9 @@ def train_steps_zero(module: torch.nn.Module, batches: Any, params: Sequence[tor
     pending: list[float] = []
     while state.step < total:
         got = False
-        for batch in _epoch_iter(batches, epoch, start):
+        for batch in epoch_iter(batches, epoch, start):
             got = True
-            with _autocast(cfg, params[0].device):
+            with autocast_context(cfg, params[0].device):
                 loss = engine(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {state.step}")

@@ -228,7 +228,12 @@ def test_an_evaluator_restarted_with_an_empty_mirror_gets_it_synced_again(ray_lo
             shutil.rmtree(ev.mirrors[0])  # what a node that never had the mirror holds
             ray_local.kill(ev.actors[0], no_restart=False)  # Ray restarts it (max_restarts=1)
             deadline = time.monotonic() + 120  # restarted (its new life answers) before the units go out
-            while ray_local.get(ev.actors[0].ready.remote(), timeout=120)[2] == ev.lives[0]:
+            while True:
+                try:
+                    if ray_local.get(ev.actors[0].ready.remote(), timeout=120)[2] != ev.lives[0]:
+                        break
+                except ray_local.exceptions.ActorUnavailableError:
+                    pass  # still restarting
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
 

@@ -42,7 +42,7 @@ def test_two_trial_sweep_with_ray_train_inside_tune_then_resume(ray_local, tmp_p
     done = [t for t in trials if t["state"] == "done"]
     for t in done:
         assert 0 <= t["MFT"] <= 100 and 0 <= t["router_acc"] <= 100
-        log = json.loads((out / "trials" / t["id"] / "run" / "adapters" / "experts" / "RS" / "train_log.json").read_text())
+        log = json.loads((out / "trials" / t["id"] / "seed-0" / "adapters" / "experts" / "RS" / "train_log.json").read_text())
         assert log["world_size"] == 1 and log["steps"] == 2
         # tracked by the trial's driver from the train_log the Ray Train worker wrote (TensorBoard, one run per trial)
         got = read_tensorboard_scalars(out / "tracking" / f"trial-{t['id']}")

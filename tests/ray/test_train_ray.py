@@ -78,6 +78,7 @@ def test_two_gloo_workers_train_and_a_killed_worker_resumes_from_checkpoint(ray_
     assert _same_weights(job.out_dir, ddp_reference["adapter"])
 
 
+@pytest.mark.long
 def test_deepspeed_zero2_trains_on_two_gloo_workers_and_resumes(ray_local, tmp_path, tiny_base, dcl_shards):
     """ray.strategy=deepspeed: ZeRO-2 over 2 gloo workers; a killed worker resumes from its checkpoint."""
     from cl_service.on_ray.train import RayTrainer

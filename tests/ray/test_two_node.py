@@ -13,7 +13,7 @@ import pytest
 
 from cl_service.on_ray.local import add_node, ray_env, start_head, stop_cluster
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.ray, pytest.mark.long, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -84,9 +84,10 @@ def test_the_config_reference_is_generated_from_the_dataclasses_and_documents_ev
     from pathlib import Path
 
     from cl_service import _cfgdoc
-    from cl_service.cli import _config_classes, main
+    from cl_service._cli_base import config_classes
+    from cl_service.cli import main
 
-    for cls in _config_classes().values():
+    for cls in config_classes().values():
         missing = [k.key for k in _cfgdoc.keys(cls) if not k.doc]
         assert not missing, f"config keys without a docstring: {missing}"
     out = Path("docs/config.md")

@@ -35,7 +35,7 @@ def test_random_search_is_seeded_bounded_and_typed():
     a = expand(_space(space, num_samples=5, seeds=[0, 1]), load_base(None))
     b = expand(_space(space, num_samples=5, seeds=[0, 1]), load_base(None))
     assert [t.to_dict() for t in a] == [t.to_dict() for t in b]  # a restarted sweep draws the same trials
-    assert len(a) == 5 * 2 * 2
+    assert len(a) == 5 * 2  # a trial runs its configuration at both seeds
     assert all(1e-4 <= t.params["expert.train.lr"] <= 1e-2 for t in a)
     assert all(isinstance(t.params["router.samples_per_task"], int) and 2 <= t.params["router.samples_per_task"] <= 10
                for t in a)
@@ -44,7 +44,7 @@ def test_random_search_is_seeded_bounded_and_typed():
     assert len({t.params["expert.train.lr"] for t in a}) == 5 * 2
     c = expand(_space(space, num_samples=5, seeds=[0, 1], sample_seed=1))
     assert [t.params["expert.train.lr"] for t in c] != [t.params["expert.train.lr"] for t in a]
-    assert {t.seed for t in a} == {0, 1}
+    assert {t.seeds for t in a} == {(0, 1)}
 
 
 @pytest.mark.parametrize("space,sweep,msg", [

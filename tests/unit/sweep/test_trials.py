@@ -49,12 +49,12 @@ def test_router_sweep_trains_the_experts_once_and_each_router_once(sweep):
     # two trials share the expert config (rank, alpha, lr, data, base, seed): experts RS and Med train once;
     # their routers differ (2 vs 3 samples per task), so each trains its own.
     assert sorted(sweep["trainer"].trained) == ["expert/Med", "expert/RS", "router/stage-1", "router/stage-1"]
-    a, b = (trial_dir(sweep["out"], t.id) / "run" / "adapters" / "experts" for t in sweep["trials"])
+    a, b = (trial_dir(sweep["out"], t.id) / "seed-0" / "adapters" / "experts" for t in sweep["trials"])
     for task in ("RS", "Med"):
         ma, mb = read_adapter(a / task), read_adapter(b / task)  # verified copies in each run folder
         assert ma["files"] == mb["files"] and ma["job_key"] == mb["job_key"]
     assert [r["reused_adapters"] for r in sweep["recs"]] == [0, 2]
-    ra, rb = (read_adapter(trial_dir(sweep["out"], t.id) / "run" / "adapters" / "router" / "stage-1-Med")
+    ra, rb = (read_adapter(trial_dir(sweep["out"], t.id) / "seed-0" / "adapters" / "router" / "stage-1-Med")
               for t in sweep["trials"])
     assert ra["job_key"] != rb["job_key"]
 
@@ -67,10 +67,10 @@ def test_each_stage_is_reported_and_recorded(sweep):
         assert 0.0 <= reps[1]["router_acc"] <= 100.0
         assert reps[1]["acc_seen"] == pytest.approx((reps[1]["acc_task"] + _row(sweep, t)[0]) / 2)
         assert rec["state"] == "done" and rec["stages"] == 2
-        metrics = json.loads((trial_dir(sweep["out"], t.id) / "run" / "metrics.json").read_text())
+        metrics = json.loads((trial_dir(sweep["out"], t.id) / "seed-0" / "metrics.json").read_text())
         assert rec["MFT"] == pytest.approx(metrics["methods"]["mrlora"]["MFT"])
-        assert json.loads((trial_dir(sweep["out"], t.id) / "progress.json").read_text()) == \
-            [{k: v for k, v in r.items()} for r in reps]
+        progress = json.loads((trial_dir(sweep["out"], t.id) / "progress.json").read_text())
+        assert [{k: v for k, v in p.items() if k != "seeds"} for p in progress] == reps  # + each seed's values
 
 
 def test_each_trial_is_tracked_side_by_side_under_the_sweeps_tracking_folder(sweep):
@@ -83,11 +83,11 @@ def test_each_trial_is_tracked_side_by_side_under_the_sweeps_tracking_folder(swe
         acc = [v for _, v in got["eval/mrlora/acc_seen"]]
         assert acc == pytest.approx([r["acc_seen"] for r in sweep["reports"][t.id]], rel=1e-6)
         assert [s for s, _ in got["train/expert/RS/loss"]] == [1, 2]  # also where the cache provided the expert
-    assert not list(sweep["out"].glob("trials/*/run/tracking"))
+    assert not list(sweep["out"].glob("trials/*/seed-*/tracking"))
 
 
 def _row(sweep, t):
-    m = json.loads((trial_dir(sweep["out"], t.id) / "run" / "metrics.json").read_text())
+    m = json.loads((trial_dir(sweep["out"], t.id) / "seed-0" / "metrics.json").read_text())
     return m["methods"]["mrlora"]["matrix"][1]
 
 
@@ -160,7 +160,7 @@ def _locked(path: Path) -> bool:
 
 def test_caching_trainer_copies_a_cached_adapter_without_training(sweep, tmp_path):
     out = sweep["out"]
-    job_src = trial_dir(out, sweep["trials"][0].id) / "run" / "adapters" / "experts" / "RS"
+    job_src = trial_dir(out, sweep["trials"][0].id) / "seed-0" / "adapters" / "experts" / "RS"
     meta = read_adapter(job_src)
 
     class Boom:
@@ -200,3 +200,39 @@ def test_an_interrupted_or_failed_trial_is_recorded_but_not_done(sweep):
             assert sweep_exit_code({**result, "interrupted": "SIGINT"}) == 130
     finally:
         rec_path.write_text(saved)
+
+
+def test_a_trial_runs_its_configuration_at_every_seed_and_reports_the_mean(sweep):
+    """Two seeds of one configuration in lockstep: each stage reports the mean over the seeds (what ASHA decides
+    on), seed 0 comes from the cache of the sweep above, and the done-record and sweep.csv carry the mean with its
+    interval (2 seeds: the bootstrap over the runs' test items)."""
+    out = sweep["out"]
+    space = parse_space({"space": {"router.samples_per_task": [2], "expert.lora.rank": [2],
+                                   "expert.lora.alpha": "2*rank"}, "sweep": {"seeds": [0, 1]}})
+    (spec,) = expand(space, sweep["base"])
+    assert spec.seeds == (0, 1) and spec.label().endswith("seeds=0,1")
+    trainer = CountingTrainer()
+    reports: list[dict] = []
+    rec = run_trial(spec, sweep["base"], out, trainer, report=reports.append, base_path=str(sweep["tiny_base"]),
+                    log=lambda m: None)
+    assert sorted(trainer.trained) == ["expert/Med", "expert/RS", "router/stage-1"]  # seed 1's; seed 0 cached
+    progress = json.loads((trial_dir(out, spec.id) / "progress.json").read_text())
+    per_seed = []
+    for s in (0, 1):
+        m = json.loads((trial_dir(out, spec.id) / f"seed-{s}" / "metrics.json").read_text())["methods"]["mrlora"]
+        assert rec["per_seed"][str(s)]["MFT"] == pytest.approx(m["MFT"])
+        per_seed.append(m)
+    assert rec["MFT"] == pytest.approx((per_seed[0]["MFT"] + per_seed[1]["MFT"]) / 2)
+    for k, (rep, p) in enumerate(zip(reports, progress)):
+        a, b = (p["seeds"][s]["acc_seen"] for s in ("0", "1"))
+        assert rep["acc_seen"] == pytest.approx((a + b) / 2) and "seeds" not in rep
+        row = [per_seed[s]["matrix"][k][: k + 1] for s in (0, 1)]
+        assert (a, b) == (pytest.approx(sum(row[0]) / (k + 1)), pytest.approx(sum(row[1]) / (k + 1)))
+    iv = rec["intervals"]["MFT"]
+    assert iv["n"] == 2 and iv["method"].startswith("percentile bootstrap") and iv["low"] <= rec["MFT"] <= iv["high"]
+    result = write_sweep_report(out, space, [spec], 2, wall_s=1.0)
+    row = result["trials"][0]
+    assert (row["seeds"], row["MFT_low"], row["MFT_high"]) == ([0, 1], iv["low"], iv["high"])
+    csv = (out / "sweep.csv").read_text().splitlines()
+    assert "MFT_low" in csv[0] and "seeds" in csv[0] and '"0,1"' in csv[1]
+    assert f"{rec['MFT']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]" in (out / "report.md").read_text()

@@ -14,7 +14,7 @@ from cl_service.tracking import (TRACKERS, TrackingCfg, TrackingUnavailable, che
                                  tracking_dir)
 from cl_service.tracking.backends import read_tensorboard_scalars
 from cl_service.tracking.stream import job_scalars, stage_scalars
-from cl_service.train.loop import TrainCfg, _schedule
+from cl_service.train.loop import TrainCfg, lr_lambda
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,7 +70,7 @@ def test_job_scalars_give_the_optimizers_own_learning_rates_and_tokens_per_secon
     cfg = TrainCfg(lr=0.01, max_steps=6, warmup_ratio=0.34, min_lr_ratio=0.1)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, 6))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 6))
     used = []
     for _ in range(6):  # the lr each optimizer step of the loop uses
         used.append(opt.param_groups[0]["lr"])
