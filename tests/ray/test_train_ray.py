@@ -199,9 +199,10 @@ def test_parallel_experts_train_independent_jobs_as_concurrent_runs(ray_local, t
 
 def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_local, tmp_path, tiny_base, dcl_shards):
     """DDP on 2 gloo workers (one persistent group, two stages) against the same jobs in one process, every step a
-    full batch of all 24 samples (12 per rank): LoRA, O-LoRA grown from it (a penalty through the DDP-wrapped loss)
-    and CL-MoE with the paper's mechanisms (a preparation pass on every rank, task gates, the momentum update on
-    save) end with the same weights and files. The two tasks are chosen so the ranks' shares hold equally many
+    full batch of all 24 samples (12 per rank): LoRA, O-LoRA grown from it (a penalty through the DDP-wrapped loss),
+    CL-MoE with the paper's mechanisms (a preparation pass on every rank, task gates, the momentum update on
+    save) and the per-task LoRAs of HiDe-LLaVA / DISCO (the task's feature means over its own samples on every rank,
+    the projector carried to the next task) end with the same weights and files. The two tasks are chosen so the ranks' shares hold equally many
     answer tokens: then the mean of the ranks' token-mean losses is the token-mean loss of the whole batch. Equal up
     to float rounding: the gradients are summed in another order, and AdamW's first steps, which normalise each
     entry, carry the last bits of tiny entries into the weights (measured: up to 2.4e-5 on steps of 1e-2); a wrong
@@ -215,6 +216,7 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
 
     torch.set_num_threads(1)
     paper = job_options(paper=True, beta=0.5, momentum=0.7, top_k=2)
+    features = job_options(features="routing")
 
     def jobs(root, per_rank, stage, init=None):
         def job(name, kind, **kw):
@@ -224,9 +226,11 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
                             train=TrainCfg(lr=1e-2, max_steps=3, batch_size=per_rank), description=name, seed=0, **kw)
 
         if stage == 0:
-            return [job("lora", "expert"), job("clmoe-0", "clmoe", moe_experts=4, options=paper)]
+            return [job("lora", "expert"), job("clmoe-0", "clmoe", moe_experts=4, options=paper),
+                    job("tasklora-0", "tasklora", options=features)]
         return [job("olora", "olora", init_adapter=init[0].out_dir, orth_lambda=0.5),
-                job("clmoe-1", "clmoe", moe_experts=4, options=paper, init_adapter=init[1].out_dir)]
+                job("clmoe-1", "clmoe", moe_experts=4, options=paper, init_adapter=init[1].out_dir),
+                job("tasklora-1", "tasklora", options=features, init_adapter=init[2].out_dir)]
 
     one0 = jobs(tmp_path / "one", 24, 0)
     mllm = load_mllm(tiny_base)
@@ -234,7 +238,7 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
     assert len(tokens) == 24 and sum(tokens[0::2]) == sum(tokens[1::2]), tokens  # the ranks' shares (runner)
     two0 = jobs(tmp_path / "two", 12, 0)
     two1 = jobs(tmp_path / "two", 12, 1, two0)
-    trainer = RayTrainer(RayCfg(num_workers=2, cpus_per_worker=1, checkpoint_every=0, timeout_s=300),
+    trainer = RayTrainer(RayCfg(num_workers=2, cpus_per_worker=1, checkpoint_every=0, stall_timeout_s=300),
                          str(tmp_path / "storage"), persistent=True)
     try:
         trainer.fit(two0)
