@@ -241,3 +241,22 @@ def test_the_metrics_ls_and_serve_name_the_methods(run, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "holds no complete expert adapter" in err and "hide is one answer from all its task LoRAs" in err
     assert "disco is one answer from all its task subspaces" in err and "disco_replay is" in err
+
+
+def test_settings_the_references_cannot_run_are_refused_before_any_work(run, tmp_path, monkeypatch):
+    """A rank that does not split over the stream's tasks, and vision-tower LoRA (the mixtures run over decoder
+    Linears), are refused by ``--dry-run`` already, naming the setting; ``hide.rank`` set gives that rank."""
+    monkeypatch.setenv("CLSVC_HOME", str(tmp_path / "home"))
+    def dry(methods, *extra):
+        return _cli(["run", "--out", str(tmp_path / "r"), "--dry-run", "--methods", methods, *run["overrides"], *extra])
+
+    rc, _, err = dry("hide", "expert.lora.rank=5")
+    assert rc == 2 and "expert.lora.rank=5 does not split evenly over the stream's 2 tasks" in err
+    assert "set hide.rank" in err
+    rc, _, err = dry("disco", "expert.lora.rank=5")
+    assert rc == 2 and "set disco.rank" in err
+    rc, _, err = dry("disco", "expert.lora.vision=true")
+    assert rc == 2 and "set expert.lora.vision=false" in err
+    rc, plan, _ = dry("hide,disco", "expert.lora.rank=5", "hide.rank=3", "disco.rank=1")
+    assert rc == 0 and "tasklora-r3/stage-0" in plan and "tasklora-r1/stage-0" in plan
+    assert not (tmp_path / "r").exists()
