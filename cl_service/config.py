@@ -204,6 +204,37 @@ class ModalPromptCfg:
 
 
 @dataclass(frozen=True)
+class HiDeCfg:
+    """``hide``: HiDe-LLaVA — one LoRA expert per task (only the new task's trained), per-task image and text anchors;
+    at inference every adapted decoder layer but the last applies the fused expert (sum of the A's times sum of
+    the B's) and the last layer the experts weighted per request by anchor similarity, ``softmax(s / 0.1)`` as in the
+    reference (docs/methods.md)."""
+
+    rank: int | None = None
+    """Rank of each task's expert; None: ``expert.lora.rank`` split evenly over the stream's tasks (the reference:
+    rank 160 over 5 tasks = 32 each), refused when it does not divide. Its scale is ``expert.lora``'s
+    ``alpha / rank``."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, rank=(1, None))
+
+
+@dataclass(frozen=True)
+class DiscoCfg:
+    """``disco``: DISCO (non-federated) — one LoRA subspace per task (only the new task's trained), per-task text and
+    image prototypes; at inference every adapted decoder Linear adds the subspaces' updates weighted per request
+    by the softmax of the text-prototype cosines at temperature 0.05, as in the reference (docs/methods.md)."""
+
+    rank: int | None = None
+    """Rank of each task's subspace; None: ``expert.lora.rank`` split evenly over the stream's tasks (the reference:
+    rank 160 over 5 tasks = 32 each), refused when it does not divide. Its scale is ``expert.lora``'s
+    ``alpha / rank``. Equal to ``hide.rank``, the two methods train the same per-task jobs (once per run)."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, rank=(1, None))
+
+
+@dataclass(frozen=True)
 class EvalCfg:
     """How the (method, stage) evaluation units of a run are computed."""
 
@@ -305,6 +336,8 @@ class RunCfg:
     moelora: MoELoraCfg = field(default_factory=MoELoraCfg)
     clmoe: ClMoECfg = field(default_factory=ClMoECfg)
     modalprompt: ModalPromptCfg = field(default_factory=ModalPromptCfg)
+    hide: HiDeCfg = field(default_factory=HiDeCfg)
+    disco: DiscoCfg = field(default_factory=DiscoCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     ray: RayCfg = field(default_factory=RayCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)

@@ -214,6 +214,10 @@ class GraphDecoder:
         try:
             B, L = mask.shape
             plan = self.multi.active_plan() if self.multi is not None else None
+            if plan is not None and (plan.weights is not None or plan.fused):
+                self.stats["declined_mixture"] += 1  # graphs replay one-hot rows only: a mixture decodes eagerly
+                self._lock.release()
+                return None
             lora = plan if (plan is not None and plan.stacks and plan.uniform != 0 and not plan.vision) else None
             if lora is not None and lora.idx.shape[0] != B:
                 self.stats["declined_rows"] += 1  # a rows() block that is not this batch: leave it to eager

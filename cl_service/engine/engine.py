@@ -28,6 +28,7 @@ from cl_service.engine.cudagraphs import GraphDecoder
 from cl_service.engine.gate import PassGate
 from cl_service.engine.labels import route_labels
 from cl_service.engine.memo import Memo, content_digest
+from cl_service.engine.mixture import Mixture, answer_mixture
 from cl_service.engine.multilora import MultiLoRA
 from cl_service.models.mllm import MLLM, load_mllm
 from cl_service.models.prompting import first_answer_tokens
@@ -373,6 +374,14 @@ class Engine:
                     out += self.mllm.generate(chunk, n, len(chunk), image_features=feats, decoder=self._decoder(),
                                               on_token=sink)
         return out
+
+    def answer_mixture(self, samples: Sequence[Sample], mixtures: Sequence[Mixture], max_new_tokens: int | None = None,
+                       vision_states: torch.Tensor | None = None) -> list[str]:
+        """Greedy answers where sample ``i`` mixes the adapters of ``mixtures[i]`` with its own weights (soft
+        mixtures of LoRA adapters, :mod:`cl_service.engine.mixture`); ``vision_states`` as in :meth:`answer_mixed`."""
+        if not samples and not mixtures:
+            return []
+        return answer_mixture(self, samples, mixtures, max_new_tokens or self.max_new_tokens, vision_states)
 
     def _decoder(self) -> GraphDecoder | None:
         """The CUDA-graph decoder of the stacked path, when ``cuda_graphs`` is on and the base is on a GPU."""

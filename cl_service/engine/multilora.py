@@ -15,6 +15,10 @@ and a forward hook on the base Linear adds the row's own update to ``base(x)`` (
   stacked weight once per step, instead of a gathered copy per row);
 * otherwise (prefill): gather each row's A/B and two batched matmuls (``bmm``), no Python loop.
 
+A row may also mix adapters (:meth:`MultiLoRA.mixture`): a soft weight vector over the slots in place of the one-hot
+gives ``sum_t w_t B_t A_t x`` (``((x @ A^T) * w) @ Bt``), and chosen modules can apply the product of sums
+``(sum_t B_t)(sum_t A_t) x`` instead, the same for every row (HiDe-LLaVA's fused layers).
+
 Each expert's own projector (peft ``modules_to_save``) is applied per group of images of the same slot
 (a loop over the distinct slots, once per forward, not per layer). CLIP states are shared across slots
 unless an adapter also adapts the vision tower; then that slot's images go through the tower with its
@@ -64,6 +68,8 @@ class _Plan:
     idx: torch.Tensor                     # [B] slot per row
     uniform: int | None                   # the one slot of all rows, if so
     onehot: torch.Tensor | None = None    # [B, 1, S*r] for the decode path
+    weights: torch.Tensor | None = None   # [B, 1, S*r] soft slot weights per row (a mixture; idx unused)
+    fused: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # path -> (A [r, in], Bt [r, out]) for all rows
 
 
 def read_lora(folder: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[dict, dict | None, int]:
@@ -106,6 +112,16 @@ def read_lora(folder: str | Path, dtype: torch.dtype, device: torch.device | str
         lora[mod] = (ab["A"].to(device, torch.float32).to(dtype), (ab["B"].float() * scale).to(device, dtype))
         rank = max(rank, r)
     return lora, (projector or None), rank
+
+
+_LAYER = re.compile(r"(?:^|\.)language_model\.(?:.*\.)?layers\.(\d+)\.")
+
+
+def decoder_layer(path: str) -> int | None:
+    """The decoder layer index of an adapted module path (``model.language_model.layers.3.self_attn.q_proj``: 3);
+    None for a vision-tower module."""
+    m = _LAYER.search(path)
+    return int(m.group(1)) if m and ".vision_tower." not in path else None
 
 
 def _moved(a: _Adapter, device: torch.device, pin: bool = False) -> _Adapter:
@@ -300,6 +316,42 @@ class MultiLoRA:
             stack.pop()
             self._detach()
 
+    @contextlib.contextmanager
+    def mixture(self, keys: Sequence[str], weights: torch.Tensor, mixed_from: int = 0) -> Iterator[None]:
+        """Forward passes inside this block add to row ``b`` of every adapted decoder Linear the mixture
+        ``sum_t weights[b, t] * B_t A_t x`` of adapters ``keys`` (``weights [B, T]``), in decoder layers
+        ``mixed_from`` and up (negative: counted from the last layer, ``-1`` = the last one). Below it every row gets
+        the product of sums ``(sum_t B_t)(sum_t A_t) x`` (weight 1 each): HiDe-LLaVA's fused lower layers. Each
+        adapter's ``alpha / r`` is folded into its B, so the fused B sums the scaled ones. Row images go through
+        :meth:`image_features` as for :meth:`rows`; run the model with peft's adapters disabled."""
+        stacks, slots, r = self._build()
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"a mixture needs distinct adapters, got {list(keys)}")
+        if any(self.is_vision(k) for k in keys if k in slots):
+            raise ValueError("mixtures run over decoder Linears: an adapter with vision-tower LoRA cannot be mixed")
+        idx = [self._slot_of(k, slots) for k in keys]
+        if weights.dim() != 2 or weights.shape[1] != len(keys):
+            raise ValueError(f"weights {tuple(weights.shape)} do not give each row a weight per adapter ({len(keys)})")
+        S, dev, dt = len(slots) + 1, self.mllm.device, self.mllm.dtype
+        w = torch.zeros(weights.shape[0], S, device=dev, dtype=dt)
+        w[:, idx] = weights.to(dev, dt)
+        n = int(self.mllm.model.config.text_config.num_hidden_layers)
+        start = mixed_from if mixed_from >= 0 else n + mixed_from
+        if not 0 <= start < n:
+            raise ValueError(f"mixed_from={mixed_from}: the base has decoder layers 0..{n - 1}")
+        unplaced = [p for p in stacks if decoder_layer(p) is None and ".vision_tower." not in p]
+        if start > 0 and unplaced:  # a layer split we cannot place would silently mix the wrong layers
+            raise ValueError(f"adapted modules {unplaced[:3]} have no decoder layer index: cannot fuse the layers "
+                             f"below {start}")
+        sel = torch.tensor(idx, device=dev)
+        fused = {p: (A.view(S, r, -1)[sel].sum(0), Bt.view(S, r, -1)[sel].sum(0)) for p, (A, Bt) in stacks.items()
+                 if (layer := decoder_layer(p)) is not None and layer < start}
+        plan = _Plan(stacks=stacks, rank=r, vision=False, uniform=None,
+                     idx=torch.zeros(weights.shape[0], device=dev, dtype=torch.long),
+                     weights=w.repeat_interleave(r, dim=1).unsqueeze(1), fused=fused)
+        with self.plan_block(plan):
+            yield
+
     def active_plan(self) -> "_Plan | None":
         """This thread's innermost :meth:`rows` plan (None outside any)."""
         plans = getattr(self._local, "plans", None)
@@ -352,6 +404,8 @@ class MultiLoRA:
             ab = plan.stacks.get(path)
             if ab is None or plan.vision != is_vision or plan.uniform == 0:
                 return out
+            if plan.fused is not None and path in plan.fused:
+                return out + F.linear(args[0], plan.fused[path][0]) @ plan.fused[path][1]
             return out + self.delta(args[0], *ab, plan=plan)
         return hook
 
@@ -361,6 +415,8 @@ class MultiLoRA:
         ``plan``: the row plan (default: this thread's innermost :meth:`rows` block)."""
         plan = plan or self._plans()[-1]
         r = plan.rank
+        if plan.weights is not None:  # a mixture: every row its own weights over all slots
+            return (F.linear(x, A) * (plan.weights if x.dim() == 3 else plan.weights.squeeze(1))) @ Bt
         if plan.uniform is not None:
             s = plan.uniform
             return F.linear(x, A[s * r:(s + 1) * r]) @ Bt[s * r:(s + 1) * r]

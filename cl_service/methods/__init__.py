@@ -3,6 +3,8 @@ of every method that trains sequentially (:mod:`cl_service.methods.replay`)."""
 
 from cl_service.methods.base import METHODS, Answer, Method, StageContext, unserved, why_unserved
 from cl_service.methods import clmoe as _clmoe  # noqa: F401
+from cl_service.methods import disco as _disco  # noqa: F401
+from cl_service.methods import hide as _hide  # noqa: F401
 from cl_service.methods import joint as _joint  # noqa: F401
 from cl_service.methods import lora_ft as _lora_ft  # noqa: F401
 from cl_service.methods import modalprompt as _modalprompt  # noqa: F401

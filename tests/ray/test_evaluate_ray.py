@@ -15,7 +15,7 @@ from cl_service.run import LocalTrainer, run_stream
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
-METHODS = "mrlora,mrlora_knn,oracle,zero_shot,lora_ft,modalprompt"
+METHODS = "mrlora,mrlora_knn,oracle,zero_shot,lora_ft,modalprompt,disco"
 
 
 def _cfg(out, tiny_base, dcl_shards, extra=()):
@@ -130,7 +130,8 @@ def test_evaluators_that_cannot_fit_are_refused_at_once(ray_local, tmp_path, tin
 
 def test_the_ray_path_of_clsvc_run_evaluates_on_actors(ray_local, local, tmp_path, tiny_base, dcl_shards, monkeypatch):
     """``cl_service.on_ray.stream.run`` (``clsvc run``, ``workloads/run_stream.py``) with ``eval.num_workers=1``:
-    the driver never loads the base; one Ray Train worker and one evaluator fit the 2 CPUs, so it stays up."""
+    the driver never loads the base; one Ray Train worker and one evaluator fit the 2 CPUs, so it stays up. ``disco``
+    answers through per-request mixtures of its task LoRAs there as in the driver."""
     from cl_service.on_ray.stream import run
 
     def no_base_here(*a, **k):
@@ -139,7 +140,7 @@ def test_the_ray_path_of_clsvc_run_evaluates_on_actors(ray_local, local, tmp_pat
     monkeypatch.setattr("cl_service.models.mllm.load_mllm", no_base_here)
     out = tmp_path / "clsvc-run"
     _copy_adapters(local["out"], out)
-    methods = ["oracle", "lora_ft", "modalprompt"]
+    methods = ["oracle", "lora_ft", "modalprompt", "disco"]
     cfg = _cfg(out, tiny_base, dcl_shards,
                ["ray.num_workers=1", "eval.num_workers=1", f"methods=[{','.join(methods)}]"])
     logs: list[str] = []

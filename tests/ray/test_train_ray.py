@@ -203,7 +203,8 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
     full batch of all 24 samples (12 per rank): LoRA, O-LoRA grown from it (a penalty through the DDP-wrapped loss),
     CL-MoE with the paper's mechanisms (a preparation pass on every rank, task gates, the momentum update on
     save) and ModalPrompt (prompt rows inserted after BOS, a batch loss on features looked up per row, the second
-    task's rows added to the first's) end with the same weights and files. The two tasks are chosen so the ranks'
+    task's rows added to the first's) and the per-task LoRAs of HiDe-LLaVA / DISCO (the task's feature means over
+    its own samples on every rank, the projector carried to the next task) end with the same weights and files. The two tasks are chosen so the ranks'
     shares hold equally many answer tokens: then the mean of the ranks' token-mean losses is the token-mean loss of
     the whole batch (ModalPrompt's feature terms are means over samples, equal in number on both ranks). Equal up to
     float rounding: the gradients are summed in another order, and AdamW's first steps, which normalise each entry,
@@ -219,6 +220,7 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
     torch.set_num_threads(1)
     paper = job_options(paper=True, beta=0.5, momentum=0.7, top_k=2)
     prompts = job_options(prompts=4)
+    features = job_options(features="routing")
 
     def jobs(root, per_rank, stage, init=None):
         def job(name, kind, **kw):
@@ -229,10 +231,12 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
 
         if stage == 0:
             return [job("lora", "expert"), job("clmoe-0", "clmoe", moe_experts=4, options=paper),
-                    job("prompt-0", "modalprompt", options=prompts).replace(task="AD", lora=None)]
+                    job("prompt-0", "modalprompt", options=prompts).replace(task="AD", lora=None),
+                    job("tasklora-0", "tasklora", options=features)]
         return [job("olora", "olora", init_adapter=init[0].out_dir, orth_lambda=0.5),
                 job("clmoe-1", "clmoe", moe_experts=4, options=paper, init_adapter=init[1].out_dir),
-                job("prompt-1", "modalprompt", options=prompts, init_adapter=init[2].out_dir).replace(lora=None)]
+                job("prompt-1", "modalprompt", options=prompts, init_adapter=init[2].out_dir).replace(lora=None),
+                job("tasklora-1", "tasklora", options=features, init_adapter=init[3].out_dir)]
 
     one0 = jobs(tmp_path / "one", 24, 0)
     mllm = load_mllm(tiny_base)

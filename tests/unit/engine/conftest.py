@@ -19,25 +19,36 @@ SPECS = {
 }
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_base, tmp_path_factory):
-    """Saved adapters with random (non-zero) LoRA B and perturbed projectors, so each changes answers."""
+def save_random_adapters(tiny_base, root, specs: dict[str, LoraCfg], seed: int = 0, scale: float = 0.3) -> dict[str, str]:
+    """Saved adapters ``{name: folder}`` of ``specs`` with random (non-zero) LoRA B and perturbed projectors, so
+    each changes answers (``seed``: the first adapter's; the others count on from it)."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("adapters")
     out = {}
-    for i, (name, cfg) in enumerate(SPECS.items()):
+    for i, (name, cfg) in enumerate(specs.items()):
         m = load_mllm(tiny_base)
-        params = attach_lora(m, cfg, name, seed=i)
-        g = torch.Generator().manual_seed(100 + i)
+        params = attach_lora(m, cfg, name, seed=seed + i)
+        g = torch.Generator().manual_seed(100 + seed + i)
         with torch.no_grad():
             for p in params:
-                p.add_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 2 else 0.05))
+                p.add_(torch.randn(p.shape, generator=g) * (scale if p.dim() == 2 else 0.05))
         folder = save_adapter(m, root / name, name)
         finalize_adapter(folder, id=f"expert:{name}", kind="expert", task=name, description="", base=str(tiny_base),
                          job_key=name)
         remove_lora(m)
         out[name] = str(folder)
     return out
+
+
+@pytest.fixture(scope="session")
+def random_adapters(tiny_base, tmp_path_factory):
+    """``random_adapters(specs, seed=, scale=)``: :func:`save_random_adapters` into a fresh folder."""
+    return lambda specs, **kw: save_random_adapters(tiny_base, tmp_path_factory.mktemp("adapters"), specs, **kw)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory):
+    """Saved adapters of :data:`SPECS`, each changing answers (:func:`save_random_adapters`)."""
+    return save_random_adapters(tiny_base, tmp_path_factory.mktemp("adapters"), SPECS)
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def test_adapters_hold_only_adapter_weights_and_finite_losses(run):
 
     folders = [p.parent for p in (run["out"] / "adapters").rglob("adapter.json")]
     kinds = {json.loads((f / "adapter.json").read_text())["kind"] for f in folders}
-    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora", "clmoe", "modalprompt"}
+    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora", "clmoe", "modalprompt", "tasklora"}
     for f in folders:
         log = json.loads((f / "train_log.json").read_text())
         assert log["steps"] == 3 and all(math.isfinite(x) for x in log["losses"])
@@ -166,10 +166,12 @@ def test_run_killed_mid_stage_resumes_with_same_metrics(run, tmp_path, tiny_base
     (out / "metrics.json").unlink()
     shutil.rmtree(out / "adapters" / "experts" / "Med")
     (out / "adapters" / "lora_ft" / "stage-1-Med" / "adapter.json").unlink()
+    shutil.rmtree(out / "adapters" / "tasklora-r2" / "stage-1-Med")  # hide's and disco's Med LoRA (rank 4 / 2 tasks)
     logs: list[str] = []
     again = run_stream(_cfg(out, tiny_base, dcl_shards), LocalTrainer(), log=logs.append)
     trained = [line for line in logs if "trained" in line and "already" not in line]
     assert len(trained) == 1 and "expert/Med" in trained[0] and "lora_ft/stage-1" in trained[0]
+    assert "tasklora-r2/stage-1" in trained[0] and "tasklora-r2_replay" not in trained[0]
     assert "router" not in trained[0]
     for name, m in run["metrics"]["methods"].items():
         assert again["methods"][name]["matrix"] == m["matrix"], name
@@ -210,7 +212,9 @@ def test_identical_jobs_train_once(run):
     for name in ("moelora", "clmoe", "modalprompt"):
         clone = read_adapter(ads / f"{name}_replay" / "stage-0-RS")
         assert clone["cloned_from"] == f"{name}:stage-0" and clone["kind"] == name
-    assert sum("published without training" in line for line in run["logs"]) == 7
+    # modalprompt_replay's stage 0 is a copy of modalprompt's; hide and disco share their task LoRAs (one job
+    # each), and their replay rows' stage 0 is a copy of it
+    assert sum("published without training" in line for line in run["logs"]) == 7 + 1
     # stage 1 differs (lora_ft continues from stage 0 on Med; the Med expert starts from the base)
     assert read_adapter(ads / "lora_ft" / "stage-1-Med")["files"]["adapter_model.safetensors"] != \
         read_adapter(ads / "experts" / "Med")["files"]["adapter_model.safetensors"]
