@@ -62,7 +62,7 @@ def test_adapters_hold_only_adapter_weights_and_finite_losses(run):
 
     folders = [p.parent for p in (run["out"] / "adapters").rglob("adapter.json")]
     kinds = {json.loads((f / "adapter.json").read_text())["kind"] for f in folders}
-    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora", "clmoe"}
+    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora", "clmoe", "sefe", "keeplora"}
     for f in folders:
         log = json.loads((f / "train_log.json").read_text())
         assert log["steps"] == 3 and all(math.isfinite(x) for x in log["losses"])
@@ -193,21 +193,21 @@ def test_dry_run_plan_names_exactly_the_missing_work(run, tmp_path, tiny_base, d
 
 
 def test_identical_jobs_train_once(run):
-    """lora_ft / lora_ft_replay / olora / olora_replay stage 0 train exactly the first expert's weights, and a replay
-    variant's stage 0 (nothing earlier to replay) its method's: trained once, cloned."""
+    """lora_ft / lora_ft_replay / olora / olora_replay / sefe / sefe_replay stage 0 train exactly the first expert's
+    weights, and a replay variant's stage 0 (nothing earlier to replay) its method's: trained once, cloned."""
     from cl_service.adapters.registry import read_adapter
 
     ads = run["out"] / "adapters"
     expert = read_adapter(ads / "experts" / "RS")
-    for name in ("lora_ft", "lora_ft_replay", "olora", "olora_replay"):
+    for name in ("lora_ft", "lora_ft_replay", "olora", "olora_replay", "sefe", "sefe_replay"):
         clone = read_adapter(ads / name / "stage-0-RS")
         assert clone["files"]["adapter_model.safetensors"] == expert["files"]["adapter_model.safetensors"]
         assert clone["id"] != expert["id"] and clone["kind"] == "sequential"
         assert clone["cloned_from"] == expert["id"]
-    for name in ("moelora", "clmoe"):
+    for name in ("moelora", "clmoe", "keeplora"):
         clone = read_adapter(ads / f"{name}_replay" / "stage-0-RS")
         assert clone["cloned_from"] == f"{name}:stage-0" and clone["kind"] == name
-    assert sum("published without training" in line for line in run["logs"]) == 6
+    assert sum("published without training" in line for line in run["logs"]) == 9
     # stage 1 differs (lora_ft continues from stage 0 on Med; the Med expert starts from the base)
     assert read_adapter(ads / "lora_ft" / "stage-1-Med")["files"]["adapter_model.safetensors"] != \
         read_adapter(ads / "experts" / "Med")["files"]["adapter_model.safetensors"]
