@@ -123,7 +123,9 @@ def serve_main(argv: Sequence[str] | None = None, log=print) -> int:
         t0 = time.perf_counter()
         start(cfg, token, timeout_s=a.ready_timeout)
         cat = Catalog.load(cfg.results, verify=False, method=cfg.method)
-        log(f"serving {cfg.results}: experts {', '.join(e.task for e in cat.experts)}, router {cfg.router_kind} "
+        what = (f"{cfg.method}'s stage adapter {cat.experts[0].id} for every request" if cfg.method else
+                f"experts {', '.join(e.task for e in cat.experts)}, router {cfg.router_kind}")
+        log(f"serving {cfg.results}: {what} "
             f"(ready in {time.perf_counter() - t0:.1f} s)")
         log(f"gRPC cl.v1.ContinualLearning on port {cfg.grpc_port} (Serve's gRPC proxy listens on all interfaces; "
             f"{'a shared token is required' if token else f'no token: set {cfg.auth_token_env} to require one'})")

@@ -81,13 +81,9 @@ class Catalog:
             return cls.stage_adapter(run_dir, resolved, found, method, verify)
         experts = []
         for t in tasks:
-            info = found.get(f"expert:{t}")
+            info = _published(found, f"expert:{t}", verify)
             if info is None:
                 continue
-            try:
-                read_adapter(info.path, verify=verify)
-            except AdapterError:
-                continue  # being written or corrupt: not published
             experts.append(ExpertEntry(info.id, info.task, info.description, info.version, info.path))
         if not experts:
             from cl_service.methods import why_unserved
@@ -147,13 +143,9 @@ class Catalog:
                                + (f"it is {why}" if why else "it is served as per-task experts behind the run's "
                                   "router: leave method unset"))
         for i in range(len(tasks) - 1, -1, -1):
-            info = found.get(f"{method}:stage-{i}")
+            info = _published(found, f"{method}:stage-{i}", verify)
             if info is None:
                 continue
-            try:
-                read_adapter(info.path, verify=verify)
-            except AdapterError:
-                continue  # being written or corrupt: not published
             fam = family_of(info.path)
             if answers_with_hooks(fam):
                 raise AdapterError(f"method {method!r}'s adapter is {fam.describe(info.path)}: clsvc serve answers "
@@ -292,3 +284,16 @@ def admit(engine: Any, sample: Sample, max_new_tokens: int | None) -> RequestErr
         return check_budget(engine.mllm, sample, max_new_tokens or engine.max_new_tokens)
     except RequestError as e:
         return e
+
+
+def _published(found: dict[str, Any], adapter_id: str, verify: bool) -> Any:
+    """The registry's entry of ``adapter_id`` once complete (checksums checked when ``verify``); None while it is
+    missing, being written or corrupt: not published."""
+    info = found.get(adapter_id)
+    if info is None:
+        return None
+    try:
+        read_adapter(info.path, verify=verify)
+    except AdapterError:
+        return None
+    return info
