@@ -84,8 +84,8 @@ class ServeCfg:
     method: str | None = None
     """Serve one method's adapter of the latest finished stage as the single expert that answers every request,
     instead of the run's per-task experts behind its router: for methods that answer every task with one
-    adapter per stage, the model merged so far (``sefe``, ``keeplora`` and their replay variants;
-    docs/methods.md). The response's ``expert`` is the method's name; new stages are picked up like new experts."""
+    adapter per stage, the model merged so far: ``sefe``, ``keeplora`` and their replay variants. The response's
+    ``expert`` is the method's name; new stages are picked up like new experts."""
     prototype_samples_per_task: int | None = None
     """Training samples per task for the prototype router's means; None = the run's ``router.samples_per_task``
     (the same samples the offline evaluation used, so live routes equal offline routes)."""
