@@ -100,3 +100,33 @@ def test_the_latest_complete_stage_is_served_and_other_methods_are_refused_with_
                            ("clmoe", "'clmoe' keeps no single adapter per stage .*it is one MoE-LoRA for every task")]:
         with pytest.raises(AdapterError, match=needle):
             Catalog.load(tmp_path, method=method)
+
+
+@pytest.mark.parametrize("method", ["sefe", "keeplora"])
+def test_each_stage_is_the_merged_model_so_far_and_exports_as_it(merged_run, tiny_base, tmp_path, method):
+    """The run's stage 1 holds stage 0's block unchanged plus a trained one, and its merged export's weights are
+    the base's plus ``alpha / r`` times the sum of both blocks' ``B A`` on every adapted Linear: the model merged
+    after each task, written out."""
+    from safetensors.torch import load_file
+
+    from cl_service.adapters.export import export_run
+    from cl_service.adapters.merged import saved_pairs
+    from cl_service.models.mllm import load_mllm
+
+    ads = merged_run / "adapters" / method
+    [s0], [s1] = ads.glob("stage-0-*"), ads.glob("stage-1-*")
+    p0, p1 = (saved_pairs(load_file(str(s / "adapter_model.safetensors"))) for s in (s0, s1))
+    r = json.loads((s0 / "adapter_config.json").read_text())
+    cfg1 = json.loads((s1 / "adapter_config.json").read_text())
+    assert (cfg1["r"], cfg1["lora_alpha"] / cfg1["r"]) == (2 * r["r"], r["lora_alpha"] / r["r"])
+    k = r["r"]
+    for name, (a, b) in p1.items():
+        assert torch.equal(a[:k], p0[name][0]) and torch.equal(b[:, :k], p0[name][1]), name  # stage 0 as merged
+    assert any(b[:, k:].abs().sum() > 0 for _, b in p1.values())  # a trained block on top
+
+    [out] = export_run(merged_run, "merged", tmp_path / "m", expert=f"{method}:stage-1")
+    merged, base = (dict(load_mllm(p).model.named_modules()) for p in (out, tiny_base))
+    scale = cfg1["lora_alpha"] / cfg1["r"]
+    for name, (a, b) in p1.items():
+        want = base[name].weight.float() + scale * (b.float() @ a.float())
+        assert torch.allclose(merged[name].weight.float(), want, atol=1e-6), name
