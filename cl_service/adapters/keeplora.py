@@ -71,15 +71,19 @@ def project_out(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def init_a(g: torch.Tensor, u: torch.Tensor, rank: int) -> torch.Tensor:
     """A new block's frozen ``A`` ``[rank, in]``: the top right singular vectors of ``g`` with ``u`` projected out,
-    projected once more (exactly orthogonal to ``u`` in float32); rows past the projected gradient's rank are
-    zero."""
+    projected once more (exactly orthogonal to ``u`` in float32), each row's largest entry positive; rows past the
+    projected gradient's rank are zero."""
     m = project_out(g.float(), u)
     _, s, vh = torch.linalg.svd(m, full_matrices=False)
     a = torch.zeros(rank, g.shape[1], dtype=torch.float32, device=g.device)
     n = min(rank, vh.shape[0])
     keep = s[:n] > s[0] * 1e-6 if s.numel() and s[0] > 0 else torch.zeros(n, dtype=torch.bool, device=g.device)
     a[:n] = vh[:n] * keep[:, None]
-    return project_out(a, u)
+    a = project_out(a, u)
+    # A singular vector's sign is arbitrary, and which one an SVD returns flips under float rounding (the same task
+    # trained on 1 or 2 workers): fix it, each row's largest entry positive, so that A depends on the gradient alone.
+    top = a.abs().argmax(dim=1, keepdim=True)
+    return a * torch.where(a.gather(1, top) < 0, -1.0, 1.0)
 
 
 def extend(u: torch.Tensor, g: torch.Tensor, energy: float) -> torch.Tensor:

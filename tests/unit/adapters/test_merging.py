@@ -251,6 +251,18 @@ def test_a_is_the_top_gradient_directions_outside_the_protected_subspace():
     assert torch.allclose(project_out(g, u), 5 * torch.outer(o[:, 1], e[2]) + torch.outer(o[:, 2], e[3]), atol=1e-6)
 
 
+def test_a_depends_on_the_gradient_alone_not_on_the_sign_an_svd_picks():
+    """Each row's largest entry is positive, so A of a gradient and of that gradient flipped or rounded differently
+    (as on 1 or 2 data-parallel workers) is the same A, not one with rows of the opposite sign."""
+    g0 = torch.randn(6, 9, generator=torch.Generator().manual_seed(5))
+    u = torch.linalg.qr(torch.randn(9, 2, generator=torch.Generator().manual_seed(6)))[0].T
+    a = init_a(g0, u, 3)
+    top = a.abs().argmax(dim=1)
+    assert (a[torch.arange(3), top] > 0).all()
+    for g in (-g0, g0 * (1 + 1e-6 * torch.randn(6, 9, generator=torch.Generator().manual_seed(7)))):
+        assert torch.allclose(init_a(g, u, 3), a, atol=1e-4)
+
+
 def test_the_protected_subspace_grows_until_it_holds_the_tasks_gradient_energy():
     """G = 3 o0 e0^T + 2 o1 e2^T + 1 o2 e3^T (energy 14) with e0 protected (9/14 = 0.64 held): 0.5 adds nothing,
     0.9 adds e2 (13/14 = 0.93), 0.99 adds e2 and e3."""
