@@ -28,11 +28,11 @@ class SEFE:
     def jobs(self, ctx: StageContext) -> list:
         c = ctx.cfg.sefe
         lora = block_cfg(ctx.cfg.expert.lora, c.rank, c.alpha)
-        if ctx.stage == 0:
-            return [stage_job(ctx, self.name, "sequential", lora=lora)]
-        if ctx.cfg.expert.train.weight_decay:
+        if ctx.cfg.expert.train.weight_decay:  # refused at the first stage already, not once it has trained
             raise ValueError("sefe needs expert.train.weight_decay=0 (decay would move the merged blocks of earlier "
                              "tasks)")
+        if ctx.stage == 0:
+            return [stage_job(ctx, self.name, "sequential", lora=lora)]
         return [stage_job(ctx, self.name, "sefe", lora=lora,
                           options=job_options(key_fraction=c.key_fraction, reg_weight=c.reg_weight))]
 

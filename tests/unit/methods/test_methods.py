@@ -303,3 +303,18 @@ def test_report_shows_a_loss_curve_per_adapter_family(run):
     families = {p.name for p in (run["out"] / "adapters").iterdir() if p.is_dir()}
     assert {p for p in pngs if p.startswith("loss_")} == {f"loss_{f}.png" for f in families}
     assert {"experts", "router", "lora_ft"} <= families
+
+
+@pytest.mark.parametrize("method", ["sefe", "keeplora", "sefe_replay"])
+def test_merging_methods_refuse_weight_decay_before_anything_trains(tmp_path, tiny_base, dcl_shards, method):
+    """Weight decay would move the merged blocks of earlier tasks: refused at the first stage, with nothing trained
+    (not after a first stage that cannot be continued)."""
+    from cl_service.config import load_run_cfg
+    from cl_service.run import LocalTrainer, run_stream
+
+    cfg = load_run_cfg(None, [f"out={tmp_path}", f"data.path={dcl_shards}", f"base.path={tiny_base}",
+                              "data.tasks=[RS,Med]", f"methods=[{method}]", "expert.train.weight_decay=0.01",
+                              "expert.train.max_steps=1", "expert.lora.rank=4", "ray.num_workers=0"])
+    with pytest.raises(ValueError, match=f"{method.removesuffix('_replay')} needs expert.train.weight_decay=0"):
+        run_stream(cfg, LocalTrainer(), log=lambda *_: None)
+    assert not list(tmp_path.rglob("adapter.json"))
