@@ -199,13 +199,15 @@ def test_parallel_experts_train_independent_jobs_as_concurrent_runs(ray_local, t
 
 def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_local, tmp_path, tiny_base, dcl_shards):
     """DDP on 2 gloo workers (one persistent group, two stages) against the same jobs in one process, every step a
-    full batch of all 24 samples (12 per rank): LoRA, O-LoRA grown from it (a penalty through the DDP-wrapped loss)
-    and CL-MoE with the paper's mechanisms (a preparation pass on every rank, task gates, the momentum update on
-    save) end with the same weights and files. The two tasks are chosen so the ranks' shares hold equally many
-    answer tokens: then the mean of the ranks' token-mean losses is the token-mean loss of the whole batch. Equal up
-    to float rounding: the gradients are summed in another order, and AdamW's first steps, which normalise each
-    entry, carry the last bits of tiny entries into the weights (measured: up to 2.4e-5 on steps of 1e-2); a wrong
-    task gate or a missing momentum update moves weights by 1e-3 and more."""
+    full batch of all 24 samples (12 per rank): LoRA, O-LoRA grown from it (a penalty through the DDP-wrapped loss),
+    CL-MoE with the paper's mechanisms (a preparation pass on every rank, task gates, the momentum update on
+    save), SEFE on the LoRA (key positions, their penalty) and two KeepLoRA stages (a gradient pass on every rank
+    for the frozen A, one on rank 0 after training for the grown subspace) end with the same weights and files. The
+    two tasks are chosen so the ranks' shares hold equally many answer tokens: then the mean of the ranks' token-mean
+    losses is the token-mean loss of the whole batch. Equal up to float rounding: the gradients are summed in another
+    order, and AdamW's first steps, which normalise each entry, carry the last bits of tiny entries into the weights
+    (measured: up to 2.4e-5 on steps of 1e-2); a wrong task gate or a missing momentum update moves weights by 1e-3
+    and more."""
     from safetensors.torch import load_file
 
     from cl_service.models.mllm import load_mllm
@@ -215,8 +217,10 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
 
     torch.set_num_threads(1)
     paper = job_options(paper=True, beta=0.5, momentum=0.7, top_k=2)
+    sefe = job_options(key_fraction=0.02, reg_weight=2.5e3)
+    keep = job_options(grad_fraction=0.25, base_energy=0.6, task_energy=0.99)
 
-    def jobs(root, per_rank, stage, init=None):
+    def jobs(root, per_rank, stage, init=None, keep_from=None):
         def job(name, kind, **kw):
             return TrainJob(name=f"{kind}/{name}", kind=kind, task="Fin", out_dir=str(root / name),
                             base_path=str(tiny_base), dataset=str(dcl_shards), parts=(DataPart("AD"), DataPart("Fin")),
@@ -224,9 +228,12 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
                             train=TrainCfg(lr=1e-2, max_steps=3, batch_size=per_rank), description=name, seed=0, **kw)
 
         if stage == 0:
-            return [job("lora", "expert"), job("clmoe-0", "clmoe", moe_experts=4, options=paper)]
+            return [job("lora", "expert"), job("clmoe-0", "clmoe", moe_experts=4, options=paper),
+                    job("keeplora-0", "keeplora", options=keep)]
         return [job("olora", "olora", init_adapter=init[0].out_dir, orth_lambda=0.5),
-                job("clmoe-1", "clmoe", moe_experts=4, options=paper, init_adapter=init[1].out_dir)]
+                job("clmoe-1", "clmoe", moe_experts=4, options=paper, init_adapter=init[1].out_dir),
+                job("sefe", "sefe", init_adapter=init[0].out_dir, options=sefe),
+                job("keeplora-1", "keeplora", init_adapter=keep_from or init[2].out_dir, options=keep)]
 
     one0 = jobs(tmp_path / "one", 24, 0)
     mllm = load_mllm(tiny_base)
@@ -234,14 +241,17 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
     assert len(tokens) == 24 and sum(tokens[0::2]) == sum(tokens[1::2]), tokens  # the ranks' shares (runner)
     two0 = jobs(tmp_path / "two", 12, 0)
     two1 = jobs(tmp_path / "two", 12, 1, two0)
-    trainer = RayTrainer(RayCfg(num_workers=2, cpus_per_worker=1, checkpoint_every=0, timeout_s=300),
+    trainer = RayTrainer(RayCfg(num_workers=2, cpus_per_worker=1, checkpoint_every=0, stall_timeout_s=300),
                          str(tmp_path / "storage"), persistent=True)
     try:
         trainer.fit(two0)
         trainer.fit(two1)
     finally:
         trainer.close()
-    one1 = jobs(tmp_path / "one", 24, 1, one0)
+    # KeepLoRA's A is an SVD of a gradient: its weaker directions turn with the last bits of the stage it starts from,
+    # and AdamW's first steps carry that into B. Both stage 1s start from the same stage 0, so what is compared is
+    # what the two workers do with it.
+    one1 = jobs(tmp_path / "one", 24, 1, one0, keep_from=two0[2].out_dir)
     for j in one0 + one1:  # in this process, world size 1
         run_train_job(j)
     for a, b in zip(two0 + two1, one0 + one1):
@@ -254,5 +264,8 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
             for k in ta:
                 if f == "clmoe_task_gates.safetensors":  # counts of top-k choices: exactly the same
                     assert torch.equal(ta[k], tb[k]), (a.name, k)
+                elif f == "keeplora_subspace.safetensors":  # the same subspace (a singular vector's sign is free)
+                    ua, ub = ta[k].float(), tb[k].float()
+                    assert ua.shape == ub.shape and torch.allclose(ua.T @ ua, ub.T @ ub, atol=1e-2), (a.name, k)
                 else:
                     assert torch.allclose(ta[k], tb[k], rtol=1e-3, atol=1e-4), (a.name, f, k)
