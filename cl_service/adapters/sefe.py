@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -130,7 +129,8 @@ class SEFEFamily:
         save_file({name: pack_positions(idx, shapes[name][0] * shapes[name][1]) for name, idx in positions.items()},
                   str(Path(folder) / KEY_POSITIONS), metadata={"format": "pt"})
         (Path(folder) / SEFE_CONFIG).write_text(json.dumps({
-            "method": "sefe (RegLoRA)", "block_rank": job.lora.rank, "blocks": saved_rank(job.init_adapter) // job.lora.rank + 1,
+            "method": "sefe (RegLoRA)", "block_rank": job.lora.rank,
+            "blocks": saved_rank(job.init_adapter) // job.lora.rank + 1,
             "key_fraction": float(job.option("key_fraction")), "reg_weight": float(job.option("reg_weight")),
             "shapes": shapes,
             "key_positions": "per adapted Linear: the union over the earlier tasks' blocks of the key_fraction largest "
