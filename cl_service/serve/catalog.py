@@ -66,10 +66,12 @@ class Catalog:
     """``version`` of the MLLM router's ``adapter.json`` (+1 with every retrained router published there)."""
 
     @classmethod
-    def load(cls, run_dir: str | Path, verify: bool = True, method: str | None = None) -> "Catalog":
+    def load(cls, run_dir: str | Path, verify: bool = True, method: str | None = None,
+             stage: int | None = None) -> "Catalog":
         """Scan ``run_dir``: complete experts (checksums verified), and the router of the latest stage whose
         seen tasks all have experts. Raises :class:`AdapterError` when no expert is complete. ``method``: instead,
-        that method's adapter of the latest complete stage as the only expert (:meth:`stage_adapter`)."""
+        that method's adapter of the latest complete stage (or of ``stage``) as the only expert
+        (:meth:`stage_adapter`)."""
         run_dir = Path(run_dir).resolve()
         cfg_file = run_dir / "config.resolved.json"
         if not cfg_file.is_file():
@@ -78,7 +80,7 @@ class Catalog:
         tasks = tuple(resolved["tasks"])
         found = AdapterRegistry(run_dir / "adapters").scan()
         if method is not None:
-            return cls.stage_adapter(run_dir, resolved, found, method, verify)
+            return cls.stage_adapter(run_dir, resolved, found, method, verify, stage)
         experts = []
         for t in tasks:
             info = _published(found, f"expert:{t}", verify)
@@ -124,12 +126,14 @@ class Catalog:
 
     @classmethod
     def stage_adapter(cls, run_dir: Path, resolved: dict[str, Any], found: dict[str, Any], method: str,
-                      verify: bool) -> "Catalog":
+                      verify: bool, stage: int | None = None) -> "Catalog":
         """The catalog of a method that answers every task with one adapter per stage (a method declaring
         ``stage_adapter``, e.g. ``sefe``, ``keeplora``: the model merged so far as one peft LoRA): its adapter
-        ``<method>:stage-<i>`` of the latest complete stage, as the only expert, named by the method. Refused
+        ``<method>:stage-<i>`` of the latest complete stage (of stage ``stage`` when set), as the only expert, named
+        by the method. Refused
         (:class:`AdapterError`, naming the method and why) for a method the run did not run, one without such an
-        adapter, one whose adapters answer through their own hooks, or before its first stage is complete."""
+        adapter, one whose adapters answer through their own hooks, or before its first (its ``stage``) stage is
+        complete."""
         from cl_service.adapters.family import answers_with_hooks, family_of
         from cl_service.methods import METHODS
 
@@ -142,7 +146,9 @@ class Catalog:
             raise AdapterError(f"method {method!r} keeps no single adapter per stage to serve with method=; "
                                + (f"it is {why}" if why else "it is served as per-task experts behind the run's "
                                   "router: leave method unset"))
-        for i in range(len(tasks) - 1, -1, -1):
+        if stage is not None and stage >= len(tasks):
+            raise AdapterError(f"stage {stage} is past the run's {len(tasks)} stages (0 to {len(tasks) - 1})")
+        for i in (range(len(tasks) - 1, -1, -1) if stage is None else (stage,)):
             info = _published(found, f"{method}:stage-{i}", verify)
             if info is None:
                 continue
@@ -153,7 +159,8 @@ class Catalog:
             entry = ExpertEntry(info.id, method, info.description, info.version, info.path)
             h = hashlib.sha256(str(info.path).encode() + (info.path / ADAPTER_META).read_bytes() + _stats(info.path))
             return cls(run_dir, tasks, (entry,), None, None, h.hexdigest()[:16], resolved, {}, None)
-        raise AdapterError(f"run {run_dir} holds no complete {method} stage adapter yet")
+        raise AdapterError(f"run {run_dir} holds no complete {method} stage adapter"
+                           + (f" of stage {stage} ({tasks[stage]})" if stage is not None else "") + " yet")
 
     def find(self, name: str) -> ExpertEntry:
         """An expert by task name or adapter id; ``NOT_FOUND`` listing the known ones otherwise."""

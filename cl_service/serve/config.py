@@ -86,6 +86,9 @@ class ServeCfg:
     instead of the run's per-task experts behind its router: for methods that answer every task with one
     adapter per stage, the model merged so far: ``sefe``, ``keeplora`` and their replay variants. The response's
     ``expert`` is the method's name; new stages are picked up like new experts."""
+    stage: int | None = None
+    """With ``method``: serve that stage's adapter (0 = after the stream's first task) instead of the latest one;
+    refused while that stage is not complete. Only with ``method``."""
     prototype_samples_per_task: int | None = None
     """Training samples per task for the prototype router's means; None = the run's ``router.samples_per_task``
     (the same samples the offline evaluation used, so live routes equal offline routes)."""
@@ -136,7 +139,9 @@ class ServeCfg:
     the client retries."""
 
     def __post_init__(self) -> None:
-        _cfgload.check_ranges(self, health_check_period_s=(0, None, "open"), max_queued=(1, None))
+        _cfgload.check_ranges(self, health_check_period_s=(0, None, "open"), max_queued=(1, None), stage=(0, None))
+        if self.stage is not None and self.method is None:
+            raise ValueError("stage: used only with method= (a merging method's stage adapter)")
 
 
 def load_serve_cfg(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ServeCfg:

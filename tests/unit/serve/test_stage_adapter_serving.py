@@ -130,3 +130,22 @@ def test_each_stage_is_the_merged_model_so_far_and_exports_as_it(merged_run, tin
     for name, (a, b) in p1.items():
         want = base[name].weight.float() + scale * (b.float() @ a.float())
         assert torch.allclose(merged[name].weight.float(), want, atol=1e-6), name
+
+
+def test_a_pinned_stage_is_served_as_it_is_and_refused_until_complete(tmp_path):
+    """``stage=`` serves that stage's adapter even when a later one is complete, is refused (naming the stage)
+    until it is complete or past the stream, and is a config error without ``method``."""
+    from cl_service.serve.config import ServeCfg
+
+    (tmp_path / "config.resolved.json").write_text(json.dumps(
+        {"tasks": ["RS", "Med", "AD"], "base": "/b", "dataset": "/d", "config": {"methods": ["keeplora"]}}))
+    _adapter(tmp_path / "adapters" / "keeplora" / "stage-0-RS", "keeplora:stage-0", "keeplora", "RS")
+    _adapter(tmp_path / "adapters" / "keeplora" / "stage-1-Med", "keeplora:stage-1", "keeplora", "Med")
+    assert Catalog.load(tmp_path, method="keeplora").experts[0].id == "keeplora:stage-1"
+    assert Catalog.load(tmp_path, method="keeplora", stage=0).experts[0].id == "keeplora:stage-0"
+    with pytest.raises(AdapterError, match=r"no complete keeplora stage adapter of stage 2 \(AD\) yet"):
+        Catalog.load(tmp_path, method="keeplora", stage=2)
+    with pytest.raises(AdapterError, match="stage 3 is past the run's 3 stages"):
+        Catalog.load(tmp_path, method="keeplora", stage=3)
+    with pytest.raises(ValueError, match="stage: used only with method="):
+        ServeCfg(results=str(tmp_path), stage=0)
