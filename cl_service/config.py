@@ -232,6 +232,57 @@ class DiscoCfg:
 
     def __post_init__(self) -> None:
         _cfgload.check_ranges(self, rank=(1, None))
+class SefeCfg:
+    """``sefe``: SEFE's RegLoRA as the MLLM-CL reference code runs it. Each task trains a fresh LoRA block on the model
+    merged so far (earlier tasks' blocks frozen) with a penalty on the key positions of the earlier blocks, and stays
+    merged after the task; the stage's adapter is the merged model as one peft LoRA of stacked blocks
+    (docs/methods.md). Trained with ``expert.train``; the first task is a plain LoRA."""
+
+    rank: int | None = None
+    """Rank of each task's LoRA block; None: ``expert.lora.rank`` (the reference: 32)."""
+    alpha: float | None = None
+    """LoRA alpha of each block; None: ``2 * rank`` when ``rank`` is set (the reference's ratio: 64 for rank 32),
+    else ``expert.lora.alpha``."""
+    key_fraction: float = 0.02
+    """Share of every adapted matrix's entries that a task's block marks as key positions: its largest ``|B A|``
+    (the reference: 2%)."""
+    reg_weight: float = 2.5e3
+    """Weight of the penalty ``mean over adapted matrices of mean |(B A)[key positions]|`` of the new block (the
+    reference: 2.5e3)."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, rank=(1, None), alpha=(0, None, "open"), key_fraction=(0, 1, "open"),
+                               reg_weight=(0, None))
+
+
+@dataclass(frozen=True)
+class KeepLoraCfg:
+    """``keeplora``: KeepLoRA as its authors' LLaVA code runs it. Each task's LoRA block has a frozen ``A``: the top
+    directions of the task's mean gradient outside a protected subspace (the pretrained weights' principal
+    directions, then earlier tasks' gradient directions); only ``B`` trains, and the block stays merged after the
+    task (docs/methods.md). Trained with ``expert.train`` (weight decay 0) unless ``lr`` is set."""
+
+    rank: int | None = None
+    """Rank of each task's LoRA block; None: ``expert.lora.rank`` (the reference: 32)."""
+    alpha: float | None = None
+    """LoRA alpha of each block; None: ``2 * rank`` when ``rank`` is set (the reference's ratio), else
+    ``expert.lora.alpha``."""
+    lr: float | None = None
+    """Learning rate of the blocks' ``B`` (and the projector copy); None: ``expert.train.lr`` (the reference:
+    2e-4)."""
+    grad_fraction: float = 0.2
+    """Share of a task's training samples (seeded choice, at least one) whose mean gradient sets the block's ``A``
+    and, after the task, extends the protected subspace (the reference: 20%)."""
+    base_energy: float = 0.6
+    """Share of each pretrained weight's energy (squared singular values) its protected subspace holds before the
+    first task (the reference: 0.6)."""
+    task_energy: float = 0.99
+    """Share of each learned task's gradient energy the protected subspace holds after the task (the reference:
+    0.99)."""
+
+    def __post_init__(self) -> None:
+        _cfgload.check_ranges(self, rank=(1, None), alpha=(0, None, "open"), lr=(0, None, "open"),
+                               grad_fraction=(0, 1, "open"), base_energy=(0, 1, "open"), task_energy=(0, 1, "open"))
 
 
 @dataclass(frozen=True)
@@ -338,6 +389,8 @@ class RunCfg:
     modalprompt: ModalPromptCfg = field(default_factory=ModalPromptCfg)
     hide: HiDeCfg = field(default_factory=HiDeCfg)
     disco: DiscoCfg = field(default_factory=DiscoCfg)
+    sefe: SefeCfg = field(default_factory=SefeCfg)
+    keeplora: KeepLoraCfg = field(default_factory=KeepLoraCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     ray: RayCfg = field(default_factory=RayCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)

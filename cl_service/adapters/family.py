@@ -53,7 +53,8 @@ TRAIN_ADAPTER = "job"
 #: Modules that register the built-in families (imported on the first lookup, so that importing the registry
 #: costs nothing). A new family adds its module here.
 BUILTIN = ("cl_service.adapters.lora", "cl_service.adapters.olora", "cl_service.adapters.moelora",
-           "cl_service.adapters.clmoe", "cl_service.adapters.modalprompt", "cl_service.adapters.tasklora")
+           "cl_service.adapters.clmoe", "cl_service.adapters.modalprompt", "cl_service.adapters.tasklora",
+           "cl_service.adapters.sefe", "cl_service.adapters.keeplora")
 
 FAMILIES: Registry[Any] = Registry("adapter family (job kind)")
 

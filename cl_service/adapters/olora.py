@@ -12,78 +12,33 @@ orthogonal LoRA blocks).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 
 from cl_service.adapters.family import FAMILIES, TRAIN_ADAPTER, Attached
-from cl_service.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA, LoraCfg, attach_lora
+from cl_service.adapters.lora import LORA, LoraCfg
+from cl_service.adapters.merged import attach_stacked
 from cl_service.models.mllm import MLLM
 
 
 def grow_lora(mllm: MLLM, previous: str | Path, cfg: LoraCfg, adapter_name: str, seed: int = 0
               ) -> tuple[list[torch.nn.Parameter], Callable[[], torch.Tensor]]:
-    """Attach ``previous``'s LoRA grown by one rank-``cfg.rank`` block; returns the trainable parameters
-    (the new blocks) and ``orth()``: the summed squared overlap of the new A blocks with the frozen
-    ones, a scalar to add to the loss."""
-    previous = Path(previous)
-    old_cfg = json.loads((previous / ADAPTER_CONFIG).read_text())
-    r_old, r = int(old_cfg["r"]), cfg.rank
-    if r_old % r:
-        raise ValueError(f"{previous}: rank {r_old} is not a multiple of the block rank {r}")
-    grown = dataclasses.replace(cfg, rank=r_old + r, alpha=cfg.alpha * (r_old + r) / r)
-    attach_lora(mllm, grown, adapter_name, seed=seed)
-    old = load_file(str(previous / ADAPTER_WEIGHTS))
-    params: list[torch.nn.Parameter] = []
-    a_blocks: list[torch.nn.Parameter] = []
-    used = set()
-    with torch.no_grad():
-        for name, p in mllm.model.named_parameters():
-            if not p.requires_grad:  # only this adapter's parameters are trainable after attach_lora
-                continue
-            key = "base_model.model." + name.replace(f".{adapter_name}.", ".").replace(".modules_to_save.", ".")
-            if key not in old:
-                raise ValueError(f"{previous}: no saved tensor {key} for the grown adapter")
-            used.add(key)
-            if ".lora_A." in name:
-                p[:r_old].copy_(old[key])
-                p.register_hook(_zero_grad_rows(r_old))
-                a_blocks.append(p)
-                params.append(p)
-            elif ".lora_B." in name:
-                p[:, :r_old].copy_(old[key])
-                p.register_hook(_zero_grad_cols(r_old))
-                params.append(p)
-            else:  # the projector copy: the first task's, frozen
-                p.copy_(old[key])
-                p.requires_grad_(False)
-    if set(old) - used:
-        raise ValueError(f"{previous}: {len(set(old) - used)} saved tensors have no place in the grown adapter")
+    """Attach ``previous``'s LoRA grown by one rank-``cfg.rank`` block (:func:`~cl_service.adapters.merged.
+    attach_stacked`: earlier blocks frozen) with the projector copy frozen too; returns the trainable parameters
+    (the new blocks) and ``orth()``: the summed squared overlap of the new A blocks with the frozen ones, a scalar
+    to add to the loss."""
+    params, found = attach_stacked(mllm, previous, cfg, adapter_name, seed=seed, merged_dropout=False)
+    lora = {id(p) for b in found for p in (b.A, b.B)}
+    for p in params:
+        if id(p) not in lora:  # the projector copy: the first task's, frozen
+            p.requires_grad_(False)
 
     def orth() -> torch.Tensor:
-        return sum((a[:r_old].detach() @ a[r_old:].T).pow(2).sum() for a in a_blocks)
+        return sum((b.A[:b.r_old].detach() @ b.A[b.r_old:].T).pow(2).sum() for b in found)
 
-    return params, orth
-
-
-def _zero_grad_rows(k: int):
-    def hook(g: torch.Tensor) -> torch.Tensor:
-        g = g.clone()
-        g[:k] = 0
-        return g
-    return hook
-
-
-def _zero_grad_cols(k: int):
-    def hook(g: torch.Tensor) -> torch.Tensor:
-        g = g.clone()
-        g[:, :k] = 0
-        return g
-    return hook
+    return [p for p in params if id(p) in lora], orth
 
 
 class OLoRAFamily:

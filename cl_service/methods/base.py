@@ -80,6 +80,11 @@ class Method(Protocol):
     # variant ``<name>_replay`` (cl_service.methods.replay). Methods whose per-task experts are isolated (mrlora*,
     # oracle) do not declare it.
     #
+    # Optional: ``stage_adapter = True`` (class attribute): every answer of stage ``i`` comes from one peft LoRA, the
+    # adapter the method publishes as ``<name>:stage-<i>`` (sefe, keeplora: the model merged so far). ``clsvc serve
+    # method=<name>`` then serves the latest one as the single expert (cl_service.serve.catalog); ``serving`` still
+    # says why the per-task form does not apply.
+    #
     # Optional: ``unchanged(ctx, task) -> bool``, True when the method's answers on ``task`` at ``ctx.stage`` are
     # by construction those of stage ``ctx.stage - 1`` (the same adapters answer the same items: ``oracle`` on
     # every task but the new one, ``zero_shot`` on all). The evaluator then carries those entries over instead

@@ -31,14 +31,16 @@ def stage_job(ctx: StageContext, method: str, kind: str, **fields) -> TrainJob:
     ``clmoe``): trained on the new task with ``expert.lora`` / ``expert.train``, continuing the previous stage's
     adapter, of adapter family ``kind``. Named and placed by ``method``, the method's ``self.name``, so that its
     replay variant (:mod:`cl_service.methods.replay`) gets jobs and folders of its own. ``fields``: further
-    :class:`TrainJob` fields (``options``, ``init_adapter=None`` to start afresh, ...)."""
+    :class:`TrainJob` fields (``options``, ``init_adapter=None`` to start afresh, a method's own ``lora`` /
+    ``train``, ...)."""
     cfg = ctx.cfg
     fields.setdefault("init_adapter", str(stage_dir(ctx, method, ctx.stage - 1)) if ctx.stage > 0 else None)
+    fields.setdefault("lora", cfg.expert.lora)
+    fields.setdefault("train", cfg.expert.train)
     return TrainJob(name=f"{method}/stage-{ctx.stage}", kind=kind, task=ctx.task,
                     out_dir=str(stage_dir(ctx, method, ctx.stage)), base_path=ctx.extra["base_path"],
                     dataset=ctx.extra["dataset"], parts=(DataPart(task=ctx.task, limit=cfg.data.train_limit, seed=cfg.seed),),
-                    lora=cfg.expert.lora, train=cfg.expert.train, description=f"{method} after {ctx.task}",
-                    seed=cfg.seed, **fields)
+                    description=f"{method} after {ctx.task}", seed=cfg.seed, **fields)
 
 
 def answer_with_stage(ctx: StageContext, method: str, samples: list[Sample]) -> list[Answer]:

@@ -47,6 +47,7 @@ def replay_variant(cls: type) -> type:
         sequential = True
         replays = cls.name
         serving = getattr(cls, "serving", None)
+        stage_adapter = getattr(cls, "stage_adapter", False)
 
         def __init__(self) -> None:
             self.inner = cls()

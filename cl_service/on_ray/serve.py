@@ -70,7 +70,7 @@ class Router:
 
     def __init__(self, cfg: dict) -> None:
         c = from_dict(ServeCfg, cfg)
-        run = Catalog.load(c.results, verify=False)
+        run = Catalog.load(c.results, verify=False, method=c.method, stage=c.stage)
         self.stage = RouteStage(c, load_engine(run, c.router, c.max_loaded_adapters, c.max_host_adapters), run)
 
     async def route(self, sample, router_dir: str | None, experts: tuple[str, ...], descriptions: tuple[str, ...]):
@@ -89,7 +89,7 @@ class Expert:
 
     def __init__(self, cfg: dict) -> None:
         c = from_dict(ServeCfg, cfg)
-        run = Catalog.load(c.results, verify=False)
+        run = Catalog.load(c.results, verify=False, method=c.method, stage=c.stage)
         self.stage = AnswerStage(c, load_engine(run, c.expert, c.max_loaded_adapters, c.max_host_adapters))
 
     async def answer(self, sample, adapter: str, max_new_tokens: int | None, vision_states: Any = None) -> Answer:
@@ -217,7 +217,8 @@ def build(cfg: ServeCfg, token: str | None = None) -> Any:
     ``cfg.insecure``: Serve's gRPC proxy listens on all interfaces."""
     require_safe_exposure("all interfaces (Serve's gRPC proxy)", token, cfg.insecure, cfg.auth_token_env)
     d = to_dict(cfg)
-    Catalog.load(cfg.results)  # fail here, with a clear message, rather than in a replica
+    # fail here, with a clear message, rather than in a replica
+    Catalog.load(cfg.results, method=cfg.method, stage=cfg.stage)
     health = {"health_check_period_s": cfg.health_check_period_s}  # how soon a dead replica is replaced
     if not cfg.colocate:
         router = Router.options(num_replicas=cfg.router.replicas, ray_actor_options=_resources(cfg.router),

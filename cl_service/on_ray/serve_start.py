@@ -99,7 +99,7 @@ def serve_main(argv: Sequence[str] | None = None, log=print) -> int:
     import ray
 
     cfg, a = parse_args(argv)
-    Catalog.load(cfg.results)  # a wrong folder fails here, before Ray starts
+    Catalog.load(cfg.results, method=cfg.method, stage=cfg.stage)  # a wrong folder fails here, before Ray starts
     token = os.environ.get(cfg.auth_token_env) or None
     require_safe_exposure("all interfaces (Serve's gRPC proxy)", token, cfg.insecure, cfg.auth_token_env)
     started = False
@@ -122,8 +122,10 @@ def serve_main(argv: Sequence[str] | None = None, log=print) -> int:
     try:
         t0 = time.perf_counter()
         start(cfg, token, timeout_s=a.ready_timeout)
-        cat = Catalog.load(cfg.results, verify=False)
-        log(f"serving {cfg.results}: experts {', '.join(e.task for e in cat.experts)}, router {cfg.router_kind} "
+        cat = Catalog.load(cfg.results, verify=False, method=cfg.method, stage=cfg.stage)
+        what = (f"{cfg.method}'s stage adapter {cat.experts[0].id} for every request" if cfg.method else
+                f"experts {', '.join(e.task for e in cat.experts)}, router {cfg.router_kind}")
+        log(f"serving {cfg.results}: {what} "
             f"(ready in {time.perf_counter() - t0:.1f} s)")
         log(f"gRPC cl.v1.ContinualLearning on port {cfg.grpc_port} (Serve's gRPC proxy listens on all interfaces; "
             f"{'a shared token is required' if token else f'no token: set {cfg.auth_token_env} to require one'})")

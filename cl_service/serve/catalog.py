@@ -66,9 +66,12 @@ class Catalog:
     """``version`` of the MLLM router's ``adapter.json`` (+1 with every retrained router published there)."""
 
     @classmethod
-    def load(cls, run_dir: str | Path, verify: bool = True) -> "Catalog":
+    def load(cls, run_dir: str | Path, verify: bool = True, method: str | None = None,
+             stage: int | None = None) -> "Catalog":
         """Scan ``run_dir``: complete experts (checksums verified), and the router of the latest stage whose
-        seen tasks all have experts. Raises :class:`AdapterError` when no expert is complete."""
+        seen tasks all have experts. Raises :class:`AdapterError` when no expert is complete. ``method``: instead,
+        that method's adapter of the latest complete stage (or of ``stage``) as the only expert
+        (:meth:`stage_adapter`)."""
         run_dir = Path(run_dir).resolve()
         cfg_file = run_dir / "config.resolved.json"
         if not cfg_file.is_file():
@@ -76,15 +79,13 @@ class Catalog:
         resolved = read_resolved(run_dir)  # base and dataset as paths this process opens
         tasks = tuple(resolved["tasks"])
         found = AdapterRegistry(run_dir / "adapters").scan()
+        if method is not None:
+            return cls.stage_adapter(run_dir, resolved, found, method, verify, stage)
         experts = []
         for t in tasks:
-            info = found.get(f"expert:{t}")
+            info = _published(found, f"expert:{t}", verify)
             if info is None:
                 continue
-            try:
-                read_adapter(info.path, verify=verify)
-            except AdapterError:
-                continue  # being written or corrupt: not published
             experts.append(ExpertEntry(info.id, info.task, info.description, info.version, info.path))
         if not experts:
             from cl_service.methods import why_unserved
@@ -122,6 +123,44 @@ class Catalog:
             h.update(str(folder).encode() + (folder / "router.json").read_bytes())
         return cls(run_dir, tasks, tuple(experts), router_dir, pool, h.hexdigest()[:16], resolved, feature_routers,
                    router_version)
+
+    @classmethod
+    def stage_adapter(cls, run_dir: Path, resolved: dict[str, Any], found: dict[str, Any], method: str,
+                      verify: bool, stage: int | None = None) -> "Catalog":
+        """The catalog of a method that answers every task with one adapter per stage (a method declaring
+        ``stage_adapter``, e.g. ``sefe``, ``keeplora``: the model merged so far as one peft LoRA): its adapter
+        ``<method>:stage-<i>`` of the latest complete stage (of stage ``stage`` when set), as the only expert, named
+        by the method. Refused
+        (:class:`AdapterError`, naming the method and why) for a method the run did not run, one without such an
+        adapter, one whose adapters answer through their own hooks, or before its first (its ``stage``) stage is
+        complete."""
+        from cl_service.adapters.family import answers_with_hooks, family_of
+        from cl_service.methods import METHODS
+
+        tasks = tuple(resolved["tasks"])
+        ran = tuple(resolved.get("config", {}).get("methods", ()))
+        if method not in ran:
+            raise AdapterError(f"run {run_dir} did not run method {method!r}; its methods: {', '.join(ran)}")
+        if method not in METHODS or not getattr(METHODS.get(method), "stage_adapter", False):
+            why = getattr(METHODS.get(method), "serving", None) if method in METHODS else "unknown to this version"
+            raise AdapterError(f"method {method!r} keeps no single adapter per stage to serve with method=; "
+                               + (f"it is {why}" if why else "it is served as per-task experts behind the run's "
+                                  "router: leave method unset"))
+        if stage is not None and stage >= len(tasks):
+            raise AdapterError(f"stage {stage} is past the run's {len(tasks)} stages (0 to {len(tasks) - 1})")
+        for i in (range(len(tasks) - 1, -1, -1) if stage is None else (stage,)):
+            info = _published(found, f"{method}:stage-{i}", verify)
+            if info is None:
+                continue
+            fam = family_of(info.path)
+            if answers_with_hooks(fam):
+                raise AdapterError(f"method {method!r}'s adapter is {fam.describe(info.path)}: clsvc serve answers "
+                                   "peft LoRAs only")
+            entry = ExpertEntry(info.id, method, info.description, info.version, info.path)
+            h = hashlib.sha256(str(info.path).encode() + (info.path / ADAPTER_META).read_bytes() + _stats(info.path))
+            return cls(run_dir, tasks, (entry,), None, None, h.hexdigest()[:16], resolved, {}, None)
+        raise AdapterError(f"run {run_dir} holds no complete {method} stage adapter"
+                           + (f" of stage {stage} ({tasks[stage]})" if stage is not None else "") + " yet")
 
     def find(self, name: str) -> ExpertEntry:
         """An expert by task name or adapter id; ``NOT_FOUND`` listing the known ones otherwise."""
@@ -252,3 +291,16 @@ def admit(engine: Any, sample: Sample, max_new_tokens: int | None) -> RequestErr
         return check_budget(engine.mllm, sample, max_new_tokens or engine.max_new_tokens)
     except RequestError as e:
         return e
+
+
+def _published(found: dict[str, Any], adapter_id: str, verify: bool) -> Any:
+    """The registry's entry of ``adapter_id`` once complete (checksums checked when ``verify``); None while it is
+    missing, being written or corrupt: not published."""
+    info = found.get(adapter_id)
+    if info is None:
+        return None
+    try:
+        read_adapter(info.path, verify=verify)
+    except AdapterError:
+        return None
+    return info

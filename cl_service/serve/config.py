@@ -81,6 +81,14 @@ class ServeCfg:
     """``mllm``: the run's latest MLLM router (base + router LoRA); ``prototype`` / ``ridge`` / ``knn``: the feature router
     the run saved under ``routers/<kind>/`` (a prototype router is fitted on the run's training data when the
     run saved none, with ``prototype_samples_per_task`` samples per task)."""
+    method: str | None = None
+    """Serve one method's adapter of the latest finished stage as the single expert that answers every request,
+    instead of the run's per-task experts behind its router: for methods that answer every task with one
+    adapter per stage, the model merged so far: ``sefe``, ``keeplora`` and their replay variants. The response's
+    ``expert`` is the method's name; new stages are picked up like new experts."""
+    stage: int | None = None
+    """With ``method``: serve that stage's adapter (0 = after the stream's first task) instead of the latest one;
+    refused while that stage is not complete. Only with ``method``."""
     prototype_samples_per_task: int | None = None
     """Training samples per task for the prototype router's means; None = the run's ``router.samples_per_task``
     (the same samples the offline evaluation used, so live routes equal offline routes)."""
@@ -131,7 +139,9 @@ class ServeCfg:
     the client retries."""
 
     def __post_init__(self) -> None:
-        _cfgload.check_ranges(self, health_check_period_s=(0, None, "open"), max_queued=(1, None))
+        _cfgload.check_ranges(self, health_check_period_s=(0, None, "open"), max_queued=(1, None), stage=(0, None))
+        if self.stage is not None and self.method is None:
+            raise ValueError("stage: used only with method= (a merging method's stage adapter)")
 
 
 def load_serve_cfg(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ServeCfg:

@@ -81,7 +81,7 @@ class ServeCore:
                  lost: Callable[[BaseException], bool] = lambda e: False, decode_workers: int = 4) -> None:
         self.cfg, self.stages, self.token_sha256, self.lost = cfg, stages, token_sha256, lost
         self.limits = cfg.limits
-        self.watch = CatalogWatch(cfg.results, retry_s=max(cfg.watch_s, 1.0))
+        self.watch = CatalogWatch(cfg.results, retry_s=max(cfg.watch_s, 1.0), method=cfg.method, stage=cfg.stage)
         self.stats: Counter[str] = Counter()
         self._pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="clsvc-decode")
         self._watch_s = cfg.watch_s

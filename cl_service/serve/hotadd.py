@@ -24,17 +24,18 @@ class CatalogWatch:
     """The current :class:`Catalog` of ``run_dir`` (``.catalog``; swapped by :meth:`poll`)."""
 
     def __init__(self, run_dir: str | Path, retry_s: float = 2.0, max_retry_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.run_dir = Path(run_dir)
+                 clock: Callable[[], float] = time.monotonic, method: str | None = None,
+                 stage: int | None = None) -> None:
+        self.run_dir, self.method, self.stage = Path(run_dir), method, stage
         self.retry_s, self.max_retry_s, self.clock = float(retry_s), float(max_retry_s), clock
-        self.catalog = Catalog.load(self.run_dir)
+        self.catalog = Catalog.load(self.run_dir, method=method, stage=stage)
         self.reloads = 0      # catalogs swapped in since start
         self.failures = 0     # verifications that left something out (or found nothing complete)
         self._lock = threading.Lock()
         self._seen = self.catalog.fingerprint  # the cheap fingerprint of the last scan that verified completely
         self._retry_at: float | None = None    # unverified content pending: when to verify it again
         self._backoff = self.retry_s
-        if Catalog.load(self.run_dir, verify=False).fingerprint != self._seen:
+        if Catalog.load(self.run_dir, verify=False, method=method, stage=stage).fingerprint != self._seen:
             self._pending()
 
     @property
@@ -53,14 +54,15 @@ class CatalogWatch:
         Raises :class:`~cl_service.adapters.registry.AdapterError` when nothing verifies at all (the
         current catalog stays, and it is retried like a partial failure)."""
         with self._lock:
-            cheap = Catalog.load(self.run_dir, verify=False).fingerprint
+            cheap = Catalog.load(self.run_dir, verify=False, method=self.method, stage=self.stage).fingerprint
             if cheap == self._seen and self._retry_at is None:
                 return False
             if cheap == self._seen and self.clock() < self._retry_at:
                 return False  # the same unverified content: wait for the backoff
             self._seen = cheap
             try:
-                new = Catalog.load(self.run_dir)  # checksums verified before anyone is routed to it
+                # checksums verified before anyone is routed to it
+                new = Catalog.load(self.run_dir, method=self.method, stage=self.stage)
             except Exception:
                 self._pending()
                 raise

@@ -306,7 +306,7 @@ class TwoStages:
     whether the CLIP states leave in the cross-process form (they travel through a Ray ingress)."""
 
     def __init__(self, cfg: ServeCfg, engine: Any = None, device: str | None = None, pack: bool = False) -> None:
-        run = Catalog.load(cfg.results, verify=False)
+        run = Catalog.load(cfg.results, verify=False, method=cfg.method, stage=cfg.stage)
         both = max(cfg.router.max_batch_size, cfg.expert.max_batch_size)
         if engine is None:
             stage = StageCfg(num_gpus=cfg.router.num_gpus + cfg.expert.num_gpus, max_batch_size=both,

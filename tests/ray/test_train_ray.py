@@ -202,7 +202,8 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
     """DDP on 2 gloo workers (one persistent group, two stages) against the same jobs in one process, every step a
     full batch of all 24 samples (12 per rank): LoRA, O-LoRA grown from it (a penalty through the DDP-wrapped loss),
     CL-MoE with the paper's mechanisms (a preparation pass on every rank, task gates, the momentum update on
-    save) and ModalPrompt (prompt rows inserted after BOS, a batch loss on features looked up per row, the second
+    save), SEFE on the LoRA (key positions, their penalty), two KeepLoRA stages (a gradient pass on every
+    rank for the frozen A, one on rank 0 after training for the grown subspace), ModalPrompt (prompt rows inserted after BOS, a batch loss on features looked up per row, the second
     task's rows added to the first's) and the per-task LoRAs of HiDe-LLaVA / DISCO (the task's feature means over
     its own samples on every rank, the projector carried to the next task) end with the same weights and files. The two tasks are chosen so the ranks'
     shares hold equally many answer tokens: then the mean of the ranks' token-mean losses is the token-mean loss of
@@ -221,8 +222,10 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
     paper = job_options(paper=True, beta=0.5, momentum=0.7, top_k=2)
     prompts = job_options(prompts=4)
     features = job_options(features="routing")
+    sefe = job_options(key_fraction=0.02, reg_weight=2.5e3)
+    keep = job_options(grad_fraction=0.25, base_energy=0.6, task_energy=0.99)
 
-    def jobs(root, per_rank, stage, init=None):
+    def jobs(root, per_rank, stage, init=None, keep_from=None):
         def job(name, kind, **kw):
             return TrainJob(name=f"{kind}/{name}", kind=kind, task="Fin", out_dir=str(root / name),
                             base_path=str(tiny_base), dataset=str(dcl_shards), parts=(DataPart("AD"), DataPart("Fin")),
@@ -232,11 +235,13 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
         if stage == 0:
             return [job("lora", "expert"), job("clmoe-0", "clmoe", moe_experts=4, options=paper),
                     job("prompt-0", "modalprompt", options=prompts).replace(task="AD", lora=None),
-                    job("tasklora-0", "tasklora", options=features)]
+                    job("tasklora-0", "tasklora", options=features), job("keeplora-0", "keeplora", options=keep)]
         return [job("olora", "olora", init_adapter=init[0].out_dir, orth_lambda=0.5),
                 job("clmoe-1", "clmoe", moe_experts=4, options=paper, init_adapter=init[1].out_dir),
                 job("prompt-1", "modalprompt", options=prompts, init_adapter=init[2].out_dir).replace(lora=None),
-                job("tasklora-1", "tasklora", options=features, init_adapter=init[3].out_dir)]
+                job("tasklora-1", "tasklora", options=features, init_adapter=init[3].out_dir),
+                job("sefe", "sefe", init_adapter=init[0].out_dir, options=sefe),
+                job("keeplora-1", "keeplora", init_adapter=keep_from or init[4].out_dir, options=keep)]
 
     one0 = jobs(tmp_path / "one", 24, 0)
     mllm = load_mllm(tiny_base)
@@ -251,7 +256,10 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
         trainer.fit(two1)
     finally:
         trainer.close()
-    one1 = jobs(tmp_path / "one", 24, 1, one0)
+    # KeepLoRA's A is an SVD of a gradient: its weaker directions turn with the last bits of the stage it starts from,
+    # and AdamW's first steps carry that into B. Both stage 1s start from the same stage 0, so what is compared is
+    # what the two workers do with it.
+    one1 = jobs(tmp_path / "one", 24, 1, one0, keep_from=two0[4].out_dir)
     for j in one0 + one1:  # in this process, world size 1
         run_train_job(j)
     for a, b in zip(two0 + two1, one0 + one1):
@@ -264,5 +272,8 @@ def test_two_gloo_workers_train_what_one_worker_trains_for_every_family(ray_loca
             for k in ta:
                 if f == "clmoe_task_gates.safetensors":  # counts of top-k choices: exactly the same
                     assert torch.equal(ta[k], tb[k]), (a.name, k)
+                elif f == "keeplora_subspace.safetensors":  # the same subspace (a singular vector's sign is free)
+                    ua, ub = ta[k].float(), tb[k].float()
+                    assert ua.shape == ub.shape and torch.allclose(ua.T @ ua, ub.T @ ub, atol=1e-2), (a.name, k)
                 else:
                     assert torch.allclose(ta[k], tb[k], rtol=1e-3, atol=1e-4), (a.name, f, k)

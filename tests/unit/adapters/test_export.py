@@ -105,3 +105,41 @@ def test_every_expert_by_default_and_moelora_refused_with_the_reason(run, tmp_pa
         export_run(run, "peft", tmp_path / "x", expert="Fin")
     with pytest.raises(ValueError, match="unknown export format"):
         export_adapter(run / "adapters" / "expert" / "RS", run, "gguf", tmp_path / "g")
+
+
+def test_a_merging_methods_stage_exports_as_the_stacked_peft_lora_and_answers_as_the_engine(run, tiny_base, expected,
+                                                                                             tmp_path):
+    """A SEFE / KeepLoRA stage (the model merged after every task, kept as one LoRA of stacked blocks: here the
+    expert's block and a second one) exports to peft as it is: ``PeftModel`` loads the rank-8 LoRA and answers what
+    the engine answers with the stage; the family's own files (key positions) stay behind."""
+    import shutil
+
+    from peft import PeftModel
+
+    from cl_service.adapters.merged import attach_stacked
+    from cl_service.engine.engine import Engine
+
+    samples, answers = expected
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    m = load_mllm(tiny_base)
+    _, found = attach_stacked(m, run / "adapters" / "expert" / "RS", LoraCfg(rank=4, alpha=8.0, dropout=0.0, vision=True),
+                              "job", seed=3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for b in found:
+            b.B[:, 4:].add_(torch.randn(b.B[:, 4:].shape, generator=g) * 0.3)
+    stage = save_adapter(m, root / "adapters" / "sefe" / "stage-1-Med", "job")
+    (stage / "sefe_key_positions.safetensors").write_bytes(b"the family's own file")
+    finalize_adapter(stage, id="sefe:stage-1", kind="sefe", task="Med", description="sefe after Med",
+                     base=str(tiny_base), job_key="s")
+    engine = Engine(tiny_base)
+    mine = engine.answer(samples, str(stage), max_new_tokens=6)
+    assert mine != answers  # the second block changes answers: equal answers below are evidence
+
+    [out] = export_run(root, "peft", tmp_path / "p", expert="sefe:stage-1")
+    assert sorted(p.name for p in out.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_META])
+    assert json.loads((out / ADAPTER_CONFIG).read_text())["r"] == 8
+    plain = load_mllm(tiny_base)
+    PeftModel.from_pretrained(plain.model, str(out), local_files_only=True)
+    assert plain.generate(samples, max_new_tokens=6) == mine

@@ -63,7 +63,8 @@ def test_adapters_hold_only_adapter_weights_and_finite_losses(run):
 
     folders = [p.parent for p in (run["out"] / "adapters").rglob("adapter.json")]
     kinds = {json.loads((f / "adapter.json").read_text())["kind"] for f in folders}
-    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora", "clmoe", "modalprompt", "tasklora"}
+    assert kinds == {"expert", "router", "sequential", "joint", "olora", "moelora", "clmoe", "modalprompt", "tasklora",
+                     "sefe", "keeplora"}
     for f in folders:
         log = json.loads((f / "train_log.json").read_text())
         assert log["steps"] == 3 and all(math.isfinite(x) for x in log["losses"])
@@ -198,23 +199,23 @@ def test_dry_run_plan_names_exactly_the_missing_work(run, tmp_path, tiny_base, d
 
 
 def test_identical_jobs_train_once(run):
-    """lora_ft / lora_ft_replay / olora / olora_replay stage 0 train exactly the first expert's weights, and a replay
-    variant's stage 0 (nothing earlier to replay) its method's: trained once, cloned."""
+    """lora_ft / lora_ft_replay / olora / olora_replay / sefe / sefe_replay stage 0 train exactly the first expert's
+    weights, and a replay variant's stage 0 (nothing earlier to replay) its method's: trained once, cloned."""
     from cl_service.adapters.registry import read_adapter
 
     ads = run["out"] / "adapters"
     expert = read_adapter(ads / "experts" / "RS")
-    for name in ("lora_ft", "lora_ft_replay", "olora", "olora_replay"):
+    for name in ("lora_ft", "lora_ft_replay", "olora", "olora_replay", "sefe", "sefe_replay"):
         clone = read_adapter(ads / name / "stage-0-RS")
         assert clone["files"]["adapter_model.safetensors"] == expert["files"]["adapter_model.safetensors"]
         assert clone["id"] != expert["id"] and clone["kind"] == "sequential"
         assert clone["cloned_from"] == expert["id"]
-    for name in ("moelora", "clmoe", "modalprompt"):
+    for name in ("moelora", "clmoe", "modalprompt", "keeplora"):
         clone = read_adapter(ads / f"{name}_replay" / "stage-0-RS")
         assert clone["cloned_from"] == f"{name}:stage-0" and clone["kind"] == name
-    # modalprompt_replay's stage 0 is a copy of modalprompt's; hide and disco share their task LoRAs (one job
-    # each), and their replay rows' stage 0 is a copy of it
-    assert sum("published without training" in line for line in run["logs"]) == 7 + 1
+    # 6 before; modalprompt_replay's stage 0 is a copy of modalprompt's; hide and disco share their task LoRAs (one
+    # job each), and their replay rows' stage 0 is a copy of it; sefe's and keeplora's (3)
+    assert sum("published without training" in line for line in run["logs"]) == 6 + 1 + 1 + 3
     # stage 1 differs (lora_ft continues from stage 0 on Med; the Med expert starts from the base)
     assert read_adapter(ads / "lora_ft" / "stage-1-Med")["files"]["adapter_model.safetensors"] != \
         read_adapter(ads / "experts" / "Med")["files"]["adapter_model.safetensors"]
@@ -310,3 +311,18 @@ def test_report_shows_a_loss_curve_per_adapter_family(run):
     families = {p.name for p in (run["out"] / "adapters").iterdir() if p.is_dir()}
     assert {p for p in pngs if p.startswith("loss_")} == {f"loss_{f}.png" for f in families}
     assert {"experts", "router", "lora_ft"} <= families
+
+
+@pytest.mark.parametrize("method", ["sefe", "keeplora", "sefe_replay"])
+def test_merging_methods_refuse_weight_decay_before_anything_trains(tmp_path, tiny_base, dcl_shards, method):
+    """Weight decay would move the merged blocks of earlier tasks: refused at the first stage, with nothing trained
+    (not after a first stage that cannot be continued)."""
+    from cl_service.config import load_run_cfg
+    from cl_service.run import LocalTrainer, run_stream
+
+    cfg = load_run_cfg(None, [f"out={tmp_path}", f"data.path={dcl_shards}", f"base.path={tiny_base}",
+                              "data.tasks=[RS,Med]", f"methods=[{method}]", "expert.train.weight_decay=0.01",
+                              "expert.train.max_steps=1", "expert.lora.rank=4", "ray.num_workers=0"])
+    with pytest.raises(ValueError, match=f"{method.removesuffix('_replay')} needs expert.train.weight_decay=0"):
+        run_stream(cfg, LocalTrainer(), log=lambda *_: None)
+    assert not list(tmp_path.rglob("adapter.json"))

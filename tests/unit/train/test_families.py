@@ -23,6 +23,8 @@ pytestmark = pytest.mark.timeout(300)
 PAPER = job_options(paper=True, beta=0.5, momentum=0.7, top_k=1)
 PROMPTS = job_options(prompts=3)
 TASK_FEATURES = job_options(features="routing")
+SEFE = job_options(key_fraction=0.02, reg_weight=2.5e3)
+KEEP = job_options(grad_fraction=0.5, base_energy=0.6, task_energy=0.99)
 
 
 def _job(tmp_path, base, data, kind, name, task="RS", init=None, steps=4, lora=LoraCfg(rank=4, alpha=8), **kw):
@@ -60,29 +62,34 @@ def _resumed_equals_uninterrupted(tmp_path, job) -> None:
 @pytest.fixture(scope="module")
 def stage0(tmp_path_factory, tiny_base, dcl_shards):
     """First-stage adapters the continuing families start from: a LoRA, a MoE-LoRA, a CL-MoE with task gates,
-    ModalPrompt's first task's prompts and a task LoRA with its feature means and projector."""
+    ModalPrompt's first task's prompts, a task LoRA with its feature means and projector, and a KeepLoRA block with
+    its protected subspace."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("stage0")
     out = {}
     for kind, extra in (("expert", {}), ("moelora", {"moe_experts": 2}), ("clmoe", {"moe_experts": 2, "options": PAPER}),
-                        ("modalprompt", {"options": PROMPTS, "lora": None}), ("tasklora", {"options": TASK_FEATURES})):
+                        ("modalprompt", {"options": PROMPTS, "lora": None}), ("tasklora", {"options": TASK_FEATURES}),
+                        ("keeplora", {"options": KEEP})):
         job = _job(root, tiny_base, dcl_shards, kind, f"{kind}-0", steps=2, **extra)
         runner.run_train_job(job)
         out[kind] = job.out_dir
     return out
 
 
-@pytest.mark.parametrize("kind", ["expert", "sequential", "olora", "moelora", "clmoe", "modalprompt", "tasklora"])
+@pytest.mark.parametrize("kind", ["expert", "sequential", "olora", "moelora", "clmoe", "modalprompt", "tasklora", "sefe",
+                                  "keeplora"])
 def test_every_family_resumes_exactly_from_a_checkpoint(tmp_path, tiny_base, dcl_shards, stage0, kind):
     """Trainable weights come back by name (the O-LoRA's frozen rows, the MoE-LoRA's gates, the new task's prompt rows
     and transform, the task LoRA's projector continued from the previous task's), the preparation pass is rerun to
-    the same result (CL-MoE's task gates, ModalPrompt's features, the task LoRA's feature means), and what the family
-    saves is what an uninterrupted run saves."""
+    the same result (CL-MoE's task gates, ModalPrompt's features, the task LoRA's feature means, SEFE's key
+    positions, KeepLoRA's frozen A), and what the family saves is what an uninterrupted run saves (KeepLoRA's grown
+    protected subspace included)."""
     init = {"expert": None, "sequential": stage0["expert"], "olora": stage0["expert"], "moelora": stage0["moelora"],
-            "clmoe": stage0["clmoe"], "modalprompt": stage0["modalprompt"], "tasklora": stage0["tasklora"]}[kind]
+            "clmoe": stage0["clmoe"], "modalprompt": stage0["modalprompt"], "tasklora": stage0["tasklora"],
+            "sefe": stage0["expert"], "keeplora": stage0["keeplora"]}[kind]
     extra = {"olora": {"orth_lambda": 0.5}, "moelora": {"moe_experts": 2},
              "clmoe": {"moe_experts": 2, "options": PAPER}, "modalprompt": {"options": PROMPTS, "lora": None},
-             "tasklora": {"options": TASK_FEATURES}}.get(kind, {})
+             "tasklora": {"options": TASK_FEATURES}, "sefe": {"options": SEFE}, "keeplora": {"options": KEEP}}.get(kind, {})
     job = _job(tmp_path, tiny_base, dcl_shards, kind, f"{kind}-1", task="Med", init=init, **extra)
     _resumed_equals_uninterrupted(tmp_path, job)
 
@@ -187,5 +194,5 @@ def test_job_data_offers_the_jobs_samples_in_order_and_seeded_subsets():
 
 
 def test_an_unknown_kind_names_the_known_families():
-    with pytest.raises(KeyError, match="unknown adapter family .*'nope'; known: clmoe, expert, joint, modalprompt, moelora"):
+    with pytest.raises(KeyError, match="unknown adapter family .*'nope'; known: clmoe, expert, joint, keeplora, modalprompt"):
         family("nope")
