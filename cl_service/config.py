@@ -232,6 +232,9 @@ class DiscoCfg:
 
     def __post_init__(self) -> None:
         _cfgload.check_ranges(self, rank=(1, None))
+
+
+@dataclass(frozen=True)
 class SefeCfg:
     """``sefe``: SEFE's RegLoRA as the MLLM-CL reference code runs it. Each task trains a fresh LoRA block on the model
     merged so far (earlier tasks' blocks frozen) with a penalty on the key positions of the earlier blocks, and stays
