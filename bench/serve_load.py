@@ -167,7 +167,7 @@ def _start_local(results: Path, address: str, overrides: list[str]):
     import ray
     from ray import serve
 
-    from cl_service.on_ray.serve import start
+    from cl_service.on_ray.serve_start import start
     from cl_service.serve.config import load_serve_cfg
 
     cfg = load_serve_cfg(None, [f"results={results}", f"grpc_port={address.rsplit(':', 1)[1]}", *overrides])

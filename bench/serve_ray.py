@@ -310,7 +310,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cl_service.on_ray import serve as clserve
+    from cl_service.on_ray import serve_start as clserve
     from cl_service.on_ray.serve_start import _bounded
     from cl_service.serve.config import load_serve_cfg
 

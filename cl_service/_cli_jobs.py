@@ -75,7 +75,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise CLIError("--host, --tls-cert, --tls-key, --device and --max-batch need --local: Serve's gRPC proxy "
                        "binds all interfaces, without TLS; on Ray set router./expert.max_batch_size and num_gpus "
                        "(README: Serving)")
-    from cl_service.on_ray.serve import serve_main
+    from cl_service.on_ray.serve_start import serve_main
 
     return serve_main(argv + list(a.overrides), log=lambda m: print(m, flush=True))
 

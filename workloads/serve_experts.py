@@ -12,7 +12,7 @@ to start unless given ``--insecure``).
 
 import sys
 
-from cl_service.on_ray.serve import serve_main
+from cl_service.on_ray.serve_start import serve_main
 
 if __name__ == "__main__":
     sys.exit(serve_main())

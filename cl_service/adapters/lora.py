@@ -34,7 +34,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 PROJECTOR = "multi_modal_projector"
 
 # Short target names -> Linear names in the Llama decoder and in the CLIP tower.
-_TEXT = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+TEXT_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 _VISION = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
            "up": "mlp.fc1", "down": "mlp.fc2"}
@@ -68,10 +68,10 @@ def target_regex(cfg: LoraCfg, vision_layers: Sequence[int] | None = None) -> st
     encoder layers when ``cfg.vision`` (the CLIP tower also has q/k/v_proj, hence a regex, not names).
     ``vision_layers`` limits the CLIP layers (those below the feature layer; the rest never reach the
     decoder); None = all."""
-    unknown = sorted(set(cfg.targets) - set(_TEXT))
+    unknown = sorted(set(cfg.targets) - set(TEXT_TARGETS))
     if unknown or not cfg.targets:
-        raise ValueError(f"unknown LoRA targets {unknown or '(none given)'}; known: {sorted(_TEXT)}")
-    text = "|".join(_TEXT[t].replace(".", r"\.") for t in cfg.targets)
+        raise ValueError(f"unknown LoRA targets {unknown or '(none given)'}; known: {sorted(TEXT_TARGETS)}")
+    text = "|".join(TEXT_TARGETS[t].replace(".", r"\.") for t in cfg.targets)
     parts = [rf".*language_model\.(?:.*\.)?layers\.\d+\.(?:{text})"]
     vis = [_VISION[t].replace(".", r"\.") for t in cfg.targets if t in _VISION]
     if cfg.vision and vis:

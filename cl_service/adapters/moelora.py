@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cl_service.adapters.family import FAMILIES, Attached
-from cl_service.adapters.lora import ADAPTER_WEIGHTS, _TEXT, LoraCfg
+from cl_service.adapters.lora import ADAPTER_WEIGHTS, TEXT_TARGETS, LoraCfg
 from cl_service.models.mllm import MLLM
 
 MOELORA_CONFIG = "moelora_config.json"
@@ -57,9 +57,9 @@ class MoELoRASpec:
         if lora.rank % experts:
             raise ValueError(f"moelora splits the LoRA rank over its experts: rank {lora.rank} is not a multiple "
                              f"of {experts} experts")
-        unknown = sorted(set(lora.targets) - set(_TEXT))
+        unknown = sorted(set(lora.targets) - set(TEXT_TARGETS))
         if unknown or not lora.targets:
-            raise ValueError(f"unknown LoRA targets {unknown or '(none given)'}; known: {sorted(_TEXT)}")
+            raise ValueError(f"unknown LoRA targets {unknown or '(none given)'}; known: {sorted(TEXT_TARGETS)}")
         return cls(int(experts), int(lora.rank), float(lora.alpha), float(lora.dropout), tuple(lora.targets))
 
 
@@ -154,7 +154,7 @@ class MoELoRA(torch.nn.Module):
 
 def _target_linears(mllm: MLLM, targets: tuple[str, ...]) -> Iterator[tuple[str, torch.nn.Linear]]:
     """The decoder's base Linears of ``targets`` (inside peft wrappers when peft is attached)."""
-    suffixes = tuple("." + _TEXT[t] for t in targets)
+    suffixes = tuple("." + TEXT_TARGETS[t] for t in targets)
     for name, m in mllm.model.named_modules():
         if "language_model" not in name or ".layers." not in name:
             continue

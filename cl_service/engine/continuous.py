@@ -57,10 +57,10 @@ from typing import Any, Callable
 import torch
 
 from cl_service.data.schema import Sample
-from cl_service.engine.cudagraphs import GraphDecoder, _Graph, batch_bucket, fill_onehot, length_bucket
-from cl_service.engine.multilora import _Plan
+from cl_service.engine.cudagraphs import GraphDecoder, DecodeGraph, batch_bucket, fill_onehot, length_bucket
+from cl_service.engine.multilora import RowPlan
 from cl_service.engine.prefetch import Prefetch
-from cl_service.models.generate import _growing_cache
+from cl_service.models.generate import growing_cache
 
 __all__ = ["ContinuousBatcher", "KVCacheFull", "QueueFull", "ResourceExhausted"]
 
@@ -159,7 +159,7 @@ class ContinuousBatcher:
         self._idx = torch.zeros(self.cap, dtype=torch.long, device=self.mllm.device)  # slot -> adapter stack slot
         self._stacks: Any = None                     # the adapter stacks _idx refers to
         self._slots: dict[str, int] = {}             # and their adapter slots
-        self._synced: _Graph | None = None           # the graph whose buffers hold the live mask (else _mask)
+        self._synced: DecodeGraph | None = None           # the graph whose buffers hold the live mask (else _mask)
         self._stream = (stream if stream is not None else torch.cuda.Stream(self.mllm.device, priority=-1)) if cuda \
             else None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -306,7 +306,7 @@ class ContinuousBatcher:
             with eng.base_passes(), eng.multi.rows(ck):
                 res = mllm.model(inputs_embeds=mllm.embed(batch, image_features=feats), attention_mask=mask,
                                  position_ids=batch["position_ids"].to(mllm.device), use_cache=True,
-                                 logits_to_keep=1, past_key_values=_growing_cache(L))
+                                 logits_to_keep=1, past_key_values=growing_cache(L))
             first = res.logits[:, -1].argmax(-1).tolist()  # also waits for the prefill (the states may go)
             kv = [(layer.keys, layer.values) for layer in res.past_key_values.layers]
             self._remap()  # the stacks this join's loads rebuilt; the live rows' slots follow them
@@ -341,7 +341,7 @@ class ContinuousBatcher:
         if not self._rows:  # the remap failed the last rows (their adapter left)
             return
         Bb = batch_bucket(max(self._rows) + 1, self.dec.buckets)
-        lora = _Plan(stacks=stacks, rank=rank, vision=False, idx=self._idx, uniform=None) if stacks else None
+        lora = RowPlan(stacks=stacks, rank=rank, vision=False, idx=self._idx, uniform=None) if stacks else None
         g = self.dec._entry(Bb, self._Lb, lora)
         if g is None:
             raise torch.OutOfMemoryError("no memory for the continuous batch's decode buffers")

@@ -52,8 +52,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from cl_service.engine.multilora import MultiLoRA, _Plan
-from cl_service.models.generate import _growing_cache
+from cl_service.engine.multilora import MultiLoRA, RowPlan
+from cl_service.models.generate import growing_cache
 from cl_service.models.mllm import MLLM
 
 #: Batch sizes a graph is captured for; a batch is padded with dummy rows up to the next one (beyond the last:
@@ -95,7 +95,7 @@ def unsupported(mllm: MLLM) -> str | None:
     return None
 
 
-def fill_onehot(plan: _Plan) -> None:
+def fill_onehot(plan: RowPlan) -> None:
     """Write the one-hot rows ``[Bb, 1, S*r]`` of a static row plan from its slot indices ``plan.idx``."""
     S = plan.onehot.shape[-1] // plan.rank
     plan.onehot.copy_(F.one_hot(plan.idx, S).to(plan.onehot.dtype).repeat_interleave(plan.rank, dim=1).unsqueeze(1))
@@ -119,7 +119,7 @@ class _StaticKV:
 
 
 @dataclass
-class _Graph:
+class DecodeGraph:
     """One captured (or capturable) decode step and its static inputs."""
     Bb: int
     Lb: int
@@ -128,7 +128,7 @@ class _Graph:
     pos: torch.Tensor                             # [Bb, 1] their positions
     col: torch.Tensor                             # [Bb] the cache column each row's token goes to
     mask: torch.Tensor                            # [Bb, Lb] bool, True = attend
-    plan: _Plan | None                            # static LoRA row plan (None: the plain base)
+    plan: RowPlan | None                            # static LoRA row plan (None: the plain base)
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None            # [Bb, V] the captured step's output (in the graph pool)
 
@@ -136,7 +136,7 @@ class _Graph:
 class _Session:
     """One batch decoding through a graph (see :class:`cl_service.models.generate.StepDecoder`)."""
 
-    def __init__(self, decoder: "GraphDecoder", g: _Graph, B: int, cache) -> None:
+    def __init__(self, decoder: "GraphDecoder", g: DecodeGraph, B: int, cache) -> None:
         self._decoder, self._g, self._B = decoder, g, B
         self.cache = cache
 
@@ -168,7 +168,7 @@ class GraphDecoder:
         self.reason: str | None = unsupported(mllm)  # why batches decline (None: they do not)
         self.stats: Counter[str] = Counter()  # sessions, declined_*, captures, replays, eager_steps, arena_grown
         self._lock = threading.Lock()  # one batch decodes through the graphs at a time
-        self._graphs: OrderedDict[tuple[int, int, bool], _Graph] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, int, bool], DecodeGraph] = OrderedDict()
         self._arena: torch.Tensor | None = None  # [layers, 2, numel] the static keys/values
         self._pool = None
         self._stream: torch.cuda.Stream | None = None
@@ -224,7 +224,7 @@ class GraphDecoder:
                 self._lock.release()
                 return None
             g = self._entry(batch_bucket(B, self.buckets), length_bucket(L + max_new_tokens), lora)
-            cache = None if g is None else _growing_cache(L + max_new_tokens, g.kv)
+            cache = None if g is None else growing_cache(L + max_new_tokens, g.kv)
             if cache is None:  # no memory for the buffers, or a transformers whose cache we cannot back
                 self.stats["declined_memory" if g is None else "declined_cache"] += 1
                 self._lock.release()
@@ -236,7 +236,7 @@ class GraphDecoder:
             self._lock.release()
             raise
 
-    def _entry(self, Bb: int, Lb: int, lora: _Plan | None) -> _Graph | None:
+    def _entry(self, Bb: int, Lb: int, lora: RowPlan | None) -> DecodeGraph | None:
         """The graph entry for this shape and these adapter stacks (a new one, not yet captured, if needed)."""
         stacks = lora.stacks if lora is not None else None
         if stacks is not None:  # adapters were loaded or dropped: graphs of the old stacks are stale
@@ -253,10 +253,10 @@ class GraphDecoder:
             if lora is not None:
                 r = lora.rank
                 S = next(iter(stacks.values()))[0].shape[0] // r
-                plan = _Plan(stacks=stacks, rank=r, vision=False, uniform=None,
+                plan = RowPlan(stacks=stacks, rank=r, vision=False, uniform=None,
                              idx=torch.zeros(Bb, dtype=torch.long, device=dev),
                              onehot=torch.zeros(Bb, 1, S * r, dtype=self.mllm.dtype, device=dev))
-            g = _Graph(Bb, Lb, kv, ids=torch.zeros(Bb, 1, dtype=torch.long, device=dev),
+            g = DecodeGraph(Bb, Lb, kv, ids=torch.zeros(Bb, 1, dtype=torch.long, device=dev),
                        pos=torch.zeros(Bb, 1, dtype=torch.long, device=dev),
                        col=torch.zeros(Bb, dtype=torch.long, device=dev),
                        mask=torch.zeros(Bb, Lb, dtype=torch.bool, device=dev), plan=plan)
@@ -324,7 +324,7 @@ class GraphDecoder:
         n = Bb * H * Lb * D
         return [(a[i, 0, :n].view(Bb, H, Lb, D), a[i, 1, :n].view(Bb, H, Lb, D)) for i in range(a.shape[0])]
 
-    def _load(self, g: _Graph, mask: torch.Tensor, lora: _Plan | None) -> None:
+    def _load(self, g: DecodeGraph, mask: torch.Tensor, lora: RowPlan | None) -> None:
         """Write a new batch's prompt mask and row slots into the static inputs (padding rows: column 0, base)."""
         B, L = mask.shape
         g.mask.zero_()
@@ -337,7 +337,7 @@ class GraphDecoder:
             g.plan.idx[:B] = lora.idx
             fill_onehot(g.plan)
 
-    def _step(self, g: _Graph, B: int, tokens: torch.Tensor, positions: torch.Tensor, column: int
+    def _step(self, g: DecodeGraph, B: int, tokens: torch.Tensor, positions: torch.Tensor, column: int
               ) -> torch.Tensor | None:
         g.ids[:B, 0] = tokens
         g.pos[:B] = positions
@@ -357,7 +357,7 @@ class GraphDecoder:
         self.stats["eager_steps"] += 1
         return self._forward(g)[:B]
 
-    def _capture(self, g: _Graph) -> None:
+    def _capture(self, g: DecodeGraph) -> None:
         """Warm up on a side stream (with this step's real inputs: the step is idempotent), then capture."""
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=self.mllm.device)
@@ -374,7 +374,7 @@ class GraphDecoder:
         g.graph, g.logits = graph, out
         self.stats["captures"] += 1
 
-    def _forward(self, g: _Graph) -> torch.Tensor:
+    def _forward(self, g: DecodeGraph) -> torch.Tensor:
         """One decode step over the static buffers: logits ``[Bb, V]`` of the tokens in ``g.ids``."""
         lm = self._lm
         with self.multi.plan_block(g.plan) if g.plan is not None else contextlib.nullcontext():

@@ -60,7 +60,7 @@ class _Adapter:
 
 
 @dataclass
-class _Plan:
+class RowPlan:
     """Which slot each row of the running pass uses (one :meth:`MultiLoRA.rows` block)."""
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int
@@ -300,7 +300,7 @@ class MultiLoRA:
         idx_list = [self._slot_of(k, slots) for k in keys]
         S = len(slots) + 1
         dev = self.mllm.device
-        plan = _Plan(stacks=stacks, rank=r, vision=vision,
+        plan = RowPlan(stacks=stacks, rank=r, vision=vision,
                      idx=torch.tensor(idx_list, device=dev, dtype=torch.long),
                      uniform=idx_list[0] if len(set(idx_list)) == 1 else None)
         if plan.uniform is None:
@@ -346,19 +346,19 @@ class MultiLoRA:
         sel = torch.tensor(idx, device=dev)
         fused = {p: (A.view(S, r, -1)[sel].sum(0), Bt.view(S, r, -1)[sel].sum(0)) for p, (A, Bt) in stacks.items()
                  if (layer := decoder_layer(p)) is not None and layer < start}
-        plan = _Plan(stacks=stacks, rank=r, vision=False, uniform=None,
+        plan = RowPlan(stacks=stacks, rank=r, vision=False, uniform=None,
                      idx=torch.zeros(weights.shape[0], device=dev, dtype=torch.long),
                      weights=w.repeat_interleave(r, dim=1).unsqueeze(1), fused=fused)
         with self.plan_block(plan):
             yield
 
-    def active_plan(self) -> "_Plan | None":
+    def active_plan(self) -> "RowPlan | None":
         """This thread's innermost :meth:`rows` plan (None outside any)."""
         plans = getattr(self._local, "plans", None)
         return plans[-1] if plans else None
 
     @contextlib.contextmanager
-    def plan_block(self, plan: "_Plan") -> Iterator[None]:
+    def plan_block(self, plan: "RowPlan") -> Iterator[None]:
         """Passes inside this block use ``plan`` as given: with ``uniform=None`` and ``idx``/``onehot`` in
         static buffers, the per-row update reads only those buffers, so a CUDA graph captured inside the
         block replays for any rows written into them (:mod:`cl_service.engine.cudagraphs`)."""
@@ -371,7 +371,7 @@ class MultiLoRA:
             stack.pop()
             self._detach()
 
-    def _plans(self) -> list["_Plan"]:
+    def _plans(self) -> list["RowPlan"]:
         stack = getattr(self._local, "plans", None)
         if stack is None:
             stack = self._local.plans = []
@@ -409,7 +409,7 @@ class MultiLoRA:
             return out + self.delta(args[0], *ab, plan=plan)
         return hook
 
-    def delta(self, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, plan: "_Plan | None" = None) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, plan: "RowPlan | None" = None) -> torch.Tensor:
         """The LoRA update of every row: ``x [B, L, in]`` (or ``[B, in]``) -> ``[B, L, out]``.
 
         ``plan``: the row plan (default: this thread's innermost :meth:`rows` block)."""

@@ -74,7 +74,7 @@ def _generate(mllm: "MLLM", samples: Sequence[Sample], max_new_tokens: int, visi
         if fast is not None:  # the prefill writes the KV cache into the decoder's static buffers
             cache = fast.cache
         else:
-            cache = _growing_cache(mask.shape[1] + max_new_tokens) if mllm.preallocate_kv and use_cache else None
+            cache = growing_cache(mask.shape[1] + max_new_tokens) if mllm.preallocate_kv and use_cache else None
         res = mllm.model(inputs_embeds=x["inputs_embeds"], attention_mask=mask, position_ids=pos, use_cache=use_cache,
                          logits_to_keep=1, past_key_values=cache)
         logits = res.logits[:, -1]
@@ -150,7 +150,7 @@ class _GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _growing_cache(capacity: int, storage: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+def growing_cache(capacity: int, storage: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
                    ) -> DynamicCache | None:
     """A ``DynamicCache`` of :class:`_GrowingLayer` (None, i.e. the model's default, if this transformers
     version builds its cache layers differently). ``storage``: per decoder layer, the buffers its layer uses."""

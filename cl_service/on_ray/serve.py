@@ -17,9 +17,8 @@ batch to one adapter). Hot add: the ingress polls the results folder (``watch_s`
 catalog when the run publishes an expert or a retrained router; requests in flight keep their snapshot.
 
 Build with :func:`build_app` (``serve deploy`` / ``serve run cl_service.on_ray.serve:build_app``) or start
-locally with :func:`start` (:mod:`cl_service.on_ray.serve_start`, re-exported here with ``serve_main``,
-``wait_running``, ``override``, ``parse_args`` and ``grpc_options``). With that module, the only one that
-imports Ray Serve.
+locally with :func:`cl_service.on_ray.serve_start.start` (that module builds the app with this one's
+:func:`build`; this one does not import it). With that module, the only one that imports Ray Serve.
 """
 
 from __future__ import annotations
@@ -35,8 +34,6 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from cl_service._cfgload import from_dict, to_dict
-from cl_service.on_ray.serve_start import (grpc_options, override, parse_args, serve_main, start,  # noqa: F401
-                                           wait_running)  # re-exported: they lived here
 from cl_service.serve.auth import token_sha256
 from cl_service.serve.catalog import Catalog, RequestError
 from cl_service.serve.config import ServeCfg, StageCfg, load_serve_cfg

@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from cl_service.on_ray.local import driver_node_ip, init_local
+from cl_service.on_ray.serve import build
 from cl_service.serve import grpc_api
 from cl_service.serve.catalog import Catalog
 from cl_service.serve.auth import token_sha256
@@ -37,8 +38,6 @@ def grpc_options(cfg: ServeCfg) -> gRPCOptions:
 def start(cfg: ServeCfg, token: str | None = None, timeout_s: float = 300.0) -> None:
     """Start Serve (gRPC proxy on ``cfg.grpc_port``, HTTP proxy on ``cfg.http_host:http_port``) on the connected
     Ray and deploy the app; returns once it is RUNNING, raises ``TimeoutError``/``RuntimeError`` otherwise."""
-    from cl_service.on_ray.serve import build  # here: that module imports this one
-
     http = HTTPOptions(host=cfg.http_host, port=cfg.http_port, request_timeout_s=cfg.request_timeout_s)
     app = build(cfg, token)  # refused here, before Serve starts, when it would be open to the network
     # the proxies inherit the controller's env: their message limit follows cfg.limits, and the gRPC proxy

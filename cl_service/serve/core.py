@@ -62,7 +62,7 @@ class Routed:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class RowPlan:
     """Where a request goes: a named (or the only) expert, or stage one with these arguments."""
     kind: str
     expert: ExpertEntry | None
@@ -152,24 +152,24 @@ class ServeCore:
         async for item in self._predict(request, metadata, stream=True):
             yield item
 
-    def plan(self, request: Any, cat: Catalog) -> _Plan:
+    def plan(self, request: Any, cat: Catalog) -> RowPlan:
         """The expert the request names, the run's only expert, or stage one's arguments for ``router_kind``."""
         if request.HasField("expert"):
-            return _Plan("request", cat.find(request.expert), None)
+            return RowPlan("request", cat.find(request.expert), None)
         if len(cat.experts) == 1:
-            return _Plan("single", cat.experts[0], None)
+            return RowPlan("single", cat.experts[0], None)
         kind, names = self.cfg.router_kind, ", ".join(e.task for e in cat.experts)
         if kind == "mllm":
             if cat.pool is None or cat.router_dir is None:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"the run has no usable MLLM router yet; name an expert: {names}")
-            return _Plan(kind, None, (str(cat.router_dir), cat.pool.experts, cat.pool.descriptions))
+            return RowPlan(kind, None, (str(cat.router_dir), cat.pool.experts, cat.pool.descriptions))
         saved = cat.feature_routers.get(kind)
         if saved is None and kind != "prototype":
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"the run saved no {kind} router; name an expert: {names}")
         experts = saved[1] if saved else tuple(e.task for e in cat.experts)
-        return _Plan(kind, None, (str(saved[0]) if saved else None, experts,
+        return RowPlan(kind, None, (str(saved[0]) if saved else None, experts,
                                   tuple(cat.find(t).description for t in experts)))
 
     async def _predict(self, request: Any, metadata: Iterable[tuple[str, str]], stream: bool) -> AsyncIterator[Any]:

@@ -21,7 +21,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_multilora_paths_agree_bf16():
     """Uniform, gather (prefill) and one-hot (decode) LoRA updates == a float64 per-row reference."""
-    from cl_service.engine.multilora import MultiLoRA, _Plan
+    from cl_service.engine.multilora import MultiLoRA, RowPlan
 
     torch.manual_seed(0)
     S, r, d_in, d_out, B = 5, 16, 256, 384, 12
@@ -33,7 +33,7 @@ def test_multilora_paths_agree_bf16():
     idx = torch.randint(0, S, (B,), device="cuda")
     oh = torch.zeros(B, S, device="cuda", dtype=torch.bfloat16)
     oh[torch.arange(B), idx] = 1
-    plan = _Plan(stacks={}, rank=r, vision=False, idx=idx, uniform=None, onehot=oh.repeat_interleave(r, 1).unsqueeze(1))
+    plan = RowPlan(stacks={}, rank=r, vision=False, idx=idx, uniform=None, onehot=oh.repeat_interleave(r, 1).unsqueeze(1))
     for L in (1, 7):  # L == 1 and B >= S: one-hot path; L > 1: gather path
         x = torch.randn(B, L, d_in, device="cuda", dtype=torch.bfloat16)
         got = ml.delta(x, A, Bt, plan=plan)

@@ -65,7 +65,7 @@ def _run(out: Path, tiny_base, dcl_shards, tasks: str = "RS,Med,AD", pause_after
 def app(ray_local, tmp_path_factory, tiny_base, dcl_shards):
     from ray import serve
 
-    from cl_service.on_ray import serve as clserve
+    from cl_service.on_ray import serve as clserve, serve_start
     from cl_service.serve.client import Client
     from cl_service.serve.config import load_serve_cfg
 
@@ -76,7 +76,7 @@ def app(ray_local, tmp_path_factory, tiny_base, dcl_shards):
         f"results={out}", f"grpc_port={port}", f"http_port={_free_port()}", "watch_s=0.5",
         "router.num_cpus=0.2", "expert.num_cpus=0.2", "ingress_num_cpus=0.05",
         "router.batch_wait_ms=20", "expert.batch_wait_ms=20", "limits.max_image_bytes=200000"])
-    clserve.start(cfg, token=TOKEN, timeout_s=150)
+    serve_start.start(cfg, token=TOKEN, timeout_s=150)
     client = Client(f"127.0.0.1:{port}", token=TOKEN, application=cfg.app_name)
     client.wait_ready(30)
     yield {"out": out, "cfg": cfg, "client": client, "port": port, "shards": dcl_shards, "base": tiny_base}
@@ -136,13 +136,13 @@ def _second_app(app, name: str, **changes):
     """Another app on the running Serve (the same token: Serve's gRPC proxy checks it for every app)."""
     from ray import serve
 
-    from cl_service.on_ray import serve as clserve
+    from cl_service.on_ray import serve as clserve, serve_start
 
-    cfg = clserve.override(app["cfg"], app_name=name, route_prefix=f"/{name}", **changes)
+    cfg = serve_start.override(app["cfg"], app_name=name, route_prefix=f"/{name}", **changes)
     serve.run_many([serve.RunTarget(target=clserve.build(cfg, TOKEN), name=cfg.app_name,
                                     route_prefix=cfg.route_prefix)],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-    clserve.wait_running(cfg.app_name, 120)
+    serve_start.wait_running(cfg.app_name, 120)
     return cfg
 
 
@@ -580,10 +580,10 @@ def test_expert_refuses_past_max_queued(app, continuous):
     import threading
 
     from cl_service._cfgload import to_dict
-    from cl_service.on_ray import serve as clserve
+    from cl_service.on_ray import serve as clserve, serve_start
     from cl_service.serve.catalog import Catalog, RequestError
 
-    cfg = clserve.override(app["cfg"], continuous=continuous, max_queued=2, **{"expert.batch_wait_ms": 0.0})
+    cfg = serve_start.override(app["cfg"], continuous=continuous, max_queued=2, **{"expert.batch_wait_ms": 0.0})
     expert = clserve.Expert.func_or_class(to_dict(cfg))
     stage, cat = expert.stage, Catalog.load(cfg.results)
     gate = threading.Event()

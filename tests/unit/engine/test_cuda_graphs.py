@@ -81,7 +81,7 @@ def test_decoder_that_gives_up_at_its_first_step(tiny_base, samples):
     import contextlib
     from types import SimpleNamespace
 
-    from cl_service.models.generate import _growing_cache
+    from cl_service.models.generate import growing_cache
     from cl_service.models.mllm import load_mllm
 
     m = load_mllm(tiny_base)
@@ -96,7 +96,7 @@ def test_decoder_that_gives_up_at_its_first_step(tiny_base, samples):
             storage = [(torch.zeros(B + 3, H, L + n + 5, D), torch.zeros(B + 3, H, L + n + 5, D))
                        for _ in range(c.num_hidden_layers)]
             used.append(storage)
-            yield SimpleNamespace(cache=_growing_cache(L + n, storage), step=lambda *a: None)
+            yield SimpleNamespace(cache=growing_cache(L + n, storage), step=lambda *a: None)
 
     assert m.generate(samples[:4], 6, decoder=GiveUp()) == m.generate(samples[:4], 6)
     assert used and bool(used[0][0][0].abs().sum() > 0)  # the prefill wrote into the storage

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cl_service.engine.engine import Engine
-from cl_service.engine.multilora import MultiLoRA, _Plan
+from cl_service.engine.multilora import MultiLoRA, RowPlan
 from cl_service.models.mllm import load_mllm
 from cl_service.routers.prompt import Pool
 
@@ -88,7 +88,7 @@ def test_delta_paths_equal_per_row_reference():
     idx = torch.tensor([0, 3, 1, 3, 2])
     oh = torch.zeros(B, S)
     oh[torch.arange(B), idx] = 1
-    plan = _Plan(stacks={}, rank=r, vision=False, idx=idx, uniform=None, onehot=oh.repeat_interleave(r, 1).unsqueeze(1))
+    plan = RowPlan(stacks={}, rank=r, vision=False, idx=idx, uniform=None, onehot=oh.repeat_interleave(r, 1).unsqueeze(1))
 
     def ref(x, rows):
         return torch.stack([x[b] @ A.view(S, r, d_in)[rows[b]].T @ Bt.view(S, r, d_out)[rows[b]] for b in range(B)])
@@ -103,9 +103,9 @@ def test_delta_paths_equal_per_row_reference():
 
 def test_preallocated_kv_cache_generates_like_dynamic(tiny_base, samples):
     """Generation with the KV cache in preallocated buffers == transformers' growing (torch.cat) cache."""
-    from cl_service.models.generate import _growing_cache
+    from cl_service.models.generate import growing_cache
 
-    assert _growing_cache(8) is not None  # this transformers version takes the preallocated layers
+    assert growing_cache(8) is not None  # this transformers version takes the preallocated layers
     m = load_mllm(tiny_base)
     fast = m.generate(samples, 7, 4)
     m.preallocate_kv = False
