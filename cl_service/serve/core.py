@@ -206,7 +206,8 @@ class ServeCore:
                 answer=answer.text, expert=expert.task, router=decision,
                 latency=pb2.Latency(route_ms=route_ms, answer_ms=(now - t2) * 1000, total_ms=(now - t0) * 1000),
                 usage=pb2.Usage(prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
-                                total_tokens=answer.prompt_tokens + answer.completion_tokens))
+                                total_tokens=answer.prompt_tokens + answer.completion_tokens),
+                finish_reason=answer.finish_reason)
         except Exception as e:  # noqa: BLE001 - every failure reaches the client as one public line
             raise self.public_error(e, stage, expert) from None
 

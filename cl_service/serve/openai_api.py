@@ -204,7 +204,7 @@ def chat_reply(response: Any) -> Reply:
     return Reply(200, _dumps({
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": response.expert, "choices": [{"index": 0, "message": {"role": "assistant", "content": response.answer},
-                                               "finish_reason": "stop", "logprobs": None}],
+                                               "finish_reason": response.finish_reason, "logprobs": None}],
         "usage": _usage(response), "clsvc": _extra(response)}))
 
 
@@ -223,7 +223,7 @@ async def _events(first: Routed, items: AsyncIterator[Any], include_usage: bool)
             if isinstance(item, str):
                 yield chunk({"content": item})
                 continue
-            yield chunk({}, "stop", clsvc=_extra(item))
+            yield chunk({}, item.finish_reason, clsvc=_extra(item))
             if include_usage:
                 yield _event({**head, "choices": [], "usage": _usage(item)})
         yield b"data: [DONE]\n\n"

@@ -46,6 +46,8 @@ class Answer:
     """Tokens the expert read: image tokens, the question and the chat template."""
     completion_tokens: int
     """Tokens the expert generated, its end-of-sequence token included when it emitted one."""
+    finish_reason: str = "stop"
+    """``stop``: the expert emitted its end-of-sequence token; ``length``: ``max_new_tokens`` came first."""
 
 
 def load_engine(run: Catalog, stage: StageCfg, max_loaded: int = 16, max_host: int = 32, device: str | None = None,
@@ -165,15 +167,22 @@ class RouteStage:
 
 
 class _Tokens:
-    """A row's ``on_token``: counts the tokens (in the model's thread) and hands each to ``forward``."""
+    """A row's ``on_token``: counts the tokens (in the model's thread), keeps the last and hands each to
+    ``forward``."""
 
     def __init__(self, forward: Callable[[int], None] | None = None) -> None:
-        self.n, self.forward = 0, forward
+        self.n, self.last, self.forward = 0, None, forward
 
     def __call__(self, token: int) -> None:
         self.n += 1
+        self.last = token
         if self.forward is not None:
             self.forward(token)
+
+    def finish_reason(self, eos_id: int) -> str:
+        """``stop`` when the row's last token was its end of sequence, else ``length`` (the decode stops at an
+        end of sequence or at ``max_new_tokens``, nothing else)."""
+        return "stop" if self.last == eos_id else "length"
 
 
 _END = object()
@@ -245,7 +254,7 @@ class AnswerStage:
             text = await asyncio.wrap_future(fut)
         except ResourceExhausted as e:  # no room for its keys/values now (KVCacheFull): the client may retry
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later") from None
-        return Answer(text, prompt, tokens.n)
+        return Answer(text, prompt, tokens.n, tokens.finish_reason(self.engine.mllm.eos_id))
 
     def _answer(self, items: list[tuple]) -> list:
         """Rows for different experts share each forward pass (``Engine.answer_mixed``); one call per distinct
@@ -253,7 +262,9 @@ class AnswerStage:
         its own error; the others their answers."""
         prompts = [admit(self.engine, it[0], it[2]) for it in items]
         texts = run_rows(self._answer_rows, items, [p if isinstance(p, RequestError) else None for p in prompts])
-        return [t if isinstance(t, Exception) else Answer(t, p, it[4].n) for t, p, it in zip(texts, prompts, items)]
+        eos = self.engine.mllm.eos_id
+        return [t if isinstance(t, Exception) else Answer(t, p, it[4].n, it[4].finish_reason(eos))
+                for t, p, it in zip(texts, prompts, items)]
 
     def _answer_rows(self, items: list[tuple]) -> list[str]:
         samples = [it[0] for it in items]

@@ -41,7 +41,7 @@ def srv(tiny_run, tiny_engine, dcl_shards):
     samples = {t: list(ShardDataset(dcl_shards).iter_samples(t, "test")) for t in ("RS", "Med")}
     with Client(f"127.0.0.1:{port}", token=TOKEN) as grpc_client:
         yield {"out": out, "base": base, "openai": client, "grpc": grpc_client, "samples": samples,
-               "servicer": servicer}
+               "servicer": servicer, "max_new_tokens": tiny_engine.max_new_tokens}
     client.close()
     httpd.stop()
     server.stop(None)
@@ -83,13 +83,34 @@ def test_openai_client_answers_equal_grpc_answers(srv):
         g = srv["grpc"].predict(s.images, s.question, expert=None if model == "auto" else model, max_new_tokens=n)
         assert c.object == "chat.completion" and c.id.startswith("chatcmpl-") and c.created > 0
         assert (c.choices[0].message.content, c.model) == (g.answer, g.expert), (model, s.id)
-        assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason == "stop"
+        assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason == g.finish_reason
+        assert g.finish_reason == "stop" or g.usage.completion_tokens == (n or srv["max_new_tokens"])
         extra = c.model_extra["clsvc"]
         assert extra["expert"] == g.expert and extra["router"]["raw_output"] == g.router.raw_output
         assert extra["router"]["kind"] == ("mllm" if model == "auto" else "request")
         assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == (
             g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.total_tokens)
         assert c.usage.prompt_tokens > 16 and 1 <= c.usage.completion_tokens <= (n or 3)
+
+
+def test_finish_reason_says_whether_the_answer_was_cut_at_max_tokens(srv):
+    """An answer the expert ended itself (its EOS within ``max_tokens``) ends with ``stop``; the same request with
+    ``max_tokens`` below its length ends with ``length``, over gRPC, in the reply and in the stream's finish chunk."""
+    g = srv["grpc"]
+    found = [(x, e, a) for e in ("RS", "Med") for x in srv["samples"]["RS"][:4] + srv["samples"]["Med"][:4]
+             if 1 < (a := g.predict(x.images, x.question, expert=e, max_new_tokens=16)).usage.completion_tokens < 16]
+    assert found, "no answer of the tiny run ends within 16 tokens"
+    s, expert, whole = found[0]
+    assert whole.finish_reason == "stop"  # ended by its EOS, which completion_tokens counts
+    n = whole.usage.completion_tokens - 1  # one token short: the EOS does not fit
+    cut = g.predict(s.images, s.question, expert=expert, max_new_tokens=n)
+    assert (cut.finish_reason, cut.usage.completion_tokens, cut.answer) == ("length", n, whole.answer), cut
+    for tokens, reason in ((n, "length"), (16, "stop")):
+        c = srv["openai"].chat.completions.create(model=expert, messages=_messages(s), max_tokens=tokens)
+        assert c.choices[0].finish_reason == reason
+        chunks = list(srv["openai"].chat.completions.create(model=expert, messages=_messages(s), max_tokens=tokens,
+                                                            stream=True))
+        assert chunks[-1].choices[0].finish_reason == reason
 
 
 def test_streaming_sends_the_answer_as_it_is_decoded(srv):
@@ -106,7 +127,8 @@ def test_streaming_sends_the_answer_as_it_is_decoded(srv):
             assert "".join(pieces) == whole.choices[0].message.content
             assert len(pieces) <= whole.usage.completion_tokens  # at most a piece per decoded token
             most = max(most, len(pieces))
-            assert chunks[-2].choices[0].finish_reason == "stop" and {c.model for c in chunks} == {whole.model}
+            assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+            assert {c.model for c in chunks} == {whole.model}
             assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
     assert most >= 2  # answers came in several pieces
     s = srv["samples"]["Med"][0]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63l_service/proto/cl/v1/cl.proto\x12\x05\x63l.v1\"\x82\x01\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x13\n\x06\x65xpert\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x42\t\n\x07_expertB\x11\n\x0f_max_new_tokens\"I\n\x0eRouterDecision\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nraw_output\x18\x02 \x01(\t\x12\x15\n\rfallback_used\x18\x03 \x01(\x08\"@\n\x07Latency\x12\x10\n\x08route_ms\x18\x01 \x01(\x01\x12\x11\n\tanswer_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x96\x01\n\x0fPredictResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12%\n\x06router\x18\x03 \x01(\x0b\x32\x15.cl.v1.RouterDecision\x12\x1f\n\x07latency\x18\x04 \x01(\x0b\x32\x0e.cl.v1.Latency\x12\x1b\n\x05usage\x18\x05 \x01(\x0b\x32\x0c.cl.v1.Usage\"\x14\n\x12ListExpertsRequest\"P\n\x06\x45xpert\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x04 \x01(\x05\"5\n\x13ListExpertsResponse\x12\x1e\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\r.cl.v1.Expert2\x93\x01\n\x11\x43ontinualLearning\x12\x38\n\x07Predict\x12\x15.cl.v1.PredictRequest\x1a\x16.cl.v1.PredictResponse\x12\x44\n\x0bListExperts\x12\x19.cl.v1.ListExpertsRequest\x1a\x1a.cl.v1.ListExpertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63l_service/proto/cl/v1/cl.proto\x12\x05\x63l.v1\"\x82\x01\n\x0ePredictRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x13\n\x06\x65xpert\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x42\t\n\x07_expertB\x11\n\x0f_max_new_tokens\"I\n\x0eRouterDecision\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nraw_output\x18\x02 \x01(\t\x12\x15\n\rfallback_used\x18\x03 \x01(\x08\"@\n\x07Latency\x12\x10\n\x08route_ms\x18\x01 \x01(\x01\x12\x11\n\tanswer_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xad\x01\n\x0fPredictResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12%\n\x06router\x18\x03 \x01(\x0b\x32\x15.cl.v1.RouterDecision\x12\x1f\n\x07latency\x18\x04 \x01(\x0b\x32\x0e.cl.v1.Latency\x12\x1b\n\x05usage\x18\x05 \x01(\x0b\x32\x0c.cl.v1.Usage\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"\x14\n\x12ListExpertsRequest\"P\n\x06\x45xpert\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x04 \x01(\x05\"5\n\x13ListExpertsResponse\x12\x1e\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\r.cl.v1.Expert2\x93\x01\n\x11\x43ontinualLearning\x12\x38\n\x07Predict\x12\x15.cl.v1.PredictRequest\x1a\x16.cl.v1.PredictResponse\x12\x44\n\x0bListExperts\x12\x19.cl.v1.ListExpertsRequest\x1a\x1a.cl.v1.ListExpertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=316
   _globals['_USAGE']._serialized_end=395
   _globals['_PREDICTRESPONSE']._serialized_start=398
-  _globals['_PREDICTRESPONSE']._serialized_end=548
-  _globals['_LISTEXPERTSREQUEST']._serialized_start=550
-  _globals['_LISTEXPERTSREQUEST']._serialized_end=570
-  _globals['_EXPERT']._serialized_start=572
-  _globals['_EXPERT']._serialized_end=652
-  _globals['_LISTEXPERTSRESPONSE']._serialized_start=654
-  _globals['_LISTEXPERTSRESPONSE']._serialized_end=707
-  _globals['_CONTINUALLEARNING']._serialized_start=710
-  _globals['_CONTINUALLEARNING']._serialized_end=857
+  _globals['_PREDICTRESPONSE']._serialized_end=571
+  _globals['_LISTEXPERTSREQUEST']._serialized_start=573
+  _globals['_LISTEXPERTSREQUEST']._serialized_end=593
+  _globals['_EXPERT']._serialized_start=595
+  _globals['_EXPERT']._serialized_end=675
+  _globals['_LISTEXPERTSRESPONSE']._serialized_start=677
+  _globals['_LISTEXPERTSRESPONSE']._serialized_end=730
+  _globals['_CONTINUALLEARNING']._serialized_start=733
+  _globals['_CONTINUALLEARNING']._serialized_end=880
 # @@protoc_insertion_point(module_scope)
