@@ -143,7 +143,7 @@ def _cell_main(cell: dict[str, Any], cfg: dict[str, Any], study_dir: str) -> dic
         print(m if m.startswith("[cell ") else f"[cell {c.id}] {m}", flush=True)
 
     return run_cell(c, rc, study_dir, lambda cf, wrap: run(cf, log, wrap_trainer=wrap), log,
-                    lock_timeout_s=rc.ray.timeout_s)
+                    lock_timeout_s=rc.ray.stall_timeout_s)
 
 
 class _Signals:

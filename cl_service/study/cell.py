@@ -33,6 +33,8 @@ class Recording:
 
     def fit(self, jobs: list[TrainJob]) -> dict[str, float]:
         keys = [j.key() for j in jobs]
+        for job, key in zip(jobs, keys):  # a launch killed after a job finished still counts it (read_trainings)
+            record_training(self.study_dir, self.cell, job, key, None, state="started")
         times = self.inner.fit(jobs)
         for job, key in zip(jobs, keys):
             record_training(self.study_dir, self.cell, job, key, times.get(job.name))

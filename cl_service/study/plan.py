@@ -39,7 +39,7 @@ SPEC = "study_spec.json"
 TRAININGS = "trainings.jsonl"
 CELL_DONE = "cell.json"
 #: Keys a rerun may change without making it another study: where and how fast cells run, not what they compute.
-_FREE = ("out", "seed", "eval.threads", "eval.num_workers", "ray.storage_path", "ray.timeout_s",
+_FREE = ("out", "seed", "eval.threads", "eval.num_workers", "ray.storage_path", "ray.stall_timeout_s",
          "ray.poll_interval_s", "tracking")
 
 
@@ -247,27 +247,37 @@ def job_plan(cells: Sequence[Cell], stages_of: dict[str, list[list[TrainJob]]], 
             "per_cell": per_cell, "shared_jobs": sorted(shared, key=lambda s: (s["seed"], s["job"]))}
 
 
-def record_training(study_dir: str | Path, cell: str, job: TrainJob, key: str, seconds: float | None) -> None:
+def record_training(study_dir: str | Path, cell: str, job: TrainJob, key: str, seconds: float | None,
+                    state: str = "done") -> None:
     """Append one line to ``trainings.jsonl`` (a single ``write`` in append mode: lines of cells running at
-    once never interleave)."""
+    once never interleave). ``state``: ``started`` before the job trains, ``done`` after."""
     path = Path(study_dir) / TRAININGS
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"cell": cell, "job": job.name, "key": key, "seed": job.seed,
+    line = json.dumps({"cell": cell, "job": job.name, "key": key, "seed": job.seed, "state": state,
                        "seconds": None if seconds is None else round(seconds, 3)}) + "\n"
     with open(path, "a") as f:
         f.write(line)
 
 
 def read_trainings(study_dir: str | Path) -> list[dict[str, Any]]:
-    """The lines of ``trainings.jsonl`` (a torn last line, from a killed writer, is ignored)."""
+    """One entry per adapter trained, from ``trainings.jsonl`` (a torn last line, from a killed writer, is
+    ignored): a job's ``done`` line; or, for a job whose launch was killed after it finished but before it was
+    recorded done (its adapter is complete in the study's cache), its ``started`` line. A job started and never
+    finished is no training (its rerun records it)."""
+    from cl_service.adapters.registry import is_complete
+
     try:
         lines = (Path(study_dir) / TRAININGS).read_text().splitlines()
     except FileNotFoundError:
         return []
-    out = []
+    done: dict[str, dict[str, Any]] = {}
+    started: dict[str, dict[str, Any]] = {}
     for line in lines:
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except ValueError:
             continue
-    return out
+        into = started if rec.get("state") == "started" else done  # lines without a state were written when done
+        into.setdefault(rec["key"], rec)
+    finished = [r for k, r in started.items() if k not in done and is_complete(Path(study_dir) / "cache" / k, k)]
+    return list(done.values()) + finished

@@ -5,7 +5,7 @@ import pytest
 from cl_service._cfgload import to_dict
 from cl_service.config import load_run_cfg
 from cl_service.study.plan import (StudyMismatch, cell_cfg, check_spec, job_plan, logical_keys, make_cells,
-                                   stream_jobs)
+                                   record_training, stream_jobs)
 
 
 def _base(dcl_shards, tiny_base, *extra):
@@ -73,3 +73,35 @@ def test_cells_at_once_come_from_the_resources():
     assert concurrency(inproc, {"CPU": 2.0}) == 2  # a cell training in its own process holds a CPU
     gpu = load_run_cfg(None, ["ray.num_workers=2", "ray.use_gpu=true", "ray.cpus_per_worker=1"])
     assert concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # GPUs bound it
+
+
+def test_a_job_finished_by_a_killed_launch_still_counts_as_trained_once(tmp_path):
+    """``trainings.jsonl``: a job recorded ``started`` whose adapter is complete in the study's cache was trained
+    (its launch was killed before it recorded ``done``); one started and never finished was not; a key recorded
+    done twice counts once; lines written before states existed count as done."""
+    from cl_service.adapters.registry import finalize_adapter
+    from cl_service.study.plan import TRAININGS, read_trainings
+    from cl_service.adapters.lora import LoraCfg
+    from cl_service.train.job import DataPart, TrainJob
+    from cl_service.train.loop import TrainCfg
+
+    def job(name):
+        return TrainJob(name=name, kind="expert", task="RS", out_dir=str(tmp_path / name), base_path="b",
+                        dataset="d", parts=(DataPart("RS"),), lora=LoraCfg(), train=TrainCfg())
+
+    for key in ("k-finished", "k-done"):  # complete adapters in the cache
+        (tmp_path / "cache" / key).mkdir(parents=True)
+        (tmp_path / "cache" / key / "weights.bin").write_bytes(b"w")
+        finalize_adapter(tmp_path / "cache" / key, id=key, kind="expert", task="RS", description="", base="b",
+                         job_key=key)
+    (tmp_path / "cache" / "k-unfinished").mkdir()  # no adapter.json: never finished
+    record_training(tmp_path, "o0-s0", job("expert/RS"), "k-done", None, state="started")
+    record_training(tmp_path, "o0-s0", job("expert/RS"), "k-done", 1.5)
+    record_training(tmp_path, "o1-s0", job("expert/RS"), "k-done", 2.0)
+    record_training(tmp_path, "o0-s1", job("router/stage-1"), "k-finished", None, state="started")
+    record_training(tmp_path, "o0-s1", job("expert/Med"), "k-unfinished", None, state="started")
+    with open(tmp_path / TRAININGS, "a") as f:
+        f.write('{"cell": "o1-s1", "job": "expert/Sci", "key": "k-old", "seed": 1, "seconds": 3.0}\n{"cell": "o1')
+    got = sorted((t["cell"], t["job"], t["key"], t["seconds"]) for t in read_trainings(tmp_path))
+    assert got == [("o0-s0", "expert/RS", "k-done", 1.5), ("o0-s1", "router/stage-1", "k-finished", None),
+                   ("o1-s1", "expert/Sci", "k-old", 3.0)]
