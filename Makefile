@@ -60,8 +60,8 @@ demo-data: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests/unit tests/ray -m "not long" --ignore=tests/unit/serve/test_wheel_install.py --durations=15
 
-# The three Ray tests of over 100 s each on 2 cores (two local nodes, an interrupted sweep, ZeRO-2 with resume):
-# kept out of `make test` so that it stays near 15 minutes; CI runs them after it.
+# The Ray tests of over 100 s each on 2 cores (two local nodes, an interrupted sweep, ZeRO-2 with resume, a run cut
+# by a stall then by a driver kill): kept out of `make test` so that it stays near 15 minutes; CI runs them after it.
 test-long: $(STAMP)
 	$(PY) -m pytest -q tests/ray -m long --durations=5
 

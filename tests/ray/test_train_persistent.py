@@ -175,6 +175,7 @@ def test_a_failed_adapter_collection_keeps_the_stages_other_adapters(ray_local, 
     assert trainer.group.groups_started == 1
 
 
+@pytest.mark.long
 def test_clsvc_run_cut_by_a_stall_then_by_a_driver_kill_resumes_to_the_uninterrupted_job(
         ray_local, tmp_path, tiny_base, dcl_shards, spawn, ddp_reference):
     """``clsvc run`` (on the session's cluster, ``RAY_ADDRESS``) three times on one results folder, its one job the
