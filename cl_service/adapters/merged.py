@@ -84,6 +84,14 @@ def block_cfg(cfg: LoraCfg, rank: int | None, alpha: float | None) -> LoraCfg:
     return dataclasses.replace(cfg, rank=r, alpha=a)
 
 
+def require_no_weight_decay(method: str, weight_decay: float) -> None:
+    """Refuse weight decay for a method whose stages keep earlier tasks' blocks merged (decay would move them);
+    called when the method declares its jobs, so a run is refused before its first stage trains."""
+    if weight_decay:
+        raise ValueError(f"{method} needs expert.train.weight_decay=0 (decay would move the merged blocks of earlier "
+                         "tasks)")
+
+
 def saved_rank(folder: str | Path) -> int:
     """The rank of the saved peft LoRA in ``folder``."""
     return int(json.loads((Path(folder) / ADAPTER_CONFIG).read_text())["r"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from cl_service.adapters.merged import block_cfg
+from cl_service.adapters.merged import block_cfg, require_no_weight_decay
 from cl_service.methods.base import METHODS, Answer, StageContext
 from cl_service.methods.common import answer_with_stage, stage_job
 from cl_service.train.job import job_options
@@ -30,9 +30,7 @@ class KeepLoRA:
     def jobs(self, ctx: StageContext) -> list:
         c = ctx.cfg.keeplora
         train = ctx.cfg.expert.train if c.lr is None else dataclasses.replace(ctx.cfg.expert.train, lr=c.lr)
-        if train.weight_decay:
-            raise ValueError("keeplora needs expert.train.weight_decay=0 (decay would move the merged blocks of "
-                             "earlier tasks)")
+        require_no_weight_decay("keeplora", train.weight_decay)
         return [stage_job(ctx, self.name, "keeplora", lora=block_cfg(ctx.cfg.expert.lora, c.rank, c.alpha), train=train,
                           options=job_options(grad_fraction=c.grad_fraction, base_energy=c.base_energy,
                                               task_energy=c.task_energy))]

@@ -8,7 +8,7 @@ variant ``sefe_replay`` (the paper's SEFE*) is generated (:mod:`cl_service.metho
 
 from __future__ import annotations
 
-from cl_service.adapters.merged import block_cfg
+from cl_service.adapters.merged import block_cfg, require_no_weight_decay
 from cl_service.methods.base import METHODS, Answer, StageContext
 from cl_service.methods.common import answer_with_stage, stage_job
 from cl_service.train.job import job_options
@@ -28,9 +28,7 @@ class SEFE:
     def jobs(self, ctx: StageContext) -> list:
         c = ctx.cfg.sefe
         lora = block_cfg(ctx.cfg.expert.lora, c.rank, c.alpha)
-        if ctx.cfg.expert.train.weight_decay:  # refused at the first stage already, not once it has trained
-            raise ValueError("sefe needs expert.train.weight_decay=0 (decay would move the merged blocks of earlier "
-                             "tasks)")
+        require_no_weight_decay("sefe", ctx.cfg.expert.train.weight_decay)  # at the first stage, before it trains
         if ctx.stage == 0:
             return [stage_job(ctx, self.name, "sequential", lora=lora)]
         return [stage_job(ctx, self.name, "sefe", lora=lora,

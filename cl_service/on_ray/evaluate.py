@@ -207,7 +207,8 @@ class RayEvaluator:
         deadline = time.monotonic() + self.stall_s
         while True:
             try:
-                _, mirror, life = ray.get(self.actors[k].ready.remote(), timeout=self.stall_s)
+                _, mirror, life = ray.get(self.actors[k].ready.remote(),
+                                          timeout=max(1.0, deadline - time.monotonic()))
                 break
             except ray.exceptions.ActorUnavailableError:
                 # Ray is still restarting it: ask again until its new life answers (or the stall bound passes).
